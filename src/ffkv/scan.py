@@ -1,0 +1,399 @@
+"""The streaming scan: run the model body over every unit once and keep, for every memory of every
+scanned layer, the exact top-k prefixes of both faces and running coefficient statistics.
+
+Exactness and determinism come from three choices:
+* units are right-padded and run without an attention mask: with causal attention a position never sees
+  the padding after it, so every valid position gets exactly its prefix's coefficients;
+* the batch plan (which units go together) depends only on the corpus, the token budget, the seed and
+  ``batch_tokens``: resuming, sharding (``--shard``, torchrun) and merging reuse the same batches;
+* the accumulators in ``topk`` are exact and associative (see there).
+Memory does not grow with the corpus: the state is O(layers x d_ff x k).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .corpus import TokenStore, build_token_store, load_corpus
+from .errors import FfkvError
+from .models import LoadedModel, load_model
+from .topk import MemoryStats, TopK
+
+
+@dataclass
+class ScanConfig:
+    """Settings of a scan; every field is also a flag of `ffkv scan` (underscores become dashes)."""
+
+    model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M-Instruct), a model "
+                       "directory, a .gguf file, or ORG/NAME from the local Hugging Face cache"})
+    corpus: str = field(default="default", metadata={"help": "'default' (10,033 Wikipedia lead sections), "
+                        "FILE.txt (one document per line) or FILE.jsonl ({text, title?, topic?})"})
+    unit: str = field(default="sentence", metadata={"help": "sentence: every prefix of every sentence (the "
+                      "paper); document: every prefix of each document window"})
+    top_k: int = field(default=50, metadata={"help": "trigger prefixes kept per memory and face"})
+    max_tokens: int | None = field(default=None, metadata={"help": "token budget: scan a seeded random "
+                                   "sample of units up to this many tokens (default: the whole corpus)"})
+    layers: str | None = field(default=None, metadata={"help": "layers to scan, e.g. '0,5,10-12' "
+                               "(0-based; default: all)"})
+    max_length: int = field(default=256, metadata={"help": "longest unit in tokens; longer ones are cut "
+                            "into consecutive windows, each its own unit"})
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward batch"})
+    max_batch: int = field(default=64, metadata={"help": "most units per forward batch"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or float64"})
+    seed: int = field(default=0, metadata={"help": "seed of the unit sample under --max-tokens"})
+    value_top: int = field(default=20, metadata={"help": "top vocabulary tokens kept per value and face"})
+    checkpoint_every: float = field(default=120.0, metadata={"help": "seconds between checkpoints"})
+    shard: str | None = field(default=None, metadata={"help": "scan only part i of n of the batches "
+                              "('i/n', 0-based); combine the parts with `ffkv merge`"})
+
+    def plan_key(self) -> dict:
+        """The settings that decide what is computed; a checkpoint or a merge requires them equal."""
+        d = asdict(self)
+        for k in ("device", "checkpoint_every", "shard"):
+            d.pop(k)
+        return d
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                layers.update(range(int(a), int(b) + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise FfkvError(f"--layers {spec!r}: expected comma-separated layer numbers or ranges like 2-5")
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise FfkvError(f"layer {bad[0]} out of range: the model has layers 0-{n_layers - 1}")
+    return sorted(layers)
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise FfkvError(f"--shard {spec!r}: expected i/n, e.g. 0/2")
+    if not (n >= 1 and 0 <= i < n):
+        raise FfkvError(f"--shard {spec!r}: need 0 <= i < n")
+    return i, n
+
+
+def select_units(store: TokenStore, max_tokens: int | None, seed: int) -> np.ndarray:
+    """Unit ids to scan: all, or a seeded random sample whose tokens fit in the budget (sorted)."""
+    if max_tokens is None:
+        return np.arange(store.n_units)
+    if max_tokens <= 0:
+        raise FfkvError("--max-tokens must be positive")
+    order = np.random.default_rng(seed).permutation(store.n_units)
+    cumulative = np.cumsum(store.length[order])
+    chosen = order[cumulative <= max_tokens]
+    if len(chosen) == 0:
+        chosen = order[:1]
+    return np.sort(chosen)
+
+
+def plan_batches(store: TokenStore, units: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
+    """Group units of similar length (sorted by length, then id) into batches of bounded padded size."""
+    order = units[np.lexsort((units, store.length[units]))]
+    batches, current = [], []
+    for u in order:
+        longest = int(store.length[u])  # sorted ascending: the new unit is the longest so far
+        if current and (len(current) + 1) * longest > batch_tokens or len(current) >= max_batch:
+            batches.append(np.array(current))
+            current = []
+        current.append(int(u))
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+class LayerState:
+    """What the scan keeps for one layer: the positive face, the negative face (signed FFNs), stats."""
+
+    def __init__(self, d_ff: int, k: int, signed: bool, device):
+        self.pos = TopK(d_ff, k, largest=True, device=device)
+        self.neg = TopK(d_ff, k, largest=False, device=device) if signed else None
+        self.stats = MemoryStats(d_ff, device=device)
+
+    def add(self, coefficients: torch.Tensor, positions: torch.Tensor) -> None:
+        low, high = coefficients.aminmax(dim=0)
+        self.stats.add(coefficients, low, high)
+        self.pos.add(coefficients, positions, high)
+        if self.neg is not None:
+            self.neg.add(coefficients, positions, low)
+
+    def merge(self, other: "LayerState") -> None:
+        self.pos.merge(other.pos)
+        if self.neg is not None:
+            self.neg.merge(other.neg)
+        self.stats.merge(other.stats)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        d = {f"pos.{k}": v for k, v in self.pos.state_dict().items()}
+        if self.neg is not None:
+            d.update({f"neg.{k}": v for k, v in self.neg.state_dict().items()})
+        d.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+        return d
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        def sub(prefix):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        self.pos.load_state_dict(sub("pos."))
+        if self.neg is not None:
+            self.neg.load_state_dict(sub("neg."))
+        self.stats.load_state_dict(sub("stats."))
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last layer needed: the rest of the model is not run."""
+
+
+class CoefficientHooks:
+    """Forward pre-hooks on the FFN output projections that feed each batch's coefficients to the layer
+    states. Use as a context manager: the hooks are always removed."""
+
+    def __init__(self, loaded: LoadedModel, states: dict[int, LayerState]):
+        self.parts = loaded.parts
+        self.states = states
+        self.last = max(states)
+        self.valid: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.handles = []
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            m = args[0]
+            flat = m.reshape(-1, m.shape[-1])
+            coefficients = flat if self.valid is None else flat.index_select(0, self.valid)
+            self.states[layer].add(coefficients.to(torch.float32), self.positions)
+            if layer == self.last:
+                raise _StopForward
+        return hook
+
+    def __enter__(self):
+        try:
+            for layer in self.states:
+                self.handles.append(self.parts.ffn_out(layer).register_forward_pre_hook(self._hook(layer)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def run(self, input_ids: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor) -> None:
+        self.valid, self.positions = valid, positions
+        try:
+            self.parts.body(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+
+
+def make_batch(store: TokenStore, units: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                      torch.Tensor, int]:
+    """Right-padded input ids [B, T]; flat indices of the scored positions (None = all); their global
+    positions; the number of scored positions. Special prefix tokens (BOS) are fed but not scored."""
+    lengths = store.length[units]
+    width = int(lengths.max())
+    ids = np.zeros((len(units), width), dtype=np.int64)
+    flat, positions = [], []
+    for row, u in enumerate(units):
+        start, length, skip = int(store.offset[u]), int(lengths[row]), int(store.n_special[u])
+        ids[row, :length] = store.tokens[start: start + length]
+        flat.append(row * width + np.arange(skip, length))
+        positions.append(start + np.arange(skip, length))
+    flat_idx = np.concatenate(flat)
+    all_valid = len(flat_idx) == ids.size
+    return (torch.from_numpy(ids).to(device),
+            None if all_valid else torch.from_numpy(flat_idx).to(device),
+            torch.from_numpy(np.concatenate(positions)).to(device), len(flat_idx))
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> None:
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA), with a timeout so a dead rank
+    fails the job instead of hanging it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=float(os.environ.get("FFKV_DIST_TIMEOUT", "600")))
+    torch.distributed.init_process_group(backend, timeout=timeout)
+
+
+def _gather_merge(states: dict[int, LayerState], rank: int, world: int) -> None:
+    """Merge every rank's state into rank 0's, layer by layer, in rank order."""
+    dist = torch.distributed
+    for layer, state in states.items():
+        sd = state.state_dict()
+        gathered = {}
+        for name, tensor in sd.items():
+            parts = [torch.empty_like(tensor) for _ in range(world)]
+            dist.all_gather(parts, tensor.contiguous())
+            gathered[name] = parts
+        if rank == 0:
+            for r in range(1, world):
+                other = LayerState(state.pos.keys.shape[0], state.pos.k, state.neg is not None,
+                                   state.pos.keys.device)
+                other.load_state_dict({name: parts[r] for name, parts in gathered.items()})
+                state.merge(other)
+
+
+def _checkpoint_path(out: Path, rank: int, world: int, shard: tuple[int, int]) -> Path:
+    return out / "checkpoint" / f"part{shard[0]}of{shard[1]}-rank{rank}of{world}.safetensors"
+
+
+def _save_checkpoint(path: Path, states: dict[int, LayerState], next_batch: int, meta: dict) -> None:
+    tensors = {f"layer{layer}.{k}": v.detach().cpu().contiguous()
+               for layer, s in states.items() for k, v in s.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"meta": json.dumps(dict(meta, next_batch=next_batch))})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, states: dict[int, LayerState], plan_key: dict) -> tuple[int, dict]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    if meta.get("plan") != plan_key:
+        raise FfkvError(f"the checkpoint in {path.parent} was made with other settings; use the same "
+                        "settings to resume, or --force to start over")
+    tensors = load_file(path)
+    for layer, s in states.items():
+        prefix = f"layer{layer}."
+        s.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return int(meta["next_batch"]), meta
+
+
+def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = "atlas",
+         config: ScanConfig | None = None, resume: bool = False, force: bool = False,
+         progress: bool = True, stop_after_batches: int | None = None):
+    """Scan ``corpus`` with ``model`` and write an atlas to ``out``; returns the ``Atlas`` (on rank 0).
+
+    ``model``/``corpus`` may be loaded objects or the strings the CLI takes (default: from ``config``).
+    ``stop_after_batches`` stops early after a checkpoint, as a kill would (used to test resumption).
+    """
+    from .atlas import Atlas, write_atlas
+
+    config = config or ScanConfig()
+    out = Path(out)
+    init_distributed(config.device)
+    rank, world = _dist_info()
+    shard = parse_shard(config.shard)
+    if world > 1 and shard != (0, 1):
+        raise FfkvError("--shard and torchrun are two ways to split a scan; use one")
+    if (out / "manifest.json").exists() and not force:
+        raise FfkvError(f"{out} already holds a finished atlas; use --force to overwrite it")
+    ckpt_dir = out / "checkpoint"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not (resume or force):
+        raise FfkvError(f"{out} holds an unfinished scan; add --resume to continue it or --force to start over")
+    if config.top_k < 1:
+        raise FfkvError("--top-k must be at least 1")
+    if rank == 0 and force and out.exists():
+        (out / "manifest.json").unlink(missing_ok=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    if model is None or isinstance(model, str):
+        model = load_model(model or config.model, device=config.device, dtype=config.dtype)
+    if corpus is None or isinstance(corpus, str):
+        corpus = load_corpus(corpus or config.corpus)
+    parts = model.parts
+    layers = parse_layers(config.layers, parts.n_layers)
+
+    # Rank 0 builds the token store; the others wait for it and read the same files.
+    if rank == 0:
+        store = build_token_store(corpus, model.tokenizer, config.unit, config.max_length, out / "store")
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        store = TokenStore(out / "store")
+    units = select_units(store, config.max_tokens, config.seed)
+    batches = plan_batches(store, units, config.batch_tokens, config.max_batch)
+    worker, n_workers = (rank, world) if world > 1 else shard
+    mine = list(range(worker, len(batches), n_workers))
+    n_positions = int((store.length[units] - store.n_special[units]).sum())
+
+    device = model.device
+    states = {layer: LayerState(parts.d_ff, config.top_k, parts.signed, device) for layer in layers}
+    plan = config.plan_key()
+    meta = {"plan": plan, "seconds": 0.0, "tokens": 0}
+    ckpt = _checkpoint_path(out, rank, world, shard)
+    start = 0
+    if resume and ckpt.exists():
+        start, meta = _load_checkpoint(ckpt, states, plan)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+
+    my_positions = sum(int((store.length[batches[b]] - store.n_special[batches[b]]).sum()) for b in mine)
+    bar = tqdm(total=my_positions, initial=meta["tokens"], unit="tok", unit_scale=True, smoothing=0.05,
+               desc=f"scan {len(layers)} layers" + (f" ({world} ranks, rank 0 shown)" if world > 1 else ""),
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    began, last_ckpt = time.time(), time.time()
+    seconds_before, tokens = meta["seconds"], meta["tokens"]
+    try:
+        with CoefficientHooks(model, states) as hooks, torch.inference_mode():
+            for i in range(start, len(mine)):
+                ids, valid, positions, n = make_batch(store, batches[mine[i]], device)
+                hooks.run(ids, valid, positions)
+                tokens += n
+                bar.update(n)
+                done = i + 1
+                stop = stop_after_batches is not None and done - start >= stop_after_batches
+                if time.time() - last_ckpt >= config.checkpoint_every or (stop and done < len(mine)):
+                    meta = {"plan": plan, "seconds": seconds_before + time.time() - began, "tokens": tokens}
+                    _save_checkpoint(ckpt, states, done, meta)
+                    last_ckpt = time.time()
+                if stop and done < len(mine):
+                    return None
+    finally:
+        bar.close()
+    seconds = seconds_before + time.time() - began
+
+    if world > 1:
+        totals = torch.tensor([tokens, seconds], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        _gather_merge(states, rank, world)
+        tokens, seconds = int(totals[0]), float(totals[1]) / world
+        if rank != 0:
+            torch.distributed.barrier()
+            return None
+    if config.top_k > n_positions:
+        print(f"ffkv: warning: --top-k {config.top_k} exceeds the {n_positions} positions scanned; "
+              "memories keep what there is (empty slots have position -1)")
+    write_atlas(out, model, store, states, config, units, shard=shard, world=world,
+                result={"units_scanned": int(len(units)), "tokens_scanned": int(tokens),
+                        "positions_total": n_positions, "batches": len(batches), "seconds": round(seconds, 2),
+                        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
+                progress=progress)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return Atlas.load(out)

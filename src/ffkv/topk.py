@@ -1,0 +1,159 @@
+"""Running per-memory statistics with one protocol: add / merge / state_dict / load_state_dict.
+
+Both accumulators are exact and associative, so a scan gives bit-identical results whatever the batch
+order, the resumption point or the number of workers that split it:
+
+* ``TopK`` packs (value, global position) into one int64 sort key: the float32 value mapped to an
+  order-preserving int32 in the high bits, the *inverted* position in the low 31 bits. Larger key = larger
+  value, then smaller position. Keys are unique, so ``torch.topk`` on them has no ties to break arbitrarily
+  and the result is the deterministic top-k (value desc, position asc).
+* ``MemoryStats`` keeps counts and min/max exactly and the sums in int64 fixed point (each batch's float64
+  partial sum is rounded once), because float addition is not associative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+POSITION_BITS = 31
+MAX_POSITION = (1 << POSITION_BITS) - 1
+EMPTY_KEY = torch.iinfo(torch.int64).min
+SUM_SCALE = 2.0**20  # fixed-point resolution of the coefficient sums (|sum| < 8.7e12)
+SUMSQ_SCALE = 2.0**12  # of the sums of squares (< 2.2e15)
+
+
+def _float_to_ordered_int(x: torch.Tensor) -> torch.Tensor:
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _ordered_int_to_float(i: torch.Tensor) -> torch.Tensor:
+    return (i ^ ((i >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def encode(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values [..., N] float, positions [N] int64 (< 2**31) -> int64 keys [..., N]."""
+    high = _float_to_ordered_int(values).to(torch.int64) << POSITION_BITS
+    return high | (MAX_POSITION - positions)
+
+
+def decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys -> (float32 values, int64 positions); empty slots give (nan, -1)."""
+    empty = keys == EMPTY_KEY
+    values = _ordered_int_to_float((keys >> POSITION_BITS).to(torch.int32))
+    positions = MAX_POSITION - (keys & MAX_POSITION)
+    return values.masked_fill(empty, float("nan")), positions.masked_fill(empty, -1)
+
+
+class TopK:
+    """The k largest (or, with ``largest=False``, smallest) values per row (memory) seen so far, with
+    their global positions. The smallest values are kept as the largest of the negated values.
+
+    ``add`` takes a batch as ``values [N, n_rows]`` (positions along dim 0, as the hooks produce it) and
+    ``positions [N]``. Once the state is warm, most memories have no value in a batch above their current
+    k-th value; only the rows that do are merged.
+    """
+
+    def __init__(self, n_rows: int, k: int, largest: bool = True, device: torch.device | str = "cpu"):
+        self.k = k
+        self.largest = largest
+        self.keys = torch.full((n_rows, k), EMPTY_KEY, dtype=torch.int64, device=device)
+        self.threshold = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
+
+    def add(self, values: torch.Tensor, positions: torch.Tensor, batch_extreme: torch.Tensor | None = None) -> None:
+        """``batch_extreme``: the column max (or min, for ``largest=False``) of ``values``, if known."""
+        if values.shape[0] == 0:
+            return
+        if batch_extreme is None:
+            batch_extreme = values.amax(dim=0) if self.largest else values.amin(dim=0)
+        best = batch_extreme.to(torch.float32) if self.largest else -batch_extreme.to(torch.float32)
+        # >= (not >): a value equal to the k-th can still win on position.
+        rows = torch.nonzero(best >= self.threshold).flatten()
+        if rows.numel() == 0:
+            return
+        sub = values.index_select(1, rows).T  # [r, N]
+        keys = encode(sub if self.largest else -sub, positions)
+        top = keys.topk(min(self.k, keys.shape[1]), dim=1).values
+        merged = torch.cat([self.keys.index_select(0, rows), top], dim=1).topk(self.k, dim=1).values
+        self.keys.index_copy_(0, rows, merged)
+        self._refresh_threshold(rows)
+
+    def _refresh_threshold(self, rows: torch.Tensor | None = None) -> None:
+        kth = self.keys[:, -1] if rows is None else self.keys.index_select(0, rows)[:, -1]
+        vals, _ = decode(kth)
+        vals = vals.masked_fill(kth == EMPTY_KEY, float("-inf"))
+        if rows is None:
+            self.threshold = vals
+        else:
+            self.threshold.index_copy_(0, rows, vals)
+
+    def merge(self, other: "TopK") -> None:
+        if other.keys.shape != self.keys.shape:
+            raise ValueError(f"cannot merge top-k states of shapes {other.keys.shape} and {self.keys.shape}")
+        self.keys = torch.cat([self.keys, other.keys.to(self.keys.device)], 1).topk(self.k, dim=1).values
+        self._refresh_threshold()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [n_rows, k] float32, positions [n_rows, k] int64), best first; empty = (nan, -1)."""
+        values, positions = decode(self.keys)
+        return (values if self.largest else -values), positions
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        keys = state["keys"].to(self.keys.device)
+        if keys.shape != self.keys.shape:
+            raise ValueError(f"top-k state has shape {tuple(keys.shape)}, expected {tuple(self.keys.shape)}")
+        self.keys = keys.clone()
+        self._refresh_threshold()
+
+
+class MemoryStats:
+    """Per-memory count, count of positive coefficients, sum, sum of squares, min and max."""
+
+    FIELDS = ("count", "count_positive", "sum_fx", "sumsq_fx", "min", "max")
+
+    def __init__(self, n_rows: int, device: torch.device | str = "cpu"):
+        z = dict(dtype=torch.int64, device=device)
+        self.count = torch.zeros((), **z)
+        self.count_positive = torch.zeros(n_rows, **z)
+        self.sum_fx = torch.zeros(n_rows, **z)
+        self.sumsq_fx = torch.zeros(n_rows, **z)
+        self.min = torch.full((n_rows,), float("inf"), dtype=torch.float32, device=device)
+        self.max = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
+
+    def add(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
+        """values [N, n_rows]; batch_min/max are its column extremes (computed once by the caller)."""
+        self.count += values.shape[0]
+        self.count_positive += (values > 0).sum(dim=0)
+        s = values.sum(dim=0, dtype=torch.float64)
+        q = torch.linalg.vector_norm(values, dim=0, dtype=torch.float64).square()
+        self.sum_fx += torch.round(s * SUM_SCALE).to(torch.int64)
+        self.sumsq_fx += torch.round(q * SUMSQ_SCALE).to(torch.int64)
+        self.min = torch.minimum(self.min, batch_min.to(torch.float32))
+        self.max = torch.maximum(self.max, batch_max.to(torch.float32))
+
+    def merge(self, other: "MemoryStats") -> None:
+        for name in ("count", "count_positive", "sum_fx", "sumsq_fx"):
+            setattr(self, name, getattr(self, name) + getattr(other, name).to(self.sum_fx.device))
+        self.min = torch.minimum(self.min, other.min.to(self.min.device))
+        self.max = torch.maximum(self.max, other.max.to(self.max.device))
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """The statistics a user reads: fraction positive, mean, mean square, min, max (float)."""
+        n = max(int(self.count), 1)
+        return {
+            "frac_positive": self.count_positive.double() / n,
+            "mean": self.sum_fx.double() / SUM_SCALE / n,
+            "mean_square": self.sumsq_fx.double() / SUMSQ_SCALE / n,
+            "min": self.min,
+            "max": self.max,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, state[name].to(getattr(self, name).device).clone())
