@@ -11,7 +11,7 @@ import typing
 from .errors import FfkvError
 from .scan import ScanConfig
 
-RUN_MAX_TOKENS = 40_000
+RUN_MAX_TOKENS = 60_000
 """Token budget of `ffkv run` (the `make run` job): sized so install + scan fit in 15 min on 2 CPU cores."""
 
 
