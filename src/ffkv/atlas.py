@@ -47,27 +47,37 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_layer(out: Path, layer: int, state, values: dict[str, torch.Tensor]) -> None:
+    """One layer file (atomic): both faces' top-k, the statistics and the value projections."""
+    tensors = {}
+    faces = [("pos", state.pos)] + ([("neg", state.neg)] if state.neg is not None else [])
+    for face, topk in faces:
+        scores, positions = topk.result()
+        tensors[f"{face}_scores"] = scores.cpu()
+        tensors[f"{face}_positions"] = positions.cpu()
+    tensors.update({f"stat_{k}": v.cpu() for k, v in state.stats.state_dict().items()})
+    tensors.update(values)
+    (out / "layers").mkdir(parents=True, exist_ok=True)
+    tmp = out / "layers" / f"layer_{layer:03d}.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, out / "layers" / f"layer_{layer:03d}.safetensors")
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Written last: its presence is what marks an atlas finished."""
+    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+
+
 def write_atlas(out: Path, model, store: TokenStore, states: dict, config, units: np.ndarray,
                 shard: tuple[int, int], world: int, result: dict, progress: bool = True) -> None:
     parts = model.parts
-    (out / "layers").mkdir(parents=True, exist_ok=True)
     for layer, state in tqdm(states.items(), desc="write layers + value projections", disable=not progress,
                              dynamic_ncols=True):
-        tensors = {}
-        faces = [("pos", state.pos)] + ([("neg", state.neg)] if state.neg is not None else [])
-        for face, topk in faces:
-            scores, positions = topk.result()
-            tensors[f"{face}_scores"] = scores.cpu()
-            tensors[f"{face}_positions"] = positions.cpu()
-        tensors.update({f"stat_{k}": v.cpu() for k, v in state.stats.state_dict().items()})
-        tensors.update(project_values(parts, layer, config.value_top))
-        tmp = out / "layers" / f"layer_{layer:03d}.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, out / "layers" / f"layer_{layer:03d}.safetensors")
+        write_layer(out, layer, state, project_values(parts, layer, config.value_top))
     np.save(out / "scanned_units.npy", units.astype(np.int64))
     model.tokenizer.save_pretrained(out / "tokenizer")
     cfg = model.model.config
-    manifest = {
+    write_manifest(out, {
         "format": FORMAT,
         "ffkv_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -83,8 +93,7 @@ def write_atlas(out: Path, model, store: TokenStore, states: dict, config, units
         "scan": dict(asdict(config), layers=sorted(states), faces=list(FACES if parts.signed else ("pos",)),
                      shard=list(shard), world_size=world),
         "result": result,
-    }
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    })
 
 
 @dataclass
@@ -116,7 +125,7 @@ class Atlas:
         self._tokenizer = None
 
     @classmethod
-    def load(cls, path: str | Path, model=None) -> "Atlas":
+    def load(cls, path: str | Path, model=None) -> Atlas:
         """Open an atlas; with ``model`` (a LoadedModel), refuse one made with another model."""
         path = Path(path)
         if not path.is_dir():
@@ -206,7 +215,7 @@ class Atlas:
         t = self.layer_tensors(layer)
         scores, positions = t[f"{face}_scores"][key], t[f"{face}_positions"][key]
         out = []
-        for rank, (s, p) in enumerate(zip(scores.tolist(), positions.tolist())):
+        for rank, (s, p) in enumerate(zip(scores.tolist(), positions.tolist(), strict=False)):
             if p < 0 or (n is not None and rank >= n):
                 break
             out.append(self.trigger_at(p, rank, s))

@@ -141,7 +141,7 @@ class LayerState:
         if self.neg is not None:
             self.neg.add(coefficients, positions, low)
 
-    def merge(self, other: "LayerState") -> None:
+    def merge(self, other: LayerState) -> None:
         self.pos.merge(other.pos)
         if self.neg is not None:
             self.neg.merge(other.neg)
@@ -252,7 +252,7 @@ def init_distributed(device: str) -> None:
 def _gather_merge(states: dict[int, LayerState], rank: int, world: int) -> None:
     """Merge every rank's state into rank 0's, layer by layer, in rank order."""
     dist = torch.distributed
-    for layer, state in states.items():
+    for _layer, state in states.items():
         sd = state.state_dict()
         gathered = {}
         for name, tensor in sd.items():
@@ -377,11 +377,12 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         bar.close()
     seconds = seconds_before + time.time() - began
 
+    my_units = sum(len(batches[b]) for b in mine)
     if world > 1:
-        totals = torch.tensor([tokens, seconds], dtype=torch.float64, device=device)
+        totals = torch.tensor([tokens, seconds, my_units], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals)
         _gather_merge(states, rank, world)
-        tokens, seconds = int(totals[0]), float(totals[1]) / world
+        tokens, seconds, my_units = int(totals[0]), float(totals[1]) / world, int(totals[2])
         if rank != 0:
             torch.distributed.barrier()
             return None
@@ -389,7 +390,7 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         print(f"ffkv: warning: --top-k {config.top_k} exceeds the {n_positions} positions scanned; "
               "memories keep what there is (empty slots have position -1)")
     write_atlas(out, model, store, states, config, units, shard=shard, world=world,
-                result={"units_scanned": int(len(units)), "tokens_scanned": int(tokens),
+                result={"units_scanned": my_units, "tokens_scanned": int(tokens),
                         "positions_total": n_positions, "batches": len(batches), "seconds": round(seconds, 2),
                         "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
                 progress=progress)

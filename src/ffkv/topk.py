@@ -87,7 +87,7 @@ class TopK:
         else:
             self.threshold.index_copy_(0, rows, vals)
 
-    def merge(self, other: "TopK") -> None:
+    def merge(self, other: TopK) -> None:
         if other.keys.shape != self.keys.shape:
             raise ValueError(f"cannot merge top-k states of shapes {other.keys.shape} and {self.keys.shape}")
         self.keys = torch.cat([self.keys, other.keys.to(self.keys.device)], 1).topk(self.k, dim=1).values
@@ -97,6 +97,15 @@ class TopK:
         """(values [n_rows, k] float32, positions [n_rows, k] int64), best first; empty = (nan, -1)."""
         values, positions = decode(self.keys)
         return (values if self.largest else -values), positions
+
+    @classmethod
+    def from_result(cls, values: torch.Tensor, positions: torch.Tensor, largest: bool = True) -> TopK:
+        """Rebuild the state from a ``result()`` (as stored in an atlas)."""
+        topk = cls(values.shape[0], values.shape[1], largest=largest, device=values.device)
+        keys = encode(values if largest else -values, positions.clamp(min=0))
+        topk.keys = keys.masked_fill(positions < 0, EMPTY_KEY)
+        topk._refresh_threshold()
+        return topk
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys}
@@ -134,22 +143,11 @@ class MemoryStats:
         self.min = torch.minimum(self.min, batch_min.to(torch.float32))
         self.max = torch.maximum(self.max, batch_max.to(torch.float32))
 
-    def merge(self, other: "MemoryStats") -> None:
+    def merge(self, other: MemoryStats) -> None:
         for name in ("count", "count_positive", "sum_fx", "sumsq_fx"):
             setattr(self, name, getattr(self, name) + getattr(other, name).to(self.sum_fx.device))
         self.min = torch.minimum(self.min, other.min.to(self.min.device))
         self.max = torch.maximum(self.max, other.max.to(self.max.device))
-
-    def summary(self) -> dict[str, torch.Tensor]:
-        """The statistics a user reads: fraction positive, mean, mean square, min, max (float)."""
-        n = max(int(self.count), 1)
-        return {
-            "frac_positive": self.count_positive.double() / n,
-            "mean": self.sum_fx.double() / SUM_SCALE / n,
-            "mean_square": self.sumsq_fx.double() / SUMSQ_SCALE / n,
-            "min": self.min,
-            "max": self.max,
-        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.FIELDS}
