@@ -53,7 +53,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gptj": ArchSpec("transformer", "transformer.h", "mlp.fc_out", ("mlp.fc_in",), "gelu_new", False,
                      "transformer.ln_f"),
     "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",), "gelu",
-                         False, "gpt_neox.final_layer_norm", unembed="embed_out"),
+                         False, "gpt_neox.final_layer_norm"),  # transformers 5 renamed embed_out to lm_head
     "opt": ArchSpec("model", "model.decoder.layers", "fc2", ("fc1",), "relu", False,
                     "model.decoder.final_layer_norm"),
     "llama": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu", True,

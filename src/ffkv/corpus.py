@@ -185,7 +185,7 @@ def build_token_store(corpus: Corpus, tokenizer, unit: str, max_length: int, dir
                 texts = split_sentences(d.text) if unit == "sentence" else [d.text]
                 pieces += [(i, t) for t in texts]
             encoded = tokenizer([t for _, t in pieces], add_special_tokens=False).input_ids
-            for (doc, _), ids in zip(pieces, encoded):
+            for (doc, _), ids in zip(pieces, encoded, strict=False):
                 for w, chunk_start in enumerate(range(0, len(ids), window)):
                     chunk = prefix + ids[chunk_start: chunk_start + window]
                     arr = np.asarray(chunk, dtype=np.uint32)

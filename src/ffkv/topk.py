@@ -23,7 +23,9 @@ SUMSQ_SCALE = 2.0**12  # of the sums of squares (< 2.2e15)
 
 
 def _float_to_ordered_int(x: torch.Tensor) -> torch.Tensor:
-    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    # + 0.0 turns -0.0 into +0.0: the two are equal values and must tie (then the smaller position wins);
+    # GELU-family activations give -0.0 for very negative inputs.
+    bits = (x.to(torch.float32) + 0.0).contiguous().view(torch.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
@@ -60,21 +62,64 @@ class TopK:
         self.keys = torch.full((n_rows, k), EMPTY_KEY, dtype=torch.int64, device=device)
         self.threshold = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
 
-    def add(self, values: torch.Tensor, positions: torch.Tensor, batch_extreme: torch.Tensor | None = None) -> None:
-        """``batch_extreme``: the column max (or min, for ``largest=False``) of ``values``, if known."""
-        if values.shape[0] == 0:
-            return
-        if batch_extreme is None:
-            batch_extreme = values.amax(dim=0) if self.largest else values.amin(dim=0)
-        best = batch_extreme.to(torch.float32) if self.largest else -batch_extreme.to(torch.float32)
-        # >= (not >): a value equal to the k-th can still win on position.
-        rows = torch.nonzero(best >= self.threshold).flatten()
-        if rows.numel() == 0:
-            return
-        sub = values.index_select(1, rows).T  # [r, N]
+    BLOCK = 16
+    """Positions per block in the candidate filter."""
+    DENSE_FRACTION = 0.05
+    """Above this share of candidate elements (a cold state), merge whole rows instead."""
+
+    def add(self, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Merge a batch ``values [N, n_rows]`` at global ``positions [N]``; returns the batch's column
+        max (column min for ``largest=False``), which the caller can reuse.
+
+        Candidate filter: the max (min) over blocks of BLOCK positions is compared with each row's current
+        k-th value; only elements of blocks that pass are looked at, and only those that pass themselves
+        (>=: an equal value can still win on position) are encoded and merged.
+        """
+        n, d = values.shape
+        sign = 1.0 if self.largest else -1.0
+        q = n // self.BLOCK
+        pieces = []
+        if q:
+            head = values[: q * self.BLOCK].view(q, self.BLOCK, d)
+            pieces.append(head.amax(1) if self.largest else head.amin(1))
+        if n % self.BLOCK:
+            tail = values[q * self.BLOCK:]
+            pieces.append(tail.amax(0, keepdim=True) if self.largest else tail.amin(0, keepdim=True))
+        block_extreme = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        column_extreme = block_extreme.amax(0) if self.largest else block_extreme.amin(0)
+        hit_block, hit_row = torch.nonzero(block_extreme * sign >= self.threshold, as_tuple=True)
+        if hit_row.numel() == 0:
+            return column_extreme
+        if hit_row.numel() * self.BLOCK > self.DENSE_FRACTION * n * d:
+            self._merge_rows(values, positions, torch.unique(hit_row))
+            return column_extreme
+        # element candidates inside the hit blocks
+        offsets = torch.arange(self.BLOCK, device=values.device)
+        pos_idx = (hit_block[:, None] * self.BLOCK + offsets).flatten()
+        row_idx = hit_row.repeat_interleave(self.BLOCK)
+        inside = pos_idx < n
+        pos_idx, row_idx = pos_idx[inside], row_idx[inside]
+        signed = values[pos_idx, row_idx].to(torch.float32) * sign
+        keep = signed >= self.threshold[row_idx]
+        pos_idx, row_idx, signed = pos_idx[keep], row_idx[keep], signed[keep]
+        keys = encode(signed, positions[pos_idx])
+        # lay the candidates out as a ragged [rows, max candidates] matrix padded with EMPTY_KEY
+        order = torch.argsort(row_idx, stable=True)
+        row_idx, keys = row_idx[order], keys[order]
+        rows, inverse, counts = torch.unique_consecutive(row_idx, return_inverse=True, return_counts=True)
+        slot = torch.arange(len(row_idx), device=values.device) - (torch.cumsum(counts, 0) - counts)[inverse]
+        dense = torch.full((len(rows), int(counts.max())), EMPTY_KEY, dtype=torch.int64, device=values.device)
+        dense[inverse, slot] = keys
+        self._merge(rows, dense)
+        return column_extreme
+
+    def _merge_rows(self, values: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        sub = values.index_select(1, rows).T.to(torch.float32)  # [r, N]
         keys = encode(sub if self.largest else -sub, positions)
-        top = keys.topk(min(self.k, keys.shape[1]), dim=1).values
-        merged = torch.cat([self.keys.index_select(0, rows), top], dim=1).topk(self.k, dim=1).values
+        self._merge(rows, keys.topk(min(self.k, keys.shape[1]), dim=1).values)
+
+    def _merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        merged = torch.cat([self.keys.index_select(0, rows), keys], dim=1).topk(self.k, dim=1).values
         self.keys.index_copy_(0, rows, merged)
         self._refresh_threshold(rows)
 
@@ -135,9 +180,11 @@ class MemoryStats:
     def add(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
         """values [N, n_rows]; batch_min/max are its column extremes (computed once by the caller)."""
         self.count += values.shape[0]
-        self.count_positive += (values > 0).sum(dim=0)
-        s = values.sum(dim=0, dtype=torch.float64)
-        q = torch.linalg.vector_norm(values, dim=0, dtype=torch.float64).square()
+        # Reductions over dim 0 with a dtype change are slow on CPU; these three are fast and exact
+        # enough: 0/1 indicator sums are exact in float32, value sums are rounded to fixed point anyway.
+        self.count_positive += values.sign().clamp_(min=0).sum(dim=0).to(torch.int64)
+        s = values.sum(dim=0).double()
+        q = values.square().sum(dim=0).double()
         self.sum_fx += torch.round(s * SUM_SCALE).to(torch.int64)
         self.sumsq_fx += torch.round(q * SUMSQ_SCALE).to(torch.int64)
         self.min = torch.minimum(self.min, batch_min.to(torch.float32))

@@ -1,0 +1,90 @@
+"""Scan throughput against a bare forward of the same model body, in one process, over the same units and
+batches (interleaved rounds, so machine noise hits both alike). Prints the ratio; the goal is >= 0.95.
+
+Then, in fresh subprocesses, the peak resident memory of whole scans at growing token budgets: it must
+stay flat (the scan's state is layers x d_ff x k, independent of the corpus).
+
+    python benchmarks/scan_vs_forward.py [--model default] [--tokens 6000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from ffkv.corpus import build_token_store, load_corpus
+from ffkv.models import load_model
+from ffkv.scan import CoefficientHooks, LayerState, make_batch, plan_batches, select_units
+
+
+def timed_rounds(model, store, batches, rounds: int, top_k: int) -> tuple[float, float, int]:
+    parts = model.parts
+    inputs = [make_batch(store, b, model.device) for b in batches]
+    n_tokens = sum(x[3] for x in inputs)
+    bare = scan = 0.0
+    with torch.inference_mode():
+        parts.body(input_ids=inputs[0][0], use_cache=False)  # warm-up
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for ids, _, _, _ in inputs:
+                parts.body(input_ids=ids, use_cache=False)
+            bare += time.perf_counter() - t
+            states = {layer: LayerState(parts.d_ff, top_k, parts.signed, model.device)
+                      for layer in range(parts.n_layers)}
+            t = time.perf_counter()
+            with CoefficientHooks(model, states) as hooks:
+                for ids, valid, positions, _ in inputs:
+                    hooks.run(ids, valid, positions)
+            scan += time.perf_counter() - t
+    return bare, scan, n_tokens
+
+
+def peak_rss_mb(model: str, budget: int) -> float:
+    code = (
+        "import resource, tempfile, ffkv\n"
+        f"ffkv.scan(model={model!r}, out=tempfile.mkdtemp(), progress=False, "
+        f"config=ffkv.ScanConfig(max_tokens={budget}, value_top=1))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--tokens", type=int, default=6000, help="tokens per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--memory-budgets", default="2000,8000,32000",
+                    help="token budgets for the peak-memory check ('' to skip)")
+    args = ap.parse_args()
+
+    model = load_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = build_token_store(load_corpus("default"), model.tokenizer, "sentence", 256, tmp)
+        units = select_units(store, args.tokens, seed=0)
+        batches = plan_batches(store, units, args.batch_tokens, 64)
+        bare, scan, n = timed_rounds(model, store, batches, args.rounds, args.top_k)
+    print(f"model {args.model}: {n} tokens x {args.rounds} rounds, {len(batches)} batches, "
+          f"{torch.get_num_threads()} threads")
+    print(f"bare body forward : {n * args.rounds / bare:8.1f} tok/s")
+    print(f"scan (all layers) : {n * args.rounds / scan:8.1f} tok/s")
+    print(f"ratio scan/forward: {bare / scan:.3f}  (goal >= 0.95)")
+
+    if args.memory_budgets:
+        print("peak RSS of a whole scan (fresh process) by token budget:")
+        for budget in (int(b) for b in args.memory_budgets.split(",")):
+            print(f"  {budget:>8} tokens: {peak_rss_mb(args.model, budget):8.0f} MB")
+    print(f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The FastAPI app of `ffkv serve`: four pages (plain HTML shell + one vanilla JS file + CSS, all served from
+the package) and the JSON API they use.
+
+Safety: the app never reads a path from a request (static files come from the package's own folder, by a
+fixed mount); every parameter is validated (unknown layer/key -> 404, malformed -> 422, both as JSON
+``{"error": ...}``); the Host header must name a loopback address unless remote access was allowed (this stops
+DNS-rebinding pages from reaching a local server); pages get a Content-Security-Policy that allows nothing
+but this server (no CDN, no inline script).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .debugger import Intervention
+from .service import MAX_INTERVENTIONS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, BadRequest, NotFound, Service
+
+STATIC = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+MAX_LIMIT = 200
+MAX_QUERY_CHARS = 200
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGES = {"overview": "Overview", "memory": "Memory", "search": "Search", "debug": "Prompt debugger",
+         "notfound": "Not found"}
+
+
+class InterventionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: StrictInt
+    key: StrictInt
+    mode: Literal["off", "set"]
+    value: float | None = Field(default=None, allow_inf_nan=False)
+
+    def to_intervention(self) -> Intervention:
+        return Intervention(self.layer, self.key, self.mode, self.value)
+
+
+class RunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    interventions: list[InterventionIn] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
+    top: StrictInt = Field(default=10, ge=1, le=50)
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    interventions: list[InterventionIn] = Field(default_factory=list, max_length=MAX_INTERVENTIONS)
+    max_new_tokens: StrictInt = Field(default=20, ge=1, le=MAX_NEW_TOKENS)
+
+
+def _host_name(header: str) -> str:
+    """'[::1]:8000' -> '::1'; 'localhost:8000' -> 'localhost'."""
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def create_app(service: Service, allow_any_host: bool = False) -> FastAPI:
+    """The app around a loaded ``Service``. ``allow_any_host``: accept any Host header (`--allow-remote`)."""
+    app = FastAPI(title="ffkv", docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages use a CDN
+    app.state.service = service
+    shell = (STATIC / "shell.html").read_text()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if not allow_any_host and _host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return _error(400, "this server only answers requests addressed to localhost (Host header)")
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
+    def page(name: str, status: int = 200) -> HTMLResponse:
+        html = shell.replace("__PAGE__", name).replace("__TITLE__", PAGES[name])
+        return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if request.url.path.startswith("/api/") or exc.status_code != 404:
+            return _error(exc.status_code, str(exc.detail))
+        return page("notfound", 404)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        if not request.url.path.startswith("/api/"):
+            return page("notfound", 404)
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", "")} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(x for x in first["loc"] if x not in ("body", "query", "path"))
+        return _error(422, f"invalid request: {where + ': ' if where else ''}{first['msg']}", detail=errors)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound):
+        if request.url.path.startswith("/api/"):
+            return _error(404, str(exc))
+        return page("notfound", 404)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return _error(422, str(exc))
+
+    # -- pages ---------------------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse)
+    def overview_page():
+        return page("overview")
+
+    @app.get("/memory/{layer}/{key}", response_class=HTMLResponse)
+    def memory_page(layer: int, key: int):
+        service.check_memory(layer, key)
+        return page("memory")
+
+    @app.get("/memory")
+    def jump(m: str = Query(default="", max_length=40)):
+        """The jump box without JavaScript: /memory?m=LAYER:KEY."""
+        try:
+            layer, key = (int(x) for x in m.replace("/", ":").split(":"))
+        except ValueError:
+            return page("notfound", 404)
+        service.check_memory(layer, key)
+        return RedirectResponse(f"/memory/{layer}/{key}", status_code=303)
+
+    @app.get("/search", response_class=HTMLResponse)
+    def search_page():
+        return page("search")
+
+    @app.get("/debug", response_class=HTMLResponse)
+    def debug_page():
+        return page("debug")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -- API -----------------------------------------------------------------------------------------------
+    @app.get("/api/health")
+    def health():
+        return {"ok": True}
+
+    @app.get("/api/overview")
+    def overview():
+        return service.overview()
+
+    @app.get("/api/memory/{layer}/{key}")
+    def memory(layer: int, key: int, n: int = Query(default=10, ge=1, le=1000)):
+        return service.memory(layer, key, n)
+
+    @app.get("/api/search")
+    def search(promotes: str | None = Query(default=None, min_length=1, max_length=MAX_QUERY_CHARS),
+               text: str | None = Query(default=None, min_length=1, max_length=MAX_QUERY_CHARS),
+               limit: int = Query(default=20, ge=1, le=MAX_LIMIT),
+               projection: Literal["raw", "normed"] = "raw"):
+        if (promotes is None) == (text is None):
+            return _error(422, "give exactly one of promotes=TOKEN or text=QUERY")
+        if promotes is not None:
+            return service.search_promotes(promotes, projection, limit)
+        return service.search_text(text, limit)
+
+    @app.post("/api/run")
+    def run(body: RunIn):
+        return service.run(body.prompt, [iv.to_intervention() for iv in body.interventions], body.top)
+
+    @app.post("/api/generate")
+    def generate(body: GenerateIn):
+        return service.generate(body.prompt, [iv.to_intervention() for iv in body.interventions],
+                                body.max_new_tokens)
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    def unknown(rest: str):
+        return _error(404, "no such API endpoint")
+
+    return app
+
+
+def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
+          model: str | None = None, device: str = "cpu") -> None:
+    """Load the atlas and its model, build the search index if needed, and serve until interrupted."""
+    import uvicorn
+
+    service = Service(atlas, model=model, device=device, progress=True)
+    app = create_app(service, allow_any_host=allow_remote)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"ffkv: serving {service.atlas.path} on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+

@@ -1,0 +1,327 @@
+"""What `ffkv serve` knows and computes, independent of HTTP: the atlas, its model (checked to be the one the
+atlas was made with), the search index, per-layer summaries and the prompt debugger. The FastAPI app in
+``app.py`` only validates requests and calls this.
+
+Concurrency: reads of the atlas and the index are safe from any thread; every use of the model (and of its
+tokenizer's encoder, which is not re-entrant) holds ``model_lock``, so model runs are serialised and one
+client's interventions can never reach another client's run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atlas import Atlas
+from ..errors import FfkvError
+from ..models import LoadedModel, load_model
+from . import debugger
+from .debugger import Intervention
+from .index import PROJECTIONS, SearchIndex
+
+MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_TOKENS = 256
+MAX_NEW_TOKENS = 64
+MAX_SET_VALUE = 1e4
+MAX_INTERVENTIONS = 64
+MEMORY_TOKENS = 6
+"""Value tokens shown next to a memory in lists (search results, debugger)."""
+SIMILAR = 8
+
+
+class NotFound(Exception):
+    """A layer or key that does not exist (HTTP 404)."""
+
+
+class BadRequest(Exception):
+    """A well-formed request the atlas or model cannot answer (HTTP 422)."""
+
+
+def finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _scalars(d: dict) -> dict:
+    """The fields of an analysis record worth showing: scalars and short lists of scalars."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+            out[k] = v
+        elif isinstance(v, float):
+            out[k] = finite(v)
+        elif isinstance(v, list) and len(v) <= 25 and all(isinstance(x, (int, float, str)) for x in v):
+            out[k] = [finite(x) if isinstance(x, float) else x for x in v]
+    return out
+
+
+def _records(obj, path: str = "", depth: int = 0):
+    """Every dict in a JSON document (nested up to depth 5) that names a layer, with where it was found."""
+    if depth > 5:
+        return
+    if isinstance(obj, dict):
+        if isinstance(obj.get("layer"), int) and not isinstance(obj.get("layer"), bool):
+            yield path, obj
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)):
+                yield from _records(v, f"{path}.{k}" if path else str(k), depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, (dict, list)):
+                yield from _records(v, path, depth + 1)
+
+
+class Analyses:
+    """Tolerant view of ATLAS/analysis.json (written by `ffkv analyze`, when it was run): the per-layer records
+    (objects with a ``layer`` and no ``key``) and per-memory records (``layer`` and ``key``), by source path."""
+
+    def __init__(self, path: Path):
+        self.present = False
+        self.per_layer: dict[str, list[dict]] = {}
+        self.per_memory: dict[tuple[int, int], list[dict]] = {}
+        if not path.is_file():
+            return
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        self.present = True
+        for source, rec in _records(doc):
+            key = rec.get("key")
+            if isinstance(key, int) and not isinstance(key, bool):
+                self.per_memory.setdefault((rec["layer"], key), []).append({"source": source, **_scalars(rec)})
+            else:
+                self.per_layer.setdefault(source or "analysis", []).append(_scalars(rec))
+
+
+class Service:
+    def __init__(self, atlas_path: str | Path, loaded: LoadedModel | None = None, model: str | None = None,
+                 device: str = "cpu", progress: bool = True, index_path: str | Path | None = None):
+        self.atlas = Atlas.load(atlas_path)
+        manifest_model = self.atlas.manifest["model"]
+        if loaded is None:
+            name = model or manifest_model["name"]
+            try:
+                loaded = load_model(name, device=device)
+            except FfkvError as exc:
+                raise FfkvError(f"{exc} (the atlas names model {manifest_model['name']!r}; pass --model to load "
+                                "the same weights from elsewhere)")
+        self.atlas.check_model(loaded)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.parts = loaded.parts
+        self.model_lock = threading.Lock()
+        self.layers = self.atlas.layers
+        self.d_ff = self.atlas.d_ff
+        self.top_k = int(self.atlas.manifest["scan"]["top_k"])
+
+        tok = self.atlas.tokenizer  # decodes only (the model's tokenizer encodes, under the model lock)
+        vocab = int(self.parts.unembedding.shape[0])
+        known = min(vocab, len(tok))
+        self.token_texts: list[str] = tok.batch_decode([[i] for i in range(known)]) + \
+            [f"<{i}>" for i in range(known, vocab)]
+        eos = getattr(loaded.tokenizer, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+        with torch.inference_mode():
+            self.value_norms = torch.stack([self.parts.values(layer).detach().float().norm(dim=1)
+                                            for layer in range(self.parts.n_layers)]).cpu()
+        self._unit_values: dict[int, torch.Tensor] = {}
+        self.stats = {layer: self.atlas.stats(layer) for layer in self.layers}  # also loads every layer file
+        self.analyses = Analyses(self.atlas.path / "analysis.json")
+        self.index = SearchIndex(self.atlas, self.parts, self.token_texts,
+                                 path=Path(index_path) if index_path else None, progress=progress)
+        self._overview = self._make_overview()
+
+    # -- overview ------------------------------------------------------------------------------------------
+    def _make_overview(self) -> dict:
+        m = self.atlas.manifest
+        rows = []
+        for layer in self.layers:
+            s = self.stats[layer]
+            rms = np.sqrt(np.maximum(s["mean_square"], 0))
+            rows.append({"layer": layer, "count": s["count"],
+                         "frac_positive": finite(s["frac_positive"].mean()),
+                         "mean_rms": finite(rms.mean()),
+                         "max": finite(s["max"].max()), "max_key": int(s["max"].argmax()),
+                         "min": finite(s["min"].min()), "min_key": int(s["min"].argmin()),
+                         "value_norm": finite(self.value_norms[layer].mean())})
+        return {"atlas": self.atlas.path.name, "created": m.get("created"), "ffkv_version": m.get("ffkv_version"),
+                "model": m["model"], "corpus": m["corpus"], "scan": m["scan"], "result": m.get("result", {}),
+                "layers": self.layers, "faces": self.atlas.faces, "d_ff": self.d_ff,
+                "n_layers": self.parts.n_layers, "layer_summary": rows,
+                "analysis": {"present": self.analyses.present, "per_layer": self.analyses.per_layer}}
+
+    def overview(self) -> dict:
+        return self._overview
+
+    # -- memories ------------------------------------------------------------------------------------------
+    def check_memory(self, layer: int, key: int) -> None:
+        if layer not in self.layers:
+            raise NotFound(f"layer {layer} is not in this atlas (layers {self.layers[0]}-{self.layers[-1]})"
+                           if self.layers == list(range(self.layers[0], self.layers[-1] + 1))
+                           else f"layer {layer} is not in this atlas")
+        if not 0 <= key < self.d_ff:
+            raise NotFound(f"key {key} out of range: layers have keys 0-{self.d_ff - 1}")
+
+    def value_tokens(self, layer: int, key: int, face: str, n: int = MEMORY_TOKENS) -> list[str]:
+        """Top tokens of one value face (raw v.E): stored in the atlas, or computed for an unscanned layer."""
+        if layer in self.layers:
+            ids = self.atlas.layer_tensors(layer)[f"value_raw_{face}_ids"][key][:n].tolist()
+            return [self.token_texts[i] for i in ids]
+        with torch.inference_mode():
+            v = self.parts.values(layer)[key].detach().float()
+            logits = self.parts.unembedding.detach().float() @ v
+            ids = (logits if face == "pos" else -logits).topk(n).indices.tolist()
+        return [self.token_texts[i] for i in ids]
+
+    def _normalised_values(self, layer: int) -> torch.Tensor:
+        u = self._unit_values.get(layer)
+        if u is None:
+            with torch.inference_mode():
+                u = torch.nn.functional.normalize(self.parts.values(layer).detach().float(), dim=1).cpu()
+            self._unit_values[layer] = u
+        return u
+
+    def similar(self, layer: int, key: int, n: int = SIMILAR) -> list[dict]:
+        """Memories of the same layer whose value vectors have the largest cosine with this one's."""
+        u = self._normalised_values(layer)
+        cos = u @ u[key]
+        cos[key] = -math.inf
+        top = cos.topk(min(n, len(cos) - 1))
+        return [{"layer": layer, "key": k, "cosine": finite(c), "top_tokens": self.value_tokens(layer, k, "pos", 4)}
+                for c, k in zip(top.values.tolist(), top.indices.tolist())]
+
+    def _neighbour(self, layer: int, key: int, step: int) -> dict | None:
+        key += step
+        i = self.layers.index(layer)
+        if key < 0:
+            if i == 0:
+                return None
+            return {"layer": self.layers[i - 1], "key": self.d_ff - 1}
+        if key >= self.d_ff:
+            if i == len(self.layers) - 1:
+                return None
+            return {"layer": self.layers[i + 1], "key": 0}
+        return {"layer": layer, "key": key}
+
+    def memory(self, layer: int, key: int, n: int = 10) -> dict:
+        """The `ffkv show --json` document of every face (triggers with their highlighted parts, raw and normed
+        value tokens), coefficient statistics, neighbours, similar memories and analysis records."""
+        self.check_memory(layer, key)
+        n = max(1, min(n, self.top_k))
+        faces = {}
+        for face in self.atlas.faces:
+            doc = self.atlas.show(layer, key, face, n)
+            for t, full in zip(doc["triggers"], self.atlas.triggers(layer, key, face, n)):
+                t.update(score=finite(t["score"]), trigger_token=full.trigger_token, context=full.context,
+                         title=full.title, topic=full.topic)
+            doc["value_normed"] = self.atlas.value_tokens(layer, key, face, normed=True, n=n)
+            faces[face] = doc
+        s = self.stats[layer]
+        stats = {"count": s["count"], "frac_positive": finite(s["frac_positive"][key]),
+                 "mean": finite(s["mean"][key]), "rms": finite(math.sqrt(max(float(s["mean_square"][key]), 0.0))),
+                 "min": finite(s["min"][key]), "max": finite(s["max"][key]),
+                 "layer_min": finite(s["min"].min()), "layer_max": finite(s["max"].max()),
+                 "value_norm": finite(self.value_norms[layer][key])}
+        return {"layer": layer, "key": key, "d_ff": self.d_ff, "layers": self.layers, "top_k": self.top_k,
+                "faces": faces, "stats": stats,
+                "prev": self._neighbour(layer, key, -1), "next": self._neighbour(layer, key, 1),
+                "similar": self.similar(layer, key),
+                "analysis": self.analyses.per_memory.get((layer, key), [])[:50]}
+
+    # -- search --------------------------------------------------------------------------------------------
+    def _example(self, layer: int, key: int, face: str, rank: int, position: int) -> dict:
+        score = float(self.atlas.layer_tensors(layer)[f"{face}_scores"][key][rank])
+        t = self.atlas.trigger_at(position, rank, score)
+        return {"rank": rank, "score": finite(score), "context": t.context, "trigger_token": t.trigger_token,
+                "next_token": t.next_token, "title": t.title}
+
+    def search_promotes(self, token: str, projection: str, limit: int) -> dict:
+        if projection not in PROJECTIONS:
+            raise BadRequest(f"projection must be one of {', '.join(PROJECTIONS)}")
+        ids = self.index.token_ids(token)
+        results = self.index.promotes(ids, projection, limit)
+        for r in results:
+            r["token"] = self.token_texts[r["token_id"]]
+            r["logit"] = finite(r["logit"])
+            r["top_tokens"] = self.value_tokens(r["layer"], r["key"], r["face"])
+        note = None
+        if not ids:
+            with self.model_lock:
+                pieces = self.loaded.tokenizer(token, add_special_tokens=False).input_ids[:12]
+            note = (f"{token!r} is not one token of the vocabulary; it is tokenised as "
+                    + " + ".join(repr(self.token_texts[i]) for i in pieces) + ". Search for one of those.")
+        return {"kind": "promotes", "query": token, "projection": projection,
+                "tokens": [{"id": i, "token": self.token_texts[i]} for i in ids[:20]],
+                "depth": int(self.index.promote[projection]["rank"].max(initial=-1)) + 1,
+                "results": results, "note": note}
+
+    def search_text(self, text: str, limit: int) -> dict:
+        try:
+            results, units = self.index.text(text, limit)
+        except ValueError as exc:
+            raise BadRequest(str(exc))
+        for r in results:
+            r["example"] = self._example(r["layer"], r["key"], r["face"], r.pop("best_rank"), r.pop("best_position"))
+            r["top_tokens"] = self.value_tokens(r["layer"], r["key"], r["face"])
+        return {"kind": "text", "query": text, "units_matched": units, "results": results}
+
+    # -- prompt debugger -----------------------------------------------------------------------------------
+    def _encode(self, prompt: str) -> torch.Tensor:
+        """Tokenise under the model lock (the caller holds it)."""
+        if not prompt.strip():
+            raise BadRequest("the prompt is empty")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise BadRequest(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+        ids = self.loaded.tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise BadRequest("the prompt has no tokens")
+        if ids.shape[1] > MAX_PROMPT_TOKENS:
+            raise BadRequest(f"the prompt has {ids.shape[1]} tokens; at most {MAX_PROMPT_TOKENS} are allowed")
+        return ids
+
+    def _interventions(self, interventions: list[Intervention]) -> None:
+        if len(interventions) > MAX_INTERVENTIONS:
+            raise BadRequest(f"at most {MAX_INTERVENTIONS} interventions")
+        try:
+            debugger.check_interventions(self.parts, interventions, MAX_SET_VALUE)
+        except ValueError as exc:
+            raise BadRequest(str(exc))
+
+    def _memory_info(self, layer: int, key: int, coefficient: float) -> dict:
+        face = "pos" if coefficient >= 0 else "neg"
+        info = {"face": face, "top_tokens": self.value_tokens(layer, key, face)}
+        if layer in self.stats:
+            info.update(min=finite(self.stats[layer]["min"][key]), max=finite(self.stats[layer]["max"][key]))
+        return info
+
+    def run(self, prompt: str, interventions: list[Intervention], top: int) -> dict:
+        self._interventions(interventions)
+        with self.model_lock:
+            ids = self._encode(prompt)
+            doc = debugger.run_prompt(self.model, self.parts, ids, interventions, top, self.value_norms,
+                                      self.token_texts, self._memory_info)
+        for layer in doc["layers"]:
+            s = self.stats.get(layer["layer"])
+            layer["coef_max"] = finite(s["max"].max()) if s is not None else None
+            layer["coef_min"] = finite(s["min"].min()) if s is not None else None
+            layer["scanned"] = s is not None
+        ids_list = ids[0].tolist()
+        return {"tokens": [self.token_texts[i] for i in ids_list], "token_ids": ids_list,
+                "interventions": [iv.__dict__ for iv in interventions], **doc}
+
+    def generate(self, prompt: str, interventions: list[Intervention], max_new_tokens: int) -> dict:
+        self._interventions(interventions)
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise BadRequest(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}")
+        with self.model_lock:
+            ids = self._encode(prompt)
+            new, stop = debugger.generate(self.model, self.parts, ids, interventions, max_new_tokens, self.eos_ids)
+        return {"text": self.atlas.tokenizer.decode(new), "token_ids": new, "stopped": stop,
+                "interventions": [iv.__dict__ for iv in interventions]}
