@@ -35,7 +35,7 @@ from . import __version__
 from .corpus import TokenStore
 from .errors import FfkvError
 from .topk import SUM_SCALE, SUMSQ_SCALE
-from .values import project_values
+from .projection import project_values
 
 FORMAT = "ffkv-atlas/1"
 FACES = ("pos", "neg")
