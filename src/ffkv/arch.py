@@ -36,6 +36,9 @@ class ArchSpec:
     """True for GLU-style FFNs, whose coefficients are signed."""
     final_norm: str
     """Path of the norm applied before the unembedding."""
+    ffn_added: str = "mlp"
+    """Path inside a block of the module whose output is exactly what the FFN adds to the residual stream
+    (the MLP module; OPT has none, so its fc2; Gemma 3 post-normalises the MLP output first)."""
     unembed: str = "lm_head"
     """Path of the unembedding (a Linear whose weight is [vocab, d_model])."""
     conv1d: bool = False
@@ -55,7 +58,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt_neox": ArchSpec("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",), "gelu",
                          False, "gpt_neox.final_layer_norm"),  # transformers 5 renamed embed_out to lm_head
     "opt": ArchSpec("model", "model.decoder.layers", "fc2", ("fc1",), "relu", False,
-                    "model.decoder.final_layer_norm"),
+                    "model.decoder.final_layer_norm", ffn_added="fc2"),
     "llama": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu", True,
                       "model.norm", norm_kind="rmsnorm"),
     "mistral": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu",
@@ -63,7 +66,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "silu", True,
                       "model.norm", norm_kind="rmsnorm"),
     "gemma3_text": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
-                            "gelu_pytorch_tanh", True, "model.norm", norm_kind="rmsnorm_plus1"),
+                            "gelu_pytorch_tanh", True, "model.norm", norm_kind="rmsnorm_plus1",
+                            ffn_added="post_feedforward_layernorm"),
 }
 
 
@@ -111,6 +115,12 @@ class ModelParts:
 
     def ffn_out(self, layer: int) -> nn.Module:
         return get_path(self.blocks[layer], self.spec.ffn_out)
+
+    def ffn_added(self, layer: int) -> nn.Module:
+        """The module whose output is what the FFN adds to the residual stream. With o its output and h
+        the block's output, the residual *before* the FFN is h - o, for sequential blocks (GPT-2, Llama)
+        and parallel ones (GPT-J, Pythia) alike."""
+        return get_path(self.blocks[layer], self.spec.ffn_added)
 
     def values(self, layer: int) -> torch.Tensor:
         """The value vectors of a layer as a [d_ff, d_model] matrix (row i is v_i)."""

@@ -1,0 +1,30 @@
+"""`ffkv analyze`: the experiments of Geva et al. (2021) §3-§5 on an atlas, generalised to GELU and gated FFNs.
+
+Modules: ``keys`` (§3: trigger patterns, Fig 2 / Table 1; token removal, Fig 3), ``values`` (§4: agreement,
+ranks, precision, Figs 4-6 / Table 2), ``aggregation`` (§5: active memories and composition, Figs 7-11),
+``run`` (runs them all and writes ``ATLAS/analysis.json``). Each experiment is a plain function returning
+plain data (dataclasses / dicts of lists), so notebooks can call them one by one.
+
+``analysis.json`` contract (per-layer arrays have length ``n_layers``, indexed by the model's 0-based layer;
+``null`` where a layer was not scanned or an experiment was skipped; fractions in [0, 1]; token removal as a
+relative change, -0.65 meaning -65 %). Keys with the suffix ``_neg`` hold the same arrays for the negative
+face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent for ReLU models.
+
+    {"ffkv_version", "atlas": {...manifest summary...}, "config": {...sizes and seeds used...},
+     "definitions": {"memory", "face", "active", "agreement", ...: one sentence each},
+     "n_layers": int, "layers": [scanned layers],
+     "patterns":  {"shallow", "semantic", "both", "none", "patterns_per_key", "coverage": [L],
+                   "keys": [{"layer", "key", "face", "patterns": [{"kind": "shallow"|"semantic",
+                             "description", "triggers": [ranks], "p_value"}], "triggers": [texts]}]},
+     "token_removal": {"first", "last", "random": [L], "n_keys": [L], "skipped": [L]},
+     "values": {"agreement_rate", "random_baseline", "frequency_baseline", "next_token_rank_median": [L],
+                "agreement_rate_normed": [L], "rank_quantiles": {"q10","q25","q50","q75","q90": [L]},
+                "max_prob_vs_agreement": {"bin_edges": [...], "agreement": [...], "count": [...]},
+                "top_memories": [{"layer","key","face","precision","top_tokens","triggers"}], "skipped": [L]},
+     "aggregation": {"n_examples", "active_fraction_mean", "active_fraction_positive_mean",
+                     "no_single_memory_match", "match_is_stopword", "match_prefix_short",
+                     "residual_matches_final", "residual_prob_of_final",
+                     "ffn_effect": {"residual", "ffn", "agreement", "composition"}: [L]},
+     "patterns_neg", "token_removal_neg", "values_neg": same shapes as above (signed models only),
+     "missing": {experiment: reason}}
+"""
