@@ -7,12 +7,16 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 
 from .errors import FfkvError
 from .scan import ScanConfig
 
-RUN_MAX_TOKENS = 60_000
-"""Token budget of `ffkv run` (the `make run` job): sized so install + scan fit in 15 min on 2 CPU cores."""
+RUN_MAX_TOKENS = 40_000
+"""Token budget of `ffkv run` (the `make run` job): sized so that install, scan, analyses and report fit in
+15 minutes on 2 CPU cores."""
+RUN_ANALYZE = {"removal_keys": 4, "removal_triggers": 8, "examples": 1000}
+"""Experiment sizes of `ffkv run` (smaller than `ffkv analyze`'s paper-sized defaults, same budget reason)."""
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
@@ -80,14 +84,45 @@ def cmd_scan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .analysis.run import AnalyzeConfig, analyze
     from .scan import scan
 
     config = config_from_args(ScanConfig, args)
     print(f"ffkv run: model {config.model}, corpus {config.corpus}, token budget {config.max_tokens} "
           f"(--max-tokens), atlas -> {args.out}", flush=True)
     atlas = scan(out=args.out, config=config, resume=args.resume, force=args.force, progress=not args.quiet)
-    if atlas is not None:
-        _print_summary(atlas)
+    if atlas is None:
+        return 0
+    _print_summary(atlas)
+    print(f"ffkv run: analyses with {RUN_ANALYZE} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
+    result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), progress=not args.quiet)
+    _print_analysis(result)
+    return 0
+
+
+def _fmt(values, fmt="{:.2f}") -> str:
+    return " ".join("-" if v is None else fmt.format(v) for v in values)
+
+
+def _print_analysis(result: dict) -> None:
+    """A few per-layer rows of analysis.json, so the terminal shows the paper's trends at a glance."""
+    rows = [("keys with shallow pattern", result.get("patterns", {}).get("shallow")),
+            ("keys with semantic pattern", result.get("patterns", {}).get("semantic")),
+            ("last-token removal (rel.)", result.get("token_removal", {}).get("last")),
+            ("value agreement rate", result.get("values", {}).get("agreement_rate")),
+            ("residual top = final top", result.get("aggregation", {}).get("residual_matches_final"))]
+    print("per layer:")
+    for name, values in rows:
+        if values:
+            print(f"  {name:<27} {_fmt(values)}")
+
+
+def cmd_analyze(args) -> int:
+    from .analysis.run import AnalyzeConfig, analyze
+
+    result = analyze(args.atlas, config_from_args(AnalyzeConfig, args), progress=not args.quiet)
+    _print_analysis(result)
+    print(f"wrote {Path(args.atlas) / 'analysis.json'}")
     return 0
 
 
@@ -111,6 +146,32 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> int:
+    if not _is_loopback(args.host) and not args.allow_remote:
+        raise FfkvError(f"refusing to serve on non-loopback host {args.host!r}: the app runs the model for anyone "
+                        "who can reach it; add --allow-remote to do it anyway")
+    if not 1 <= args.port <= 65535:
+        raise FfkvError(f"--port {args.port}: expected 1-65535")
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise FfkvError(f"`ffkv serve` needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn")
+    serve(args.atlas, host=args.host.strip("[]"), port=args.port, allow_remote=args.allow_remote, model=args.model,
+          device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ffkv", description="FFN layers as key-value memories: scan a corpus "
                                      "with a causal LM, keep every memory's top trigger prefixes, analyse them.")
@@ -130,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(fn=fn)
 
+    from .analysis.run import AnalyzeConfig
+
+    text = "run the paper's experiments (§3-§5) on an atlas and write ATLAS/analysis.json"
+    p = sub.add_parser("analyze", help=text, description=text)
+    p.add_argument("atlas")
+    add_dataclass_arguments(p, AnalyzeConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_analyze)
+
     p = sub.add_parser("show", help="one memory: its top triggers and the tokens its value promotes")
     p.add_argument("atlas")
     p.add_argument("layer", type=int)
@@ -145,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True)
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_merge)
+
+    text = "browse an atlas in a local web app: memories, search, prompt debugger with interventions"
+    p = sub.add_parser("serve", help=text, description=text)
+    p.add_argument("atlas")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; a non-loopback "
+                   "address needs --allow-remote)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (anyone who can reach "
+                   "it can run the model)")
+    p.add_argument("--model", default=None, help="load the model from here instead of the name in the atlas "
+                   "manifest (must be the same weights)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 

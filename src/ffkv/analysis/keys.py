@@ -1,0 +1,313 @@
+"""§3 of the paper: what keys detect. Trigger patterns (Fig 2, Table 1) and token removal (Fig 3).
+
+Patterns are found automatically, with a null model, where the paper used expert annotators:
+
+* **shallow** (surface) candidates: the triggers share their last token, their last two tokens, or a token
+  among their last three. Tokens are compared by their lower-cased, stripped text.
+* **semantic** candidates: the triggers share a document topic or a document title (where the corpus has
+  them), or a content word (not a stop word, >= 4 letters) in the context before the last three tokens.
+  A semantic candidate is tested only on the triggers that no shallow pattern covers, so a topic that merely
+  follows from a shared n-gram does not count ("beyond what surface overlap explains").
+
+A candidate needs >= 3 triggers (as in the paper) and a binomial tail probability, under the corpus
+frequency of the feature, below ``alpha`` divided by the number of candidates tested for that key and family
+(Bonferroni), so that frequent tokens ("the", ",") and big topics do not count as patterns.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..corpus import TokenStore
+from .forward import last_position_coefficients
+
+STOP_WORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have having he
+her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor
+not now of off on once only or other our ours ourselves out over own same she should so some such than that
+the their theirs them themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself yourselves one two
+also although however though within without since among including known called used many first well became
+become became later often such most much more other another several three four five part made make like
+""".split())
+
+MIN_TRIGGERS = 3
+
+
+def normalise(text: str) -> str:
+    return text.strip().lower()
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exact."""
+    if k <= 0:
+        return 1.0
+    p = min(max(p, 1e-12), 1.0)
+    return min(1.0, sum(math.comb(n, x) * p**x * (1 - p) ** (n - x) for x in range(k, n + 1)))
+
+
+@dataclass
+class TriggerText:
+    """What the classifier sees of one trigger prefix."""
+
+    ids: list[int]
+    """Token ids of the prefix, without the special prefix (BOS)."""
+    topic: str = ""
+    title: str = ""
+    unit: int = -1
+    """Prefixes of one unit are not independent evidence: support is counted in distinct units."""
+
+
+class Background:
+    """Corpus frequencies for the null model: per normalised token text, per normalised bigram, per topic,
+    per title, and the share of units containing each content word."""
+
+    def __init__(self, store: TokenStore, tokenizer):
+        vocab = len(tokenizer)
+        # decode each id alone, once, so that surface forms compare ("Ġfilm", "film" and "Film" are one)
+        self.norm = [normalise(t) for t in tokenizer.batch_decode([[i] for i in range(vocab)])]
+        index: dict[str, int] = {}
+        self.norm_code = np.array([index.setdefault(t, len(index)) for t in self.norm], dtype=np.int64)
+        n_codes = len(index)
+        scored = np.ones(store.n_tokens, dtype=bool)
+        for u in np.nonzero(store.n_special)[0]:  # drop special prefix tokens (BOS)
+            scored[store.offset[u]: store.offset[u] + store.n_special[u]] = False
+        content = np.asarray(store.tokens)[scored]
+        unit_of = np.repeat(np.arange(store.n_units), store.length)[scored]
+        codes = self.norm_code[content.astype(np.int64)]
+        self.n_positions = len(content)
+        self.token_freq = np.bincount(codes, minlength=n_codes) / self.n_positions
+        same_unit = unit_of[1:] == unit_of[:-1]
+        pairs = codes[:-1][same_unit] * n_codes + codes[1:][same_unit]
+        uniq, counts = np.unique(pairs, return_counts=True)
+        self.n_codes = n_codes
+        self.bigram_freq = dict(zip(uniq.tolist(), (counts / self.n_positions).tolist()))
+        unit_code = np.unique(unit_of * n_codes + codes) % n_codes
+        self.unit_share = np.bincount(unit_code, minlength=n_codes) / store.n_units
+        weights = store.length - store.n_special
+        self.topic_share = _shares(store.columns.get("topic"), weights)
+        self.title_share = _shares(store.columns.get("title"), weights)
+
+    def freq(self, code: int) -> float:
+        return max(float(self.token_freq[code]), 1 / self.n_positions)
+
+    def bigram(self, a: int, b: int) -> float:
+        return self.bigram_freq.get(a * self.n_codes + b, 1 / self.n_positions)
+
+    def code(self, token_id: int) -> int:
+        return int(self.norm_code[token_id])
+
+    def text(self, token_id: int) -> str:
+        return self.norm[token_id]
+
+
+def _shares(column, weights) -> dict[str, float]:
+    if column is None:
+        return {}
+    totals: Counter = Counter()
+    for value, w in zip(column.tolist(), weights.tolist()):
+        if value:
+            totals[value] += w
+    total = sum(totals.values()) or 1
+    return {k: v / total for k, v in totals.items()}
+
+
+@dataclass
+class Pattern:
+    kind: str
+    """'shallow' or 'semantic'."""
+    description: str
+    triggers: list[int]
+    """Ranks (0-based) of the triggers that share the feature."""
+    p_value: float
+
+
+@dataclass
+class KeyPatterns:
+    layer: int
+    key: int
+    face: str
+    patterns: list[Pattern] = field(default_factory=list)
+    triggers: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        kinds = {p.kind for p in self.patterns}
+        if kinds == {"shallow", "semantic"}:
+            return "both"
+        return kinds.pop() if kinds else "none"
+
+    def coverage(self, n: int) -> float:
+        covered = {t for p in self.patterns for t in p.triggers}
+        return len(covered) / max(n, 1)
+
+
+def _test_family(candidates: dict, triggers: list[TriggerText], ranks: list[int], alpha: float, kind: str,
+                 describe) -> list[Pattern]:
+    """candidates: name -> (trigger ranks sharing it, null probability per trigger). Support and sample
+    size count distinct units; Bonferroni over every candidate of the family, even those too rare to pass
+    (the candidates are chosen by looking at the triggers, so all of them are hypotheses tested)."""
+    if not candidates:
+        return []
+    n = len({triggers[r].unit for r in ranks})
+    threshold = alpha / len(candidates)
+    found = []
+    for name, (sharing, p) in candidates.items():
+        support = len({triggers[r].unit for r in sharing})
+        if support < MIN_TRIGGERS:
+            continue
+        pv = binomial_tail(support, n, p)
+        if pv < threshold:
+            found.append(Pattern(kind, describe(name), sorted(sharing), pv))
+    return found
+
+
+def classify(triggers: list[TriggerText], bg: Background, alpha: float = 0.01) -> list[Pattern]:
+    """The significant shallow and semantic patterns among one key's triggers."""
+    n = len(triggers)
+    if len({t.unit for t in triggers}) < MIN_TRIGGERS:
+        return []
+    last: dict[int, list[int]] = {}
+    bigram: dict[tuple[int, int], list[int]] = {}
+    near: dict[int, list[int]] = {}
+    for r, t in enumerate(triggers):
+        codes = [bg.code(i) for i in t.ids]
+        if bg.text(t.ids[-1]):  # whitespace-only tokens are not a pattern anyone would name
+            last.setdefault(codes[-1], []).append(r)
+        if len(codes) >= 2:
+            bigram.setdefault((codes[-2], codes[-1]), []).append(r)
+        for i in set(t.ids[-3:]):
+            if bg.text(i):
+                near.setdefault(bg.code(i), []).append(r)
+    text_of = {bg.code(i): bg.text(i) for t in triggers for i in t.ids}
+    shallow = _test_family(
+        {("last", c): (r, bg.freq(c)) for c, r in last.items()}
+        | {("bigram", c): (r, bg.bigram(*c)) for c, r in bigram.items()}
+        | {("near", c): (r, min(1.0, 3 * bg.freq(c))) for c, r in near.items()},
+        triggers, list(range(n)), alpha, "shallow",
+        lambda name: {"last": lambda c: f"ends with {text_of[c]!r}",
+                      "bigram": lambda c: f"ends with {text_of[c[0]]!r} {text_of[c[1]]!r}",
+                      "near": lambda c: f"{text_of[c]!r} among the last 3 tokens"}[name[0]](name[1]))
+    shallow = _dedupe(shallow)
+    covered = {r for p in shallow for r in p.triggers}
+    rest = [r for r in range(n) if r not in covered]
+    semantic: list[Pattern] = []
+    if len({triggers[r].unit for r in rest}) >= MIN_TRIGGERS:
+        topics: dict[str, list[int]] = {}
+        titles: dict[str, list[int]] = {}
+        words: dict[int, list[int]] = {}
+        for r in rest:
+            t = triggers[r]
+            if t.topic:
+                topics.setdefault(t.topic, []).append(r)
+            if t.title:
+                titles.setdefault(t.title, []).append(r)
+            for c in {bg.code(i) for i in t.ids[:-3]}:
+                w = text_of[c]
+                if len(w) >= 4 and w.isalpha() and w not in STOP_WORDS:
+                    words.setdefault(c, []).append(r)
+        semantic = _test_family(
+            {("topic", k): (v, bg.topic_share.get(k, 1.0)) for k, v in topics.items()}
+            | {("title", k): (v, bg.title_share.get(k, 1.0)) for k, v in titles.items()}
+            | {("word", c): (v, float(bg.unit_share[c])) for c, v in words.items()},
+            triggers, rest, alpha, "semantic",
+            lambda name: {"topic": lambda k: f"topic {k!r}", "title": lambda k: f"from the article {k!r}",
+                          "word": lambda c: f"about {text_of[c]!r}"}[name[0]](name[1]))
+    return shallow + _dedupe(semantic)
+
+
+def _dedupe(patterns: list[Pattern]) -> list[Pattern]:
+    """Drop a pattern whose triggers are those of a stronger one (e.g. 'ends with x' and 'x among the last 3')."""
+    kept: list[Pattern] = []
+    for p in sorted(patterns, key=lambda p: (p.p_value, -len(p.triggers))):
+        if not any(set(p.triggers) <= set(q.triggers) for q in kept):
+            kept.append(p)
+    return kept
+
+
+def sample_keys(d_ff: int, n: int, seed: int, layer: int, face: str) -> list[int]:
+    rng = random.Random(f"{seed}-{layer}-{face}")
+    return sorted(rng.sample(range(d_ff), min(n, d_ff)))
+
+
+def key_triggers(atlas, layer: int, key: int, face: str, n: int) -> list[TriggerText]:
+    out = []
+    for t in atlas.triggers(layer, key, face, n):
+        skip = int(atlas.store.n_special[t.unit])
+        out.append(TriggerText(t.input_ids[skip:], t.topic, t.title, t.unit))
+    return out
+
+
+def patterns_experiment(atlas, bg: Background, face: str, keys_per_layer: int = 10, n_triggers: int = 25,
+                        seed: int = 0, alpha: float = 0.01) -> dict:
+    """Fig 2 / Table 1 for one face: per layer the share of keys with shallow / semantic / both / no
+    patterns, patterns per key, share of triggers covered; and the patterns of every sampled key."""
+    n_layers = atlas.n_layers
+    shares = {k: [None] * n_layers for k in ("shallow", "semantic", "both", "none", "patterns_per_key",
+                                             "coverage")}
+    keys_out = []
+    for layer in atlas.layers:
+        results = []
+        for key in sample_keys(atlas.d_ff, keys_per_layer, seed, layer, face):
+            triggers = atlas.triggers(layer, key, face, n_triggers)
+            texts = key_triggers(atlas, layer, key, face, n_triggers)
+            kp = KeyPatterns(layer, key, face, classify(texts, bg, alpha),
+                             [f"{t.context}[[{t.trigger_token}]]" for t in triggers])
+            results.append((kp, len(texts)))
+        labels = Counter(kp.label for kp, _ in results)
+        for lab in ("shallow", "semantic", "both", "none"):
+            shares[lab][layer] = labels[lab] / len(results)
+        shares["patterns_per_key"][layer] = float(np.mean([len(kp.patterns) for kp, _ in results]))
+        shares["coverage"][layer] = float(np.mean([kp.coverage(n) for kp, n in results]))
+        keys_out += [dict(asdict(kp), label=kp.label) for kp, _ in results]
+    return dict(shares, keys=keys_out)
+
+
+def token_removal_experiment(atlas, model, face: str, keys_per_layer: int = 10, n_triggers: int = 10,
+                             seed: int = 0, progress=None) -> dict:
+    """Fig 3 for one face: mean relative change of the memory coefficient when the first, the last or a
+    random token of each trigger prefix is removed (the coefficient is read at the new last position).
+    Triggers with fewer than 2 content tokens (3 for 'random', which removes an inner token) are skipped and
+    counted."""
+    n_layers = atlas.n_layers
+    result = {k: [None] * n_layers for k in ("first", "last", "random", "n_keys", "skipped")}
+    rng = random.Random(seed)
+    for layer in atlas.layers:
+        variants: dict[str, list[list[int]]] = {"first": [], "last": [], "random": []}
+        refs: dict[str, list[tuple[int, float]]] = {"first": [], "last": [], "random": []}
+        skipped = 0
+        keys = sample_keys(atlas.d_ff, keys_per_layer, seed + 1, layer, face)
+        for key in keys:
+            for t in atlas.triggers(layer, key, face, n_triggers):
+                skip = int(atlas.store.n_special[t.unit])
+                special, content = t.input_ids[:skip], t.input_ids[skip:]
+                if len(content) < 2 or t.score == 0:
+                    skipped += 1
+                    continue
+                variants["first"].append(special + content[1:])
+                variants["last"].append(special + content[:-1])
+                refs["first"].append((key, t.score))
+                refs["last"].append((key, t.score))
+                if len(content) >= 3:
+                    drop = rng.randrange(1, len(content) - 1)
+                    variants["random"].append(special + content[:drop] + content[drop + 1:])
+                    refs["random"].append((key, t.score))
+        for kind in ("first", "last", "random"):
+            if not variants[kind]:
+                continue
+            m = last_position_coefficients(model, variants[kind], layer)
+            keys_t = [k for k, _ in refs[kind]]
+            new = m[range(len(keys_t)), keys_t].double().numpy()
+            old = np.array([s for _, s in refs[kind]])
+            result[kind][layer] = float(np.mean((new - old) / old))  # old < 0 on the neg face: same sign logic
+        result["n_keys"][layer] = len(keys)
+        result["skipped"][layer] = skipped
+        if progress is not None:
+            progress.update(1)
+    return result

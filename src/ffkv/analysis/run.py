@@ -1,0 +1,144 @@
+"""Run the experiments on an atlas and write ``ATLAS/analysis.json`` (contract: ``ffkv.analysis``)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..atlas import Atlas
+from ..errors import FfkvError
+
+EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation")
+
+
+@dataclass
+class AnalyzeConfig:
+    """Sizes of the experiments; every field is also a flag of `ffkv analyze`."""
+
+    keys_per_layer: int = field(default=10, metadata={"help": "keys sampled per layer and face for the "
+                                "trigger patterns (Fig 2; paper: 10)"})
+    triggers: int = field(default=25, metadata={"help": "top triggers per key read for patterns (paper: 25)"})
+    alpha: float = field(default=0.01, metadata={"help": "family-wise significance level of a pattern"})
+    removal_keys: int = field(default=10, metadata={"help": "keys per layer and face for token removal "
+                              "(Fig 3; paper: 100)"})
+    removal_triggers: int = field(default=10, metadata={"help": "triggers per key for token removal "
+                                  "(paper: 50)"})
+    examples: int = field(default=4000, metadata={"help": "held-out prefixes for §5 (Figs 7-11; paper: 4000)"})
+    active_threshold: float = field(default=0.1, metadata={"help": "smooth activations: a memory is active "
+                                    "when |m| > this x the layer's max |m| (ReLU: m > 0)"})
+    top_memories: int = field(default=10, metadata={"help": "memories listed by precision (Table 2)"})
+    seed: int = field(default=0, metadata={"help": "seed of every sample"})
+    only: str | None = field(default=None, metadata={"help": "comma-separated subset of "
+                             f"{','.join(EXPERIMENTS)} (others kept from an existing analysis.json)"})
+
+
+DEFINITIONS = {
+    "memory": "one hidden unit i of an FFN layer: key = what its input projection(s) compare the residual "
+              "with, coefficient m_i = the i-th input of the output projection, value v_i = the matching "
+              "row/column of that projection; the FFN output is sum_i m_i v_i.",
+    "face": "pos: the largest coefficients, which add +v_i; neg (signed FFNs only): the most negative ones, "
+            "which add -v_i. ReLU FFNs have only the positive face (the paper's case).",
+    "trigger": "a prefix of a unit (sentence or document window) whose last position gives one of the "
+               "top-k coefficients of a memory face.",
+    "pattern": "a surface feature (shared last token / last two tokens / token among the last three) or a "
+               "semantic one (shared topic / article / content word, among triggers no surface pattern "
+               "covers) shared by >= 3 triggers from distinct units, with a binomial tail probability under "
+               "the corpus frequency below alpha / number of candidates (Bonferroni).",
+    "token_removal": "relative change (new - old) / old of the coefficient when the first, the last or a "
+                     "random inner token of a trigger prefix is removed, read at the new last position.",
+}
+
+
+def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> None:
+    top_k = atlas.manifest["scan"]["top_k"]
+    for name in ("triggers", "removal_triggers"):
+        if getattr(cfg, name) > top_k:
+            raise FfkvError(f"--{name.replace('_', '-')} {getattr(cfg, name)} exceeds the atlas's top-k {top_k}")
+    for name in ("keys_per_layer", "removal_keys"):
+        if not 1 <= getattr(cfg, name) <= atlas.d_ff:
+            raise FfkvError(f"--{name.replace('_', '-')} must be between 1 and d_ff = {atlas.d_ff}")
+    if cfg.examples < 1:
+        raise FfkvError("--examples must be positive")
+
+
+def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=None, progress: bool = True) -> dict:
+    """Run the experiments and write ``analysis.json`` next to the atlas; returns its content."""
+    from ..models import load_model
+    from .aggregation import aggregation_experiment
+    from .keys import Background, patterns_experiment, token_removal_experiment
+    from .values import values_experiment
+
+    cfg = config or AnalyzeConfig()
+    atlas = Atlas.load(atlas_path)
+    _check_sizes(atlas, cfg)
+    wanted = EXPERIMENTS if cfg.only is None else tuple(x.strip() for x in cfg.only.split(","))
+    unknown = [x for x in wanted if x not in EXPERIMENTS]
+    if unknown:
+        raise FfkvError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
+    out_path = atlas.path / "analysis.json"
+    result = json.loads(out_path.read_text()) if out_path.exists() and cfg.only else {}
+    if model is None:
+        model = load_model(atlas.manifest["model"]["name"], dtype=atlas.manifest["scan"]["dtype"])
+    atlas.check_model(model)
+    faces = atlas.faces
+    timings = result.get("timings", {})
+
+    def suffix(face: str) -> str:
+        return "" if face == "pos" else "_neg"
+
+    if "patterns" in wanted:
+        t = time.time()
+        bg = Background(atlas.store, atlas.tokenizer)
+        for face in faces:
+            result["patterns" + suffix(face)] = patterns_experiment(
+                atlas, bg, face, cfg.keys_per_layer, cfg.triggers, cfg.seed, cfg.alpha)
+        timings["patterns"] = round(time.time() - t, 1)
+    if "token_removal" in wanted:
+        t = time.time()
+        with tqdm(total=len(atlas.layers) * len(faces), desc="token removal (layers x faces)",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for face in faces:
+                result["token_removal" + suffix(face)] = token_removal_experiment(
+                    atlas, model, face, cfg.removal_keys, cfg.removal_triggers, cfg.seed, bar)
+        timings["token_removal"] = round(time.time() - t, 1)
+    if "values" in wanted:
+        t = time.time()
+        for face in faces:
+            result["values" + suffix(face)] = values_experiment(atlas, model, face, top_n=cfg.top_memories,
+                                                                seed=cfg.seed, progress=progress)
+        timings["values"] = round(time.time() - t, 1)
+    if "aggregation" in wanted:
+        t = time.time()
+        result["aggregation"] = aggregation_experiment(atlas, model, n_examples=cfg.examples,
+                                                       active_threshold=cfg.active_threshold, seed=cfg.seed,
+                                                       progress=progress)
+        timings["aggregation"] = round(time.time() - t, 1)
+
+    m = atlas.manifest
+    result.update({
+        "ffkv_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "atlas": {"model": m["model"], "corpus": m["corpus"], "scan": {k: m["scan"][k] for k in
+                  ("top_k", "unit", "max_tokens", "layers", "faces", "dtype")}, "result": m["result"]},
+        "config": dict(result.get("config", {}), **asdict(cfg)),
+        "definitions": dict(result.get("definitions", {}), **DEFINITIONS),
+        "n_layers": atlas.n_layers,
+        "layers": atlas.layers,
+        "timings": timings,
+    })
+    for block in ("values", "aggregation"):
+        defs = (result.get(block) or {}).get("definitions")
+        if defs:
+            result["definitions"].update(defs)
+    result["missing"] = {x: "not run (use --only to add it)" for x in EXPERIMENTS if x not in result}
+    tmp = out_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    os.replace(tmp, out_path)
+    return result
