@@ -40,7 +40,7 @@ def last_position_coefficients(model: LoadedModel, sequences: list[list[int]], l
                 parts.body(input_ids=ids.to(model.device), use_cache=False)
             except _Stop:
                 pass
-            m = captured.pop("m")
+            m = captured.pop("m").reshape(ids.shape[0], ids.shape[1], -1)  # OPT hands its FFN [B*T, d_ff]
             rows = torch.arange(len(idx))
             out[torch.tensor(idx)] = m[rows, (lengths - 1).to(m.device)].float().cpu()
     finally:
