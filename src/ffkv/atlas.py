@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .corpus import TokenStore
 from .errors import FfkvError
-from .topk import SUM_SCALE, SUMSQ_SCALE
 from .projection import project_values
+from .topk import SUM_SCALE, SUMSQ_SCALE
 
 FORMAT = "ffkv-atlas/1"
 FACES = ("pos", "neg")

@@ -77,12 +77,13 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _from_pretrained(path: str | Path, dtype: torch.dtype, **kwargs):
+def _from_pretrained(path: str | Path, dtype: torch.dtype, device_map: str | None = None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        extra = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kwargs)
     return model, tokenizer
 
 
@@ -161,6 +162,8 @@ def load_model(name: str = "default", device: str = "cpu", dtype: str | torch.dt
     where, kwargs = resolve(name)
     if kwargs.get("local_files_only"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if device == "auto":  # spread the layers over every visible GPU (accelerate's device_map)
+        kwargs["device_map"] = "auto"
     try:
         model, tokenizer = _from_pretrained(where, torch_dtype, **kwargs)
     except FfkvError:
@@ -174,5 +177,7 @@ def load_model(name: str = "default", device: str = "cpu", dtype: str | torch.dt
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise FfkvError(f"cannot load model {name}: {first}")
     parts = ModelParts(model)  # raises the unsupported-architecture error
-    model.eval().to(device)
+    model.eval()
+    if device != "auto":
+        model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, parts=parts)

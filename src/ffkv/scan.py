@@ -50,7 +50,8 @@ class ScanConfig:
                             "into consecutive windows, each its own unit"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per forward batch"})
     max_batch: int = field(default=64, metadata={"help": "most units per forward batch"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N (under torchrun, cuda = "
+                        "cuda:LOCAL_RANK) or auto (layers spread over all GPUs with device_map)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or float64"})
     seed: int = field(default=0, metadata={"help": "seed of the unit sample under --max-tokens"})
     value_top: int = field(default=20, metadata={"help": "top vocabulary tokens kept per value and face"})
@@ -175,14 +176,23 @@ class CoefficientHooks:
         self.last = max(states)
         self.valid: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self._copies: dict = {}
         self.handles = []
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The batch's index tensors on ``device`` (layers may sit on several GPUs with device_map)."""
+        if device not in self._copies:
+            self._copies[device] = (None if self.valid is None else self.valid.to(device),
+                                    self.positions.to(device))
+        return self._copies[device]
 
     def _hook(self, layer: int):
         def hook(module, args):
             m = args[0]
+            valid, positions = self._on(m.device)
             flat = m.reshape(-1, m.shape[-1])
-            coefficients = flat if self.valid is None else flat.index_select(0, self.valid)
-            self.states[layer].add(coefficients.to(torch.float32), self.positions)
+            coefficients = flat if valid is None else flat.index_select(0, valid)
+            self.states[layer].add(coefficients.to(torch.float32), positions)
             if layer == self.last:
                 raise _StopForward
         return hook
@@ -202,7 +212,7 @@ class CoefficientHooks:
         self.handles.clear()
 
     def run(self, input_ids: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor) -> None:
-        self.valid, self.positions = valid, positions
+        self.valid, self.positions, self._copies = valid, positions, {}
         try:
             self.parts.body(input_ids=input_ids, use_cache=False)
         except _StopForward:
@@ -245,6 +255,47 @@ def init_distributed(device: str) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=float(os.environ.get("FFKV_DIST_TIMEOUT", "600")))
     torch.distributed.init_process_group(backend, timeout=timeout)
+
+
+def resolve_device(device: str) -> str:
+    """'cuda' means this rank's GPU under torchrun; refuse CUDA where there is none."""
+    if device.startswith("cuda") or device == "auto":
+        if not torch.cuda.is_available():
+            raise FfkvError(f"--device {device}: CUDA is not available on this machine")
+        if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def estimate_memory(parts, config: ScanConfig, n_layers: int) -> dict[str, int]:
+    """Bytes the scan needs on its device: weights, one batch's activations, the top-k state."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in parts.model.parameters())
+    elem = torch.empty((), dtype=getattr(torch, config.dtype)).element_size()
+    t = config.batch_tokens
+    heads = getattr(parts.model.config, "num_attention_heads", 1) or 1
+    longest = min(config.max_length, t)
+    # live at once within a layer: a few d_model-wide states, the FFN's 3 d_ff-wide tensors, eager attention
+    # scores (batch x heads x T x T), plus the scan's float32 copy of the coefficients and its masks
+    activations = t * (6 * parts.d_model + 3 * parts.d_ff) * elem + (t // longest) * heads * longest**2 * 4 \
+        + t * parts.d_ff * (4 + 4 + 1)
+    faces = 2 if parts.signed else 1
+    state = n_layers * parts.d_ff * (faces * (config.top_k * 8 + 4) + 6 * 8)
+    return {"weights": weight_bytes, "activations": activations, "topk_state": state,
+            "total": weight_bytes + activations + state}
+
+
+def _check_memory(parts, config: ScanConfig, n_layers: int, device: str, rank: int, progress: bool) -> None:
+    est = estimate_memory(parts, config, n_layers)
+    gib = {k: v / 2**30 for k, v in est.items()}
+    if rank == 0 and progress:
+        print(f"ffkv: memory estimate: {gib['total']:.2f} GiB (weights {gib['weights']:.2f}, batch activations "
+              f"{gib['activations']:.2f}, top-k state {gib['topk_state']:.2f})", flush=True)
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if est["total"] > free:
+            raise FfkvError(f"the scan needs about {gib['total']:.1f} GiB on {device} but {free / 2**30:.1f} GiB "
+                            "are free: lower --batch-tokens, use --dtype bfloat16, scan fewer --layers, or "
+                            "spread the model with --device auto")
 
 
 def _gather_merge(states: dict[int, LayerState], rank: int, world: int) -> None:
@@ -306,6 +357,7 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
     out = Path(out)
     init_distributed(config.device)
     rank, world = _dist_info()
+    device = resolve_device(config.device)
     shard = parse_shard(config.shard)
     if world > 1 and shard != (0, 1):
         raise FfkvError("--shard and torchrun are two ways to split a scan; use one")
@@ -321,7 +373,7 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     if model is None or isinstance(model, str):
-        model = load_model(model or config.model, device=config.device, dtype=config.dtype)
+        model = load_model(model or config.model, device=device, dtype=config.dtype)
     if corpus is None or isinstance(corpus, str):
         corpus = load_corpus(corpus or config.corpus)
     parts = model.parts
@@ -341,7 +393,10 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
     n_positions = int((store.length[units] - store.n_special[units]).sum())
 
     device = model.device
-    states = {layer: LayerState(parts.d_ff, config.top_k, parts.signed, device) for layer in layers}
+    _check_memory(parts, config, len(layers), str(device), rank, progress)
+    # each layer's state lives where that layer runs (one device, or several with --device auto)
+    states = {layer: LayerState(parts.d_ff, config.top_k, parts.signed, parts.ffn_out(layer).weight.device)
+              for layer in layers}
     plan = config.plan_key()
     meta = {"plan": plan, "seconds": 0.0, "tokens": 0}
     ckpt = _checkpoint_path(out, rank, world, shard)
