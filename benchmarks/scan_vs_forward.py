@@ -23,7 +23,8 @@ from ffkv.models import load_model
 from ffkv.scan import CoefficientHooks, LayerState, make_batch, plan_batches, select_units
 
 
-def timed_rounds(model, store, batches, rounds: int, top_k: int) -> tuple[float, float, int]:
+def timed_rounds(model, store, batches, rounds: int, top_k: int, sync=lambda: None) -> tuple[float, float, int]:
+    """Seconds of the bare body forward and of the scan over the same batches, interleaved per round."""
     parts = model.parts
     inputs = [make_batch(store, b, model.device) for b in batches]
     n_tokens = sum(x[3] for x in inputs)
@@ -31,16 +32,20 @@ def timed_rounds(model, store, batches, rounds: int, top_k: int) -> tuple[float,
     with torch.inference_mode():
         parts.body(input_ids=inputs[0][0], use_cache=False)  # warm-up
         for _ in range(rounds):
+            sync()
             t = time.perf_counter()
             for ids, _, _, _ in inputs:
                 parts.body(input_ids=ids, use_cache=False)
+            sync()
             bare += time.perf_counter() - t
             states = {layer: LayerState(parts.d_ff, top_k, parts.signed, model.device)
                       for layer in range(parts.n_layers)}
+            sync()
             t = time.perf_counter()
             with CoefficientHooks(model, states) as hooks:
                 for ids, valid, positions, _ in inputs:
                     hooks.run(ids, valid, positions)
+            sync()
             scan += time.perf_counter() - t
     return bare, scan, n_tokens
 
