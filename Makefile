@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 OUT ?= atlas
+ARGS ?=
 
 .PHONY: run test lint install install-test clean
 
@@ -15,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)  # browser test of ffkv serve
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,7 +24,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: install
-	$(VENV)/bin/ffkv run --out $(OUT) --force
+	$(VENV)/bin/ffkv run --out $(OUT) --force $(ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -76,6 +76,9 @@ class TopK:
         (>=: an equal value can still win on position) are encoded and merged.
         """
         n, d = values.shape
+        if n == 0:  # nothing to merge; the extreme of no values is -inf (+inf for the smallest)
+            return torch.full((d,), float("-inf") if self.largest else float("inf"), dtype=values.dtype,
+                              device=values.device)
         sign = 1.0 if self.largest else -1.0
         q = n // self.BLOCK
         pieces = []
