@@ -153,3 +153,28 @@ def test_patterns_experiment_shapes(tiny_model, corpus_jsonl, tmp_path):
         assert total == pytest.approx(1.0)
         assert 0 <= result["coverage"][layer] <= 1
     assert len(result["keys"]) == 8 and {k["face"] for k in result["keys"]} == {"neg"}
+
+
+@pytest.mark.slow
+def test_classifier_agrees_with_hand_labels(tmp_path):
+    """45 keys of the default model labelled by hand (tests/data/hand_labels.json); the README reports
+    the agreement. The floor asserted here is well above chance (kappa 0)."""
+    from pathlib import Path
+
+    from ffkv.analysis.keys import agreement_with_labels
+
+    fixture = json.loads((Path(__file__).parent / "data" / "hand_labels.json").read_text())
+    assert len(fixture["keys"]) >= 40
+    model = ffkv.load_model("default")
+    store = build_token_store(load_corpus("default"), model.tokenizer, fixture["unit"], fixture["max_length"],
+                              tmp_path / "store")
+    for entry in fixture["keys"][:3]:  # the fixture's token ids belong to this store's tokenizer
+        t = entry["triggers"][0]
+        start = int(store.offset[t["unit"]] + store.n_special[t["unit"]])
+        assert store.tokens[start: start + len(t["input_ids"])].tolist() == t["input_ids"]
+    bg = Background(store, model.tokenizer, model.model.get_input_embeddings().weight)
+    result = agreement_with_labels(fixture["keys"], bg)
+    print("classifier vs hand labels:", {k: v for k, v in result.items() if k != "predicted"})
+    assert result["n"] == len(fixture["keys"])
+    assert result["accuracy"] >= 0.45
+    assert result["kappa"] >= 0.15

@@ -5,7 +5,11 @@ Patterns are found automatically, with a null model, where the paper used expert
 * **shallow** (surface) candidates: the triggers share their last token, their last two tokens, or a token
   among their last three. Tokens are compared by their lower-cased, stripped text.
 * **semantic** candidates: the triggers share a document topic or a document title (where the corpus has
-  them), or a content word (not a stop word, >= 4 letters) in the context before the last three tokens.
+  them), or a content word (not a stop word, >= 4 letters) in the context before the last three tokens, or
+  their last words *mean* alike: a cluster of last tokens, of at least three different surface forms, whose
+  (centred) input embeddings of the model itself have cosine > ``MEANING_COSINE`` with one of them (e.g.
+  " km", " mi", " ft"; or " same", " similar", " different"), tested against the corpus share of tokens that
+  close to it.
   A semantic candidate is tested only on the triggers that no shallow pattern covers, so a topic that merely
   follows from a shared n-gram does not count ("beyond what surface overlap explains").
 
@@ -38,6 +42,9 @@ become became later often such most much more other another several three four f
 """.split())
 
 MIN_TRIGGERS = 3
+MEANING_COSINE = 0.3
+"""Centred token-embedding cosine above which two last tokens count as alike in meaning (random pairs of
+the default model: 99th percentile 0.27; ' km'/' mi' 0.32, ' same'/' similar' 0.71)."""
 
 
 def normalise(text: str) -> str:
@@ -68,7 +75,8 @@ class Background:
     """Corpus frequencies for the null model: per normalised token text, per normalised bigram, per topic,
     per title, and the share of units containing each content word."""
 
-    def __init__(self, store: TokenStore, tokenizer):
+    def __init__(self, store: TokenStore, tokenizer, embeddings=None):
+        """``embeddings``: the model's input embedding matrix [vocab, d], for the meaning test (optional)."""
         vocab = len(tokenizer)
         # decode each id alone, once, so that surface forms compare ("Ġfilm", "film" and "Film" are one)
         self.norm = [normalise(t) for t in tokenizer.batch_decode([[i] for i in range(vocab)])]
@@ -90,9 +98,29 @@ class Background:
         self.bigram_freq = dict(zip(uniq.tolist(), (counts / self.n_positions).tolist()))
         unit_code = np.unique(unit_of * n_codes + codes) % n_codes
         self.unit_share = np.bincount(unit_code, minlength=n_codes) / store.n_units
+        self.id_freq = np.bincount(content.astype(np.int64), minlength=vocab)[:vocab] / self.n_positions
+        self.embeddings = None
+        if embeddings is not None:
+            import torch
+
+            e = embeddings.detach().float().cpu()[:vocab]
+            self.embeddings = torch.nn.functional.normalize(e - e.mean(0), dim=1)
         weights = store.length - store.n_special
         self.topic_share = _shares(store.columns.get("topic"), weights)
         self.title_share = _shares(store.columns.get("title"), weights)
+
+    def is_content_word(self, token_id: int) -> bool:
+        w = self.norm[token_id]
+        return len(w) >= 2 and w.isalpha() and w not in STOP_WORDS
+
+    def alike(self, token_id: int, others: list[int]) -> tuple[list[bool], float]:
+        """Which of ``others`` are close in meaning to ``token_id``, and the corpus share of such tokens."""
+        import torch
+
+        sims = self.embeddings @ self.embeddings[token_id]
+        close = sims > MEANING_COSINE
+        share = float(torch.from_numpy(self.id_freq).to(sims.dtype)[close].sum())
+        return [bool(close[o]) for o in others], max(share, 1 / self.n_positions)
 
     def freq(self, code: int) -> float:
         return max(float(self.token_freq[code]), 1 / self.n_positions)
@@ -219,7 +247,30 @@ def classify(triggers: list[TriggerText], bg: Background, alpha: float = 0.01) -
             triggers, rest, alpha, "semantic",
             lambda name: {"topic": lambda k: f"topic {k!r}", "title": lambda k: f"from the article {k!r}",
                           "word": lambda c: f"about {text_of[c]!r}"}[name[0]](name[1]))
+    semantic += _meaning_clusters(triggers, bg, alpha)
     return shallow + _dedupe(semantic)
+
+
+def _meaning_clusters(triggers: list[TriggerText], bg: Background, alpha: float) -> list[Pattern]:
+    """Triggers whose last tokens mean alike (see the module docstring); one candidate per content-word
+    trigger, Bonferroni over them."""
+    if bg.embeddings is None:
+        return []
+    lasts = [t.ids[-1] for t in triggers]
+    centres = [r for r, i in enumerate(lasts) if bg.is_content_word(i)]
+    found = []
+    for r in centres:
+        close, share = bg.alike(lasts[r], lasts)
+        members = [j for j in range(len(triggers)) if close[j] and bg.is_content_word(lasts[j])]
+        forms = {bg.text(lasts[j]) for j in members}
+        units = {triggers[j].unit for j in members}
+        if len(forms) < 3 or len(units) < MIN_TRIGGERS:
+            continue
+        n_units = len({t.unit for t in triggers})
+        pv = binomial_tail(len(units) - 1, n_units - 1, share)  # the centre itself is given
+        if pv < alpha / len(centres):
+            found.append(Pattern("semantic", "last words alike: " + ", ".join(sorted(forms)[:6]), members, pv))
+    return found
 
 
 def _dedupe(patterns: list[Pattern]) -> list[Pattern]:
@@ -311,3 +362,29 @@ def token_removal_experiment(atlas, model, face: str, keys_per_layer: int = 10, 
         if progress is not None:
             progress.update(1)
     return result
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Agreement of two labelings beyond chance (1 = perfect, 0 = chance level)."""
+    labels = sorted(set(a) | set(b))
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum((a.count(lab) / n) * (b.count(lab) / n) for lab in labels)
+    return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
+
+
+def agreement_with_labels(labelled: list[dict], bg: Background, alpha: float = 0.01) -> dict:
+    """The classifier against hand labels: entries {"label", "triggers": [{"input_ids", "topic", "title",
+    "unit"}]}; returns accuracy, Cohen's kappa, the confusion counts and per-entry predictions."""
+    predicted = []
+    for entry in labelled:
+        triggers = [TriggerText(t["input_ids"], t.get("topic", ""), t.get("title", ""), t.get("unit", -1))
+                    for t in entry["triggers"]]
+        kp = KeyPatterns(entry.get("layer", -1), entry.get("key", -1), entry.get("face", "pos"),
+                         classify(triggers, bg, alpha))
+        predicted.append(kp.label)
+    truth = [e["label"] for e in labelled]
+    confusion = Counter(zip(truth, predicted))
+    return {"n": len(truth), "accuracy": sum(t == p for t, p in zip(truth, predicted)) / len(truth),
+            "kappa": cohen_kappa(truth, predicted), "predicted": predicted,
+            "confusion": {f"{t}->{p}": c for (t, p), c in sorted(confusion.items())}}

@@ -95,7 +95,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
 
     if "patterns" in wanted:
         t = time.time()
-        bg = Background(atlas.store, atlas.tokenizer)
+        bg = Background(atlas.store, atlas.tokenizer, model.model.get_input_embeddings().weight)
         for face in faces:
             result["patterns" + suffix(face)] = patterns_experiment(
                 atlas, bg, face, cfg.keys_per_layer, cfg.triggers, cfg.seed, cfg.alpha)
