@@ -372,10 +372,10 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         (out / "manifest.json").unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+    if corpus is None or isinstance(corpus, str):  # before the model: a bad corpus fails fast
+        corpus = load_corpus(corpus or config.corpus)
     if model is None or isinstance(model, str):
         model = load_model(model or config.model, device=device, dtype=config.dtype)
-    if corpus is None or isinstance(corpus, str):
-        corpus = load_corpus(corpus or config.corpus)
     parts = model.parts
     layers = parse_layers(config.layers, parts.n_layers)
 

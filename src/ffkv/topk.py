@@ -7,8 +7,10 @@ order, the resumption point or the number of workers that split it:
   order-preserving int32 in the high bits, the *inverted* position in the low 31 bits. Larger key = larger
   value, then smaller position. Keys are unique, so ``torch.topk`` on them has no ties to break arbitrarily
   and the result is the deterministic top-k (value desc, position asc).
-* ``MemoryStats`` keeps counts and min/max exactly and the sums in int64 fixed point (each batch's float64
-  partial sum is rounded once), because float addition is not associative.
+* ``MemoryStats`` keeps counts and min/max exactly and the sums in int64 fixed point (each batch's partial
+  sum is rounded once), because float addition is not associative. The batch plan is fixed by the settings,
+  so resuming and splitting over workers give bit-identical sums; a different ``--batch-tokens`` changes
+  them at float32 precision only (top-k, counts, min and max do not change at all).
 """
 
 from __future__ import annotations

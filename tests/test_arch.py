@@ -1,0 +1,186 @@
+"""The architecture table: every supported family's coefficients, values, unembedding and final norm,
+checked against recomputations from the weights on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import D_FF, HIDDEN, N_LAYERS, UNSUPPORTED, build_tiny_model, tiny_config
+from helpers import ACTIVATIONS, activation_name, capture_coefficients, linear
+
+import ffkv
+from ffkv.arch import ARCHITECTURES, ModelParts, get_path
+from ffkv.errors import FfkvError
+from ffkv.scan import CoefficientHooks
+
+ARCHS = sorted(ARCHITECTURES)
+
+
+def _random_ids(n_rows: int = 2, length: int = 13, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 300, (n_rows, length), generator=g)
+
+
+def test_every_architecture_has_a_tiny_test_model():
+    for arch in ARCHS:
+        assert tiny_config(arch).model_type == arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_and_table_match_the_model(arch, tiny_model):
+    loaded = tiny_model(arch)
+    parts = loaded.parts
+    cfg = loaded.model.config
+    assert loaded.model.dtype == torch.float64
+    assert not loaded.model.training
+    assert parts.n_layers == N_LAYERS
+    assert (parts.d_ff, parts.d_model) == (D_FF, HIDDEN)
+    for layer in range(parts.n_layers):
+        assert tuple(parts.values(layer).shape) == (D_FF, HIDDEN)
+    # the activation the table reports is the one the config uses; gated <=> two input projections
+    assert parts.spec.activation == activation_name(cfg)
+    assert parts.spec.gated == (len(parts.spec.ffn_in) == 2)
+    assert parts.signed == (activation_name(cfg) != "relu")
+    # the unembedding is the model's output embedding
+    assert parts.unembedding is loaded.model.get_output_embeddings().weight
+    assert tuple(parts.unembedding.shape) == (cfg.vocab_size, HIDDEN)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hooked_coefficients_equal_recomputation_from_weights(arch, tiny_model):
+    """(a) m = act(k.x) (or act(g.x) * (u.x)) from the FFN's input, with the activation applied here."""
+    loaded = tiny_model(arch)
+    parts = loaded.parts
+    act = ACTIVATIONS[activation_name(loaded.model.config)]
+    layers = list(range(parts.n_layers))
+    ids = _random_ids()
+
+    ffn_inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = []
+    for layer in layers:
+        first_in = get_path(parts.blocks[layer], parts.spec.ffn_in[0])
+        handles.append(first_in.register_forward_pre_hook(
+            lambda _m, args, layer=layer: ffn_inputs[layer].append(args[0].detach().clone())))
+
+    class Recorder:  # stands in for a scan's LayerState
+        def __init__(self):
+            self.seen = []
+
+        def add(self, coefficients, positions):
+            self.seen.append((coefficients.clone(), positions.clone()))
+
+    recorders = {layer: Recorder() for layer in layers}
+    positions = torch.arange(ids.numel())
+    try:
+        with capture_coefficients(parts, layers) as raw, CoefficientHooks(loaded, recorders) as hooks, \
+                torch.inference_mode():
+            hooks.run(ids, None, positions)
+    finally:
+        for h in handles:
+            h.remove()
+
+    for layer in layers:
+        x = ffn_inputs[layer][0]
+        block = parts.blocks[layer]
+        if parts.spec.gated:
+            gate, up = (get_path(block, p) for p in parts.spec.ffn_in)
+            expected = act(linear(gate, x)) * linear(up, x)
+        else:
+            expected = act(linear(get_path(block, parts.spec.ffn_in[0]), x))
+        got = raw[layer][0]
+        assert got.shape[-1] == D_FF and got.numel() == ids.numel() * D_FF  # OPT flattens [B, T] first
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        # what the scan's hook hands to the accumulators: flattened [positions, d_ff] float32
+        ((coefficients, pos),) = recorders[layer].seen
+        assert coefficients.dtype == torch.float32
+        assert torch.equal(pos, positions)
+        torch.testing.assert_close(coefficients, expected.reshape(-1, D_FF).float(), rtol=1e-6, atol=1e-7)
+        if not parts.signed:
+            assert (got >= 0).all()
+        else:
+            assert (got < 0).any()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ffn_output_is_sum_of_coefficient_weighted_values(arch, tiny_model):
+    """(b) sum_i m_i v_i (+ bias) equals the output projection's output."""
+    loaded = tiny_model(arch)
+    parts = loaded.parts
+    seen = {}
+    handles = [parts.ffn_out(layer).register_forward_hook(
+        lambda _m, args, out, layer=layer: seen.__setitem__(layer, (args[0].detach(), out.detach())))
+        for layer in range(parts.n_layers)]
+    try:
+        with torch.inference_mode():
+            loaded.model(input_ids=_random_ids(seed=1), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(seen) == list(range(parts.n_layers))
+    for layer, (m, out) in seen.items():
+        with torch.inference_mode():
+            v = parts.values(layer)
+            bias = parts.ffn_out_bias(layer)
+            recomposed = sum(m[..., i, None] * v[i] for i in range(D_FF)) + (0 if bias is None else bias)
+            torch.testing.assert_close(recomposed, out, rtol=1e-10, atol=1e-12)
+            # memory by memory: v_i is what unit i adds per unit of coefficient
+            i = int(m.reshape(-1, D_FF)[-1].abs().argmax())
+            m_one = torch.zeros_like(m)
+            m_one[..., i] = m[..., i]
+            single = parts.ffn_out(layer)(m_one)
+            expected = m[..., i, None] * v[i] + (0 if bias is None else bias)
+            torch.testing.assert_close(single, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_final_norm_and_logit_lens(arch):
+    """logit_lens reproduces the model's logits from the final norm's input, and through_final_norm is the
+    direction the final norm maps a vector to (up to a positive per-row scale and the norm's bias)."""
+    model = build_tiny_model(arch, seed=3).to(torch.float64)
+    parts = ModelParts(model)
+    norm = parts.final_norm
+    with torch.no_grad():  # a non-trivial gain (Gemma's is stored as gain - 1), so the norm kind matters
+        g = torch.Generator().manual_seed(4)
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=g, dtype=torch.float64) + 0.5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(norm.bias.shape, generator=g, dtype=torch.float64))
+    captured = {}
+    h = norm.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=_random_ids(seed=2), use_cache=False).logits
+    finally:
+        h.remove()
+    x = captured["x"]
+    with torch.inference_mode():
+        torch.testing.assert_close(parts.logit_lens(x), logits, rtol=1e-9, atol=1e-9)
+        normed = norm(x)
+        bias = getattr(norm, "bias", None)
+        if bias is not None:
+            normed = normed - bias
+        direction = parts.through_final_norm(x)
+    scale = (normed * direction).sum(-1) / (direction * direction).sum(-1)
+    assert (scale > 0).all()
+    # RMSNorms compute in float32 internally, hence the tolerance (a wrong norm kind is off by O(1))
+    torch.testing.assert_close(direction * scale[..., None], normed, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))
+def test_unsupported_architecture_is_refused_with_the_supported_list(model_type, unsupported_model_dir):
+    with pytest.raises(FfkvError) as info:
+        ffkv.load_model(str(unsupported_model_dir(model_type)))
+    message = str(info.value)
+    assert model_type in message
+    for arch in ARCHS:
+        assert arch in message
+    assert "\n" not in message
+
+
+def test_opt_with_embedding_projection_is_refused():
+    import transformers as T
+
+    cfg = T.OPTConfig(num_hidden_layers=1, hidden_size=HIDDEN, num_attention_heads=2, ffn_dim=D_FF, vocab_size=64,
+                      word_embed_proj_dim=16, max_position_embeddings=64)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(FfkvError, match="project_in"):
+        ModelParts(model)
