@@ -5,7 +5,8 @@
 Without --atlas it uses ./atlas (what `make run` writes) when there is one, else builds a small atlas of the
 default model once (`--max-tokens 3000`, about 2 minutes on 2 cores) under $FFKV_HOME/bench. Prints p50/p95/max
 of the memory page's API call (/api/memory/L/K, random memories), of searches (half promotes=TOKEN, half
-text=WORD, with tokens and words drawn from the atlas's own triggers) and, for information, of prompt runs.
+text=WORD, with tokens and words drawn from the atlas's own triggers and values, one text query in five a very
+common word) and, for information, of prompt runs (/api/run).
 Budgets (95th percentile): memory 200 ms, search 300 ms. The first start also builds the search index.
 """
 
@@ -24,6 +25,7 @@ import httpx
 import numpy as np
 
 BUDGET_MS = {"memory": 200.0, "search": 300.0}
+COMMON = ["the", "of", "and", "in", "is", "was", "a"]
 
 
 def default_atlas() -> Path:
@@ -121,6 +123,8 @@ def main() -> int:
             for i in range(args.requests):
                 if i % 2 == 0:
                     url = f"/api/search?promotes={rng.choice(tokens)}&limit=50"
+                elif i % 10 == 1:  # the worst case: a word in nearly every trigger
+                    url = f"/api/search?text={rng.choice(COMMON)}&limit=50"
                 else:
                     url = f"/api/search?text={rng.choice(words)}&limit=50"
                 search_ms.append(timed(client, "GET", url)[0])

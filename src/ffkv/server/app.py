@@ -10,6 +10,7 @@ but this server (no CDN, no inline script).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import FfkvError
 from .debugger import Intervention
 from .service import MAX_INTERVENTIONS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, BadRequest, NotFound, Service
 
@@ -189,11 +191,22 @@ def create_app(service: Service, allow_any_host: bool = False) -> FastAPI:
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise FfkvError(f"cannot listen on {host} port {port}: {exc.strerror or exc}")
+
+
 def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
           model: str | None = None, device: str = "cpu") -> None:
     """Load the atlas and its model, build the search index if needed, and serve until interrupted."""
     import uvicorn
 
+    _check_port(host, port)  # before the model loads: a busy port is a one-line error, not a traceback later
     service = Service(atlas, model=model, device=device, progress=True)
     app = create_app(service, allow_any_host=allow_remote)
     shown = f"[{host}]" if ":" in host else host

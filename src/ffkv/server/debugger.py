@@ -5,9 +5,9 @@ Definitions, the same for every architecture (all at the last prompt position):
 
 * coefficient m_i: the input of the FFN output projection ``parts.ffn_out(layer)``, after interventions;
   contribution of memory i: |m_i| * ||v_i||, the norm of what it adds to the FFN output.
-* FFN output o: what the FFN adds to the residual stream -- the output of the output projection (bias included),
-  or, for blocks that normalise the FFN output before adding it (Gemma 3's ``post_feedforward_layernorm``),
-  the output of that norm.
+* FFN output o: what the FFN adds to the residual stream -- the output of ``parts.ffn_added(layer)``: the MLP
+  module (its output projection, bias included), OPT's fc2, or, for blocks that normalise the FFN output before
+  adding it (Gemma 3's ``post_feedforward_layernorm``), the output of that norm.
 * block output h: the hidden state the decoder block returns, i.e. the residual stream after the block.
 * residual r = h - o: the residual stream just before the FFN output is added (for blocks with parallel
   attention, GPT-J and GPT-NeoX, that is the block input plus the attention output).
@@ -31,9 +31,6 @@ import torch
 from torch import nn
 
 from ..arch import ModelParts
-
-POST_FFN_NORM = "post_feedforward_layernorm"
-"""Attribute of a block that normalises the FFN output before the residual add (Gemma 2/3)."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +67,11 @@ def _edits_by_layer(interventions: list[Intervention]) -> dict[int, dict[int, fl
     return edits
 
 
-def _output_tensor(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+def _last_position(output) -> torch.Tensor:
+    """The last position's vector of a module's output or input, batch of one: [1, T, d] or, for modules that
+    see flattened positions (OPT's fc1/fc2), [T, d]."""
+    t = output[0] if isinstance(output, (tuple, list)) else output
+    return t.reshape(-1, t.shape[-1])[-1].detach().float().clone()
 
 
 class Hooks:
@@ -98,13 +98,13 @@ class Hooks:
                 m = m.clone()
                 m[..., keys.to(m.device)] = values.to(device=m.device, dtype=m.dtype)
             if self.capture:
-                self.coefficients[layer] = m[0, -1].detach().float().clone()
+                self.coefficients[layer] = _last_position(m)
             return (m, *args[1:]) if keys is not None else None
         return hook
 
     def _store(self, where: dict, layer: int):
         def hook(module, args, output):
-            where[layer] = _output_tensor(output)[0, -1].detach().float().clone()
+            where[layer] = _last_position(output)
         return hook
 
     def __enter__(self) -> Hooks:
@@ -115,9 +115,8 @@ class Hooks:
                     self.handles.append(out.register_forward_pre_hook(self._pre_hook(layer)))
                 if self.capture:
                     block = self.parts.blocks[layer]
-                    post = getattr(block, POST_FFN_NORM, None)
-                    added = post if isinstance(post, nn.Module) else self.parts.ffn_out(layer)
-                    self.handles.append(added.register_forward_hook(self._store(self.ffn, layer)))
+                    self.handles.append(self.parts.ffn_added(layer).register_forward_hook(
+                        self._store(self.ffn, layer)))
                     self.handles.append(block.register_forward_hook(self._store(self.block, layer)))
         except BaseException:
             self.__exit__()

@@ -2,10 +2,10 @@
 
 Two searches, both answered from data prepared once:
 
-* ``promotes=TOKEN`` -- memories whose value promotes a token. For every scanned layer, memory and face and for
-  both projections (raw ``v.E`` and through the final norm), the exact top-``PROMOTE_DEPTH`` tokens of the full
-  vocabulary projection are computed once from the weights (one chunked matmul per layer and projection) and
-  stored inverted: token -> (memory face, rank, logit). The rank is exact: rank r means r tokens have a larger
+* ``promotes=TOKEN`` -- memories whose value promotes a token. For every scanned layer, memory and face, the
+  exact top-``PROMOTE_DEPTH`` tokens of the raw projection ``v.E`` over the full vocabulary are computed once from
+  the weights (one chunked matmul per layer); through the final norm, the atlas's stored top tokens are used. Both
+  are stored inverted: token -> (memory face, rank, logit). Ranks are exact: rank r means r tokens have a larger
   logit in that face's projection (0 = the value's top token). Memories where the token ranks below the depth
   are not listed: their value does not promote it in any useful sense.
 * ``text=PHRASE`` -- memories whose trigger prefixes contain a word or phrase. An SQLite FTS5 table holds the
@@ -36,7 +36,7 @@ from ..atlas import FACES
 from ..embedded import ffkv_home
 from ..errors import FfkvError
 
-INDEX_FORMAT = "ffkv-search/1"
+INDEX_FORMAT = "ffkv-search/2"
 INDEX_NAME = "search.sqlite"
 PROMOTE_DEPTH = 50
 """How many top tokens of each value face's projection the promotes index keeps (exact ranks 0..DEPTH-1)."""
@@ -87,32 +87,47 @@ def _atlas_identity(atlas) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndarray]]:
-    """Per projection: the inverted top-DEPTH lists of every scanned value face, sorted by token."""
+    """Per projection: the inverted top-k lists of every scanned value face, sorted by token.
+
+    Raw v.E (the paper's projection) is computed from the weights to PROMOTE_DEPTH ranks, one chunked matmul per
+    layer. For the projection through the final norm the atlas's stored top ``value_top`` tokens are used as they
+    are (they are the exact top of the same full projection); so is the raw one when the atlas stores at least
+    PROMOTE_DEPTH tokens. This keeps the one-time build to one matmul per layer."""
     unembed = parts.unembedding.detach().to(torch.float32)
     vocab = unembed.shape[0]
     depth = min(PROMOTE_DEPTH, vocab)
+    stored = int(atlas.manifest["scan"].get("value_top", 0))
     d_ff = atlas.d_ff
-    face_ids = [FACES.index(f) for f in atlas.faces]
+    faces = [(FACES.index(f), f) for f in atlas.faces]
     acc: dict[str, dict[str, list[np.ndarray]]] = {p: {"tok": [], "code": [], "rank": [], "logit": []}
                                                     for p in PROJECTIONS}
-    ranks = np.tile(np.arange(depth, dtype=np.int16), _CHUNK)
+
+    def add(projection: str, li: int, start: int, fi: int, ids: np.ndarray, logits: np.ndarray) -> None:
+        n, k = ids.shape
+        a = acc[projection]
+        a["tok"].append(ids.reshape(-1).astype(np.int32))
+        keys = np.repeat(np.arange(start, start + n, dtype=np.int64), k)
+        a["code"].append(((li * d_ff + keys) * 2 + fi).astype(np.int32))
+        a["rank"].append(np.tile(np.arange(k, dtype=np.int16), n))
+        a["logit"].append(logits.reshape(-1).astype(np.float32))
+
     for li, layer in enumerate(tqdm(atlas.layers, desc="search index: value projections", disable=not progress,
                                     dynamic_ncols=True)):
-        values = parts.values(layer).detach().to(torch.float32)
+        t = atlas.layer_tensors(layer)
         for projection in PROJECTIONS:
-            vectors = values if projection == "raw" else parts.through_final_norm(values)
+            if projection == "normed" or stored >= depth:
+                for fi, face in faces:
+                    add(projection, li, 0, fi, t[f"value_{projection}_{face}_ids"].numpy(),
+                        t[f"value_{projection}_{face}_logits"].numpy())
+                continue
+            values = parts.values(layer).detach().to(torch.float32)
             for start in range(0, d_ff, _CHUNK):
-                logits = vectors[start: start + _CHUNK] @ unembed.T
-                n = logits.shape[0]
-                keys = np.repeat(np.arange(start, start + n, dtype=np.int64), depth)
-                for fi in face_ids:
+                logits = values[start: start + _CHUNK] @ unembed.T
+                for fi, _ in faces:
                     top = logits.topk(depth, dim=1, largest=(fi == 0))
-                    a = acc[projection]
-                    a["tok"].append(top.indices.reshape(-1).numpy().astype(np.int32))
-                    a["code"].append(((li * d_ff + keys) * 2 + fi).astype(np.int32))
-                    a["rank"].append(ranks[: n * depth])
-                    # the logit the face adds: v.E for +v, -(v.E) for -v
-                    a["logit"].append((top.values if fi == 0 else -top.values).reshape(-1).numpy())
+                    # the logit the face adds: v.E for +v, -(v.E) for -v (the atlas's convention too)
+                    add(projection, li, start, fi, top.indices.cpu().numpy(),
+                        (top.values if fi == 0 else -top.values).cpu().numpy())
     out = {}
     for projection, a in acc.items():
         tok = np.concatenate(a["tok"])
@@ -191,6 +206,11 @@ class SearchIndex:
         self.layers = atlas.layers
         self.d_ff = atlas.d_ff
         self.token_texts = token_texts
+        self._by_text: dict[str, list[int]] = {}
+        self._by_stripped: dict[str, list[int]] = {}
+        for i, t in enumerate(token_texts):
+            self._by_text.setdefault(t, []).append(i)
+            self._by_stripped.setdefault(t.strip(), []).append(i)
         self.path = Path(path) if path is not None else atlas.path / INDEX_NAME
         if not self._fresh():
             if path is None and not os.access(atlas.path, os.W_OK):
@@ -216,7 +236,7 @@ class SearchIndex:
         if not self.path.exists():
             return False
         try:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            db = sqlite3.connect(self._uri(), uri=True)
             try:
                 row = db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
             finally:
@@ -225,10 +245,13 @@ class SearchIndex:
             return False
         return row is not None and json.loads(row[0]) == json.loads(json.dumps(_atlas_identity(self.atlas)))
 
+    def _uri(self) -> str:
+        return self.path.resolve().as_uri() + "?mode=ro"  # read-only; as_uri escapes '?', '#', '%'
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=True)
+            db = sqlite3.connect(self._uri(), uri=True)
             self._local.db = db
         return db
 
@@ -256,11 +279,10 @@ class SearchIndex:
     def token_ids(self, token: str) -> list[int]:
         """Vocabulary ids whose text is ``token``; without surrounding spaces in the query, also the ids whose
         text is the token with spaces around it (so 'Paris' finds ' Paris' and 'Paris')."""
-        exact = [i for i, t in enumerate(self.token_texts) if t == token]
+        exact = self._by_text.get(token, [])
         if token != token.strip():
-            return exact
-        loose = [i for i, t in enumerate(self.token_texts) if t != token and t.strip() == token]
-        return exact + loose
+            return list(exact)
+        return exact + [i for i in self._by_stripped.get(token, []) if i not in exact]
 
     def promotes(self, token_ids: list[int], projection: str, limit: int) -> list[dict]:
         p = self.promote[projection]
@@ -279,36 +301,46 @@ class SearchIndex:
     # -- text ----------------------------------------------------------------------------------------------
     @staticmethod
     def phrase(query: str) -> tuple[list[str], re.Pattern]:
+        """The query's words and a regex of the phrase (words in order, anything but letters and digits between
+        them) that must start at a word start; whether it ends at a word end is checked by the caller."""
         words = _WORD.findall(query)
         if not words:
             raise ValueError("the text query has no words (letters or digits)")
         if len(words) > MAX_PHRASE_WORDS:
             raise ValueError(f"the text query has more than {MAX_PHRASE_WORDS} words")
-        pattern = re.compile(r"(?<![^\W_])" + r"[\W_]+".join(re.escape(w) for w in words) + r"(?![^\W_])",
-                             re.IGNORECASE)
-        return words, pattern
+        return words, re.compile(r"(?<![^\W_])" + r"[\W_]+".join(re.escape(w) for w in words), re.IGNORECASE)
 
     def text(self, query: str, limit: int) -> tuple[list[dict], int]:
-        """Memory faces ranked by how many of their stored triggers contain the phrase; also the number of
-        corpus units that contain it."""
+        """Memory faces ranked by how many of their stored triggers contain the phrase (as whole words in the
+        trigger's prefix text); also the number of corpus units with such a trigger position."""
         words, pattern = self.phrase(query)
-        fts = '"' + " ".join(words) + '"'
+        # the last word as an FTS5 prefix token: a prefix cut inside "rivers" contains the word "river"
+        fts = '"' + " ".join(words) + '" *'
         rows = self._db().execute(
             "SELECT unit_text.rowid, unit_text.text, unit_ends.ends FROM unit_text "
             "JOIN unit_ends ON unit_ends.unit = unit_text.rowid WHERE unit_text MATCH ?", (fts,)).fetchall()
         store = self.atlas.store
         starts, stops = [], []
+        units = 0
         for unit, text, blob in rows:
-            m = pattern.search(text)
-            if m is None:
-                continue
             ends = np.frombuffer(blob, dtype=np.int32)
-            j = int(np.searchsorted(ends, m.end(), side="left"))
-            if j >= len(ends):
-                continue
             base = int(store.offset[unit]) + int(store.n_special[unit])
-            starts.append(base + j)
-            stops.append(int(store.offset[unit] + store.length[unit]))
+            before = len(starts)
+            for m in pattern.finditer(text):
+                e = m.end()
+                j = int(np.searchsorted(ends, e, side="left"))
+                if j >= len(ends):
+                    break
+                if e == len(text) or not _WORD.match(text[e]):
+                    # a whole-word occurrence: every prefix ending at or after it contains it
+                    starts.append(base + j)
+                    stops.append(int(store.offset[unit] + store.length[unit]))
+                    break
+                if ends[j] == e:
+                    # the phrase's last word continues ("river|s"): only the prefix cut exactly there has it
+                    starts.append(base + j)
+                    stops.append(base + j + 1)
+            units += len(starts) > before
         if not starts:
             return [], 0
         lo = np.searchsorted(self.t_pos, np.asarray(starts), side="left")
@@ -316,7 +348,7 @@ class SearchIndex:
         lens = hi - lo
         total = int(lens.sum())
         if total == 0:
-            return [], len(starts)
+            return [], units
         idx = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)
         codes = self.t_code[idx]
         ranks = self.t_rank[idx]
@@ -324,7 +356,9 @@ class SearchIndex:
         weight = np.bincount(codes, weights=1.0 / (1.0 + ranks), minlength=self.n_codes)
         candidates = np.nonzero(count)[0]
         top = candidates[np.lexsort((candidates, -weight[candidates], -count[candidates]))][:limit]
-        chosen = np.isin(codes, top)
+        wanted = np.zeros(self.n_codes, dtype=bool)
+        wanted[top] = True
+        chosen = wanted[codes]
         best: dict[int, tuple[int, int]] = {}
         for c, r, i in zip(codes[chosen].tolist(), ranks[chosen].tolist(), idx[chosen].tolist()):
             if c not in best or r < best[c][0]:
@@ -335,4 +369,4 @@ class SearchIndex:
             rank, position = best[c]
             out.append({"layer": layer, "key": key, "face": face, "matches": int(count[c]),
                         "triggers": int(self.t_count[c]), "best_rank": rank, "best_position": position})
-        return out, len(starts)
+        return out, units

@@ -47,56 +47,98 @@ def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _scalars(d: dict) -> dict:
-    """The fields of an analysis record worth showing: scalars and short lists of scalars."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
-            out[k] = v
-        elif isinstance(v, float):
-            out[k] = finite(v)
-        elif isinstance(v, list) and len(v) <= 25 and all(isinstance(x, (int, float, str)) for x in v):
-            out[k] = [finite(x) if isinstance(x, float) else x for x in v]
-    return out
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _records(obj, path: str = "", depth: int = 0):
-    """Every dict in a JSON document (nested up to depth 5) that names a layer, with where it was found."""
+def _is_layer_array(v, n_layers: int) -> bool:
+    return isinstance(v, list) and len(v) == n_layers and any(_is_number(x) for x in v) and \
+        all(x is None or _is_number(x) for x in v)
+
+
+def _show(v):
+    """An analysis value as something a page can print: finite numbers, strings, short lists of those."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if _is_number(v):
+        return finite(v) if isinstance(v, float) else v
+    if isinstance(v, list) and len(v) <= 25 and all(x is None or isinstance(x, (int, float, str)) for x in v):
+        return [_show(x) for x in v]
+    return None
+
+
+def _pattern_text(p: dict) -> str:
+    text = f"{p.get('kind', '?')}: {p.get('description', '')}"
+    if _is_number(p.get("p_value")):
+        text += f" (p = {p['p_value']:.2g})"
+    if isinstance(p.get("triggers"), list):
+        text += f", triggers {', '.join(str(r + 1) if isinstance(r, int) else str(r) for r in p['triggers'][:12])}"
+    return text
+
+
+def _memory_records(obj, path: str = "", depth: int = 0):
+    """Every object in a JSON document (nested up to depth 5) that names a layer and a key, with its path."""
     if depth > 5:
         return
     if isinstance(obj, dict):
-        if isinstance(obj.get("layer"), int) and not isinstance(obj.get("layer"), bool):
+        if all(_is_number(obj.get(k)) for k in ("layer", "key")):
             yield path, obj
         for k, v in obj.items():
             if isinstance(v, (dict, list)):
-                yield from _records(v, f"{path}.{k}" if path else str(k), depth + 1)
+                yield from _memory_records(v, f"{path}.{k}" if path else str(k), depth + 1)
     elif isinstance(obj, list):
         for v in obj:
             if isinstance(v, (dict, list)):
-                yield from _records(v, path, depth + 1)
+                yield from _memory_records(v, path, depth + 1)
 
 
 class Analyses:
-    """Tolerant view of ATLAS/analysis.json (written by `ffkv analyze`, when it was run): the per-layer records
-    (objects with a ``layer`` and no ``key``) and per-memory records (``layer`` and ``key``), by source path."""
+    """What ATLAS/analysis.json (written by `ffkv analyze`; contract in ``ffkv.analysis``) adds to the pages:
+    per experiment block, its per-layer arrays as a table (one row per layer) and its scalars; per memory, the
+    records that name it (trigger patterns, top memories by precision). Tolerant of partial files."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, n_layers: int):
         self.present = False
-        self.per_layer: dict[str, list[dict]] = {}
+        self.tables: list[dict] = []
         self.per_memory: dict[tuple[int, int], list[dict]] = {}
+        self.definitions: dict[str, str] = {}
+        self.missing: dict[str, str] = {}
         if not path.is_file():
             return
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             return
+        if not isinstance(doc, dict):
+            return
         self.present = True
-        for source, rec in _records(doc):
-            key = rec.get("key")
-            if isinstance(key, int) and not isinstance(key, bool):
-                self.per_memory.setdefault((rec["layer"], key), []).append({"source": source, **_scalars(rec)})
-            else:
-                self.per_layer.setdefault(source or "analysis", []).append(_scalars(rec))
+        n = int(doc.get("n_layers") or n_layers)
+        self.definitions = {k: v for k, v in (doc.get("definitions") or {}).items() if isinstance(v, str)}
+        self.missing = {k: str(v) for k, v in (doc.get("missing") or {}).items()}
+        for name, block in doc.items():
+            if not isinstance(block, dict) or name in ("atlas", "config", "definitions", "missing", "timings"):
+                continue
+            columns: dict[str, list] = {}
+            scalars = {}
+            for k, v in block.items():
+                if _is_layer_array(v, n):
+                    columns[k] = v
+                elif isinstance(v, dict):
+                    columns.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if _is_layer_array(v2, n)})
+                elif _is_number(v) or isinstance(v, str):
+                    scalars[k] = _show(v)
+            if columns:
+                rows = [{"layer": layer, **{c: _show(columns[c][layer]) for c in columns}} for layer in range(n)
+                        if any(columns[c][layer] is not None for c in columns)]
+                self.tables.append({"name": name, "columns": list(columns), "rows": rows, "scalars": scalars})
+        for source, rec in _memory_records(doc):
+            shown = {"source": source}
+            for k, v in rec.items():
+                if k == "patterns" and isinstance(v, list):
+                    shown[k] = [_pattern_text(p) for p in v if isinstance(p, dict)] or ["none found"]
+                elif k != "triggers" and _show(v) is not None:
+                    shown[k] = _show(v)
+            self.per_memory.setdefault((int(rec["layer"]), int(rec["key"])), []).append(shown)
 
 
 class Service:
@@ -133,12 +175,26 @@ class Service:
                                             for layer in range(self.parts.n_layers)]).cpu()
         self._unit_values: dict[int, torch.Tensor] = {}
         self.stats = {layer: self.atlas.stats(layer) for layer in self.layers}  # also loads every layer file
-        self.analyses = Analyses(self.atlas.path / "analysis.json")
+        self._analyses: tuple[int | None, Analyses] | None = None
         self.index = SearchIndex(self.atlas, self.parts, self.token_texts,
                                  path=Path(index_path) if index_path else None, progress=progress)
         self._overview = self._make_overview()
 
     # -- overview ------------------------------------------------------------------------------------------
+    @property
+    def analyses(self) -> Analyses:
+        """analysis.json, re-read when `ffkv analyze` rewrites it while the server runs."""
+        path = self.atlas.path / "analysis.json"
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        cached = self._analyses
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, Analyses(path, self.parts.n_layers))
+            self._analyses = cached
+        return cached[1]
+
     def _make_overview(self) -> dict:
         m = self.atlas.manifest
         rows = []
@@ -154,11 +210,12 @@ class Service:
         return {"atlas": self.atlas.path.name, "created": m.get("created"), "ffkv_version": m.get("ffkv_version"),
                 "model": m["model"], "corpus": m["corpus"], "scan": m["scan"], "result": m.get("result", {}),
                 "layers": self.layers, "faces": self.atlas.faces, "d_ff": self.d_ff,
-                "n_layers": self.parts.n_layers, "layer_summary": rows,
-                "analysis": {"present": self.analyses.present, "per_layer": self.analyses.per_layer}}
+                "n_layers": self.parts.n_layers, "layer_summary": rows}
 
     def overview(self) -> dict:
-        return self._overview
+        a = self.analyses
+        return dict(self._overview, analysis={"present": a.present, "tables": a.tables,
+                                              "definitions": a.definitions, "missing": a.missing})
 
     # -- memories ------------------------------------------------------------------------------------------
     def check_memory(self, layer: int, key: int) -> None:

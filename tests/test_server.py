@@ -1,0 +1,509 @@
+"""`ffkv serve`: the JSON API and pages, on an atlas of a tiny random model (FastAPI TestClient, no network)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from server_fixtures import build_tiny_atlas, free_port  # noqa: E402
+
+import ffkv  # noqa: E402
+from ffkv.cli import main  # noqa: E402
+from ffkv.server import Service, create_app  # noqa: E402
+from ffkv.server.index import INDEX_NAME  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_atlas(tmp_path_factory.getbasetemp() / "ffkv_server_tiny")
+
+
+@pytest.fixture(scope="module")
+def service(tiny):
+    model_dir, atlas_dir = tiny
+    return Service(atlas_dir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with TestClient(create_app(service), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """An independent copy of the model, for recomputations that edit weights."""
+    return ffkv.load_model(str(tiny[0]))
+
+
+def _probs(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+
+
+def _assert_next_tokens(doc: dict, probs: torch.Tensor) -> None:
+    top = probs.topk(len(doc["next_token_top"]))
+    assert [t["id"] for t in doc["next_token_top"]] == top.indices.tolist()
+    got = torch.tensor([t["prob"] for t in doc["next_token_top"]])
+    torch.testing.assert_close(got, top.values.float(), rtol=0, atol=1e-6)
+
+
+# -- pages and overview ------------------------------------------------------------------------------------------
+def test_pages_are_served_with_a_strict_policy(client, service):
+    for path in ("/", "/search", "/debug", "/memory/1/3", "/search?text=river"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert "/static/app.js" in r.text and "http" not in r.text.replace("http-equiv", "")  # nothing external
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+    for path in ("/static/app.js", "/static/style.css", "/favicon.ico"):
+        assert client.get(path).status_code == 200
+    assert client.get("/memory?m=1:3", follow_redirects=False).headers["location"] == "/memory/1/3"
+    assert client.get("/memory/9/3").status_code == 404
+    assert client.get("/memory/1/64").status_code == 404
+    assert client.get("/no/such/page").status_code == 404
+    assert client.get("/docs").status_code == 404  # FastAPI's docs pages would load a CDN
+
+
+def test_overview(client, service):
+    d = client.get("/api/overview").json()
+    assert d["model"]["n_layers"] == 2 and d["d_ff"] == 64 and d["layers"] == [0, 1]
+    assert d["corpus"]["n_units"] > 0 and d["scan"]["top_k"] == 8
+    stats = service.atlas.stats(1)
+    row = d["layer_summary"][1]
+    assert row["frac_positive"] == pytest.approx(float(stats["frac_positive"].mean()))
+    assert row["max_key"] == int(stats["max"].argmax())
+    assert d["analysis"]["present"] is False
+
+
+def test_analysis_json_is_shown_when_present(tiny, tmp_path):
+    import shutil
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(tiny[1], atlas)
+    (atlas / "analysis.json").write_text(json.dumps({  # the shape of the ffkv.analysis contract, abridged
+        "n_layers": 2, "layers": [0, 1], "definitions": {"active": "|m| > 0.1 x the layer's max |m|"},
+        "aggregation": {"n_examples": 40, "active_fraction_mean": [0.4, 0.3],
+                        "ffn_effect": {"residual": [0.5, None], "ffn": [0.1, 0.2]}},
+        "patterns": {"coverage": [0.7, 0.8], "keys": [
+            {"layer": 1, "key": 3, "face": "pos", "triggers": ["a", "b"],
+             "patterns": [{"kind": "shallow", "description": "ends with ' river'", "triggers": [0, 2, 5],
+                           "p_value": 0.0001}]}]},
+        "missing": {"values": "not run"}}))
+    with TestClient(create_app(Service(atlas, progress=False)), base_url="http://127.0.0.1") as c:
+        d = c.get("/api/overview").json()["analysis"]
+        assert d["present"] and d["missing"] == {"values": "not run"}
+        tables = {t["name"]: t for t in d["tables"]}
+        assert tables["aggregation"]["columns"] == ["active_fraction_mean", "ffn_effect.residual", "ffn_effect.ffn"]
+        assert tables["aggregation"]["rows"][1] == {"layer": 1, "active_fraction_mean": 0.3,
+                                                    "ffn_effect.residual": None, "ffn_effect.ffn": 0.2}
+        assert tables["aggregation"]["scalars"] == {"n_examples": 40}
+        assert tables["patterns"]["rows"] == [{"layer": 0, "coverage": 0.7}, {"layer": 1, "coverage": 0.8}]
+        records = c.get("/api/memory/1/3").json()["analysis"]
+        assert records == [{"source": "patterns.keys", "layer": 1, "key": 3, "face": "pos",
+                            "patterns": ["shallow: ends with ' river' (p = 0.0001), triggers 1, 3, 6"]}]
+        assert c.get("/api/memory/1/4").json()["analysis"] == []
+        (atlas / "analysis.json").unlink()  # re-read when it changes under a running server
+        assert c.get("/api/overview").json()["analysis"]["present"] is False
+
+
+# -- memory API --------------------------------------------------------------------------------------------------
+def test_memory_api_has_the_show_document_of_each_face(client, service):
+    atlas = service.atlas
+    d = client.get("/api/memory/1/3?n=5").json()
+    assert set(d["faces"]) == set(atlas.faces) == {"pos", "neg"}
+    for face, doc in d["faces"].items():
+        show = json.loads(json.dumps(atlas.show(1, 3, face, 5)))
+        extra = {"trigger_token", "context", "title", "topic"}
+        assert {k: v for k, v in doc.items() if k != "value_normed"} | {"triggers": None} == show | {"triggers": None}
+        assert [{k: v for k, v in t.items() if k not in extra} for t in doc["triggers"]] == show["triggers"]
+        for t in doc["triggers"]:
+            assert t["text"] == t["context"] + t["trigger_token"]
+        assert doc["value_normed"] == atlas.value_tokens(1, 3, face, normed=True, n=5)
+    st = atlas.stats(1)
+    assert d["stats"]["frac_positive"] == pytest.approx(float(st["frac_positive"][3]))
+    assert d["stats"]["max"] == pytest.approx(float(st["max"][3]))
+    assert d["stats"]["layer_max"] == pytest.approx(float(st["max"].max()))
+    assert d["prev"] == {"layer": 1, "key": 2} and d["next"] == {"layer": 1, "key": 4}
+    assert client.get("/api/memory/0/0").json()["prev"] is None
+    assert client.get("/api/memory/0/63").json()["next"] == {"layer": 1, "key": 0}
+    assert client.get("/api/memory/1/63").json()["next"] is None
+
+
+def test_similar_memories_are_the_closest_values(client, service):
+    values = torch.nn.functional.normalize(service.parts.values(0).detach().float(), dim=1)
+    cos = values @ values[7]
+    cos[7] = -2
+    expected = cos.topk(5)
+    got = client.get("/api/memory/0/7").json()["similar"][:5]
+    assert [s["key"] for s in got] == expected.indices.tolist()
+    assert [s["cosine"] for s in got] == pytest.approx(expected.values.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/api/memory/2/0", 404), ("/api/memory/99999999999999999999/0", 404), ("/api/memory/0/64", 404),
+    ("/api/memory/0/-1", 404), ("/api/memory/-1/0", 404), ("/api/memory/x/0", 422), ("/api/memory/0/1.5", 422),
+    ("/api/memory/0/1?n=0", 422), ("/api/memory/0/1?n=abc", 422), ("/api/nothing", 404),
+])
+def test_memory_bad_inputs(client, path, status):
+    r = client.get(path)
+    assert r.status_code == status
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+
+
+# -- search ------------------------------------------------------------------------------------------------------
+def test_promotes_search_gives_exact_ranks(client, service):
+    token_id = service.loaded.tokenizer(" river", add_special_tokens=False).input_ids
+    assert len(token_id) == 1
+    t = token_id[0]
+    for projection in ("raw", "normed"):
+        d = client.get(f"/api/search?promotes=river&projection={projection}&limit=200").json()
+        assert {x["token"] for x in d["tokens"]} >= {" river"}
+        expected = {}
+        parts = service.parts
+        for layer in service.layers:
+            v = parts.values(layer).detach().float()
+            if projection == "normed":
+                v = parts.through_final_norm(v)
+            logits = v @ parts.unembedding.detach().float().T
+            for face, signed_logits in (("pos", logits), ("neg", -logits)):
+                ranks = (signed_logits > signed_logits[:, t:t + 1]).sum(1)
+                for key in torch.nonzero(ranks < d["depth"]).flatten().tolist():
+                    expected[(layer, key, face)] = int(ranks[key])
+        got = {(r["layer"], r["key"], r["face"]): r["rank"] for r in d["results"] if r["token_id"] == t}
+        assert got == expected
+        ranks = [r["rank"] for r in d["results"]]
+        assert ranks == sorted(ranks)
+    # the atlas stores the exact top tokens too: they agree with the index
+    d = client.get("/api/search?promotes=river&limit=200").json()
+    for r in d["results"]:
+        if r["rank"] < 10 and r["token_id"] == t:
+            ids = service.atlas.value_tokens(r["layer"], r["key"], r["face"], n=10)["top_token_ids"]
+            assert ids[r["rank"]] == t
+
+
+def test_promotes_search_explains_a_word_that_is_not_a_token(client):
+    d = client.get("/api/search?promotes=cathedralxyz").json()
+    assert d["results"] == [] and "not one token" in d["note"]
+
+
+def test_text_search_counts_triggers_containing_the_phrase(client, service):
+    atlas = service.atlas
+    for query in ("river", "the capital of"):
+        d = client.get("/api/search", params={"text": query, "limit": 200}).json()
+        pattern = re.compile(r"\b" + r"\W+".join(query.split()) + r"\b", re.IGNORECASE)
+        expected = {}
+        for layer in atlas.layers:
+            for key in range(atlas.d_ff):
+                for face in atlas.faces:
+                    n = sum(bool(pattern.search(t.text)) for t in atlas.triggers(layer, key, face))
+                    if n:
+                        expected[(layer, key, face)] = n
+        got = {(r["layer"], r["key"], r["face"]): r["matches"] for r in d["results"]}
+        assert got == expected and got
+        counts = [r["matches"] for r in d["results"]]
+        assert counts == sorted(counts, reverse=True)
+        for r in d["results"]:
+            ex = r["example"]
+            assert pattern.search(ex["context"] + ex["trigger_token"])
+
+
+@pytest.mark.parametrize("query", [
+    "", "?promotes=", "?text=", "?promotes=a&text=b", "?text=river&limit=0", "?text=river&limit=100000",
+    "?text=%20%2B%2B%20", "?text=" + "x" * 201, "?promotes=river&projection=weird", "?text=" + "a%20" * 20,
+])
+def test_search_bad_inputs(client, query):
+    r = client.get("/api/search" + query)
+    assert r.status_code == 422
+    assert r.json()["error"]
+
+
+def test_search_index_is_built_once_atomically(tiny, service):
+    path = service.atlas.path / INDEX_NAME
+    assert path.exists()
+    assert not [p for p in path.parent.iterdir() if ".tmp" in p.name]
+    mtime = path.stat().st_mtime_ns
+    Service(service.atlas.path, loaded=service.loaded, progress=False)
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_a_stale_search_index_is_rebuilt(tiny, tmp_path):
+    import shutil
+    import sqlite3
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(tiny[1], atlas)
+    loaded = Service(atlas, progress=False).loaded
+    db = sqlite3.connect(atlas / INDEX_NAME)
+    db.execute("UPDATE meta SET value = '{}' WHERE key = 'identity'")
+    db.commit()
+    db.close()
+    service = Service(atlas, loaded=loaded, progress=False)
+    assert service.index._fresh()
+    assert service.search_text("river", 5)["results"]
+
+
+# -- prompt debugger ---------------------------------------------------------------------------------------------
+PROMPT = "The river flows through the old"
+
+
+def test_run_without_interventions_is_the_model(client, service, reference):
+    d = client.post("/api/run", json={"prompt": PROMPT, "top": 7}).json()
+    ids = reference.tokenizer(PROMPT).input_ids
+    assert d["token_ids"] == ids and len(d["tokens"]) == len(ids)
+    probs = _probs(reference.model, ids)
+    _assert_next_tokens(d, probs)
+    last = d["layers"][-1]
+    assert [t["id"] for t in last["output_top"]] == [t["id"] for t in d["next_token_top"]]
+    # coefficients and contributions, recomputed with a hook of our own
+    captured = {}
+    handles = [reference.parts.ffn_out(layer).register_forward_pre_hook(
+        lambda mod, args, layer=layer: captured.__setitem__(layer, args[0][0, -1].clone())) for layer in range(2)]
+    try:
+        _probs(reference.model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in d["layers"]:
+        m = captured[layer["layer"]]
+        contribution = m.abs() * reference.parts.values(layer["layer"]).detach().norm(dim=1)
+        top = contribution.topk(7)
+        assert [x["key"] for x in layer["top_memories"]] == top.indices.tolist()
+        assert [x["coefficient"] for x in layer["top_memories"]] == pytest.approx(m[top.indices].tolist(), abs=1e-5)
+        assert len(layer["residual_top"]) == len(layer["ffn_top"]) == 7
+
+
+def test_logit_lens_of_residual_ffn_and_block_output(service, reference):
+    """Block output h and FFN output o read by hooks of our own; residual r = h - o; each through the final norm."""
+    ids = reference.tokenizer(PROMPT, return_tensors="pt").input_ids
+    parts = reference.parts
+    block_out, ffn_out = {}, {}
+    handles = []
+    for layer in range(parts.n_layers):
+        handles.append(parts.blocks[layer].register_forward_hook(
+            lambda mod, args, out, layer=layer: block_out.__setitem__(layer, (out[0] if isinstance(out, tuple)
+                                                                              else out)[0, -1].clone())))
+        handles.append(parts.ffn_out(layer).register_forward_hook(
+            lambda mod, args, out, layer=layer: ffn_out.__setitem__(layer, out[0, -1].clone())))
+    try:
+        with torch.inference_mode():
+            reference.model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    d = service.run(PROMPT, [], 5)
+    with torch.inference_mode():
+        for layer in range(parts.n_layers):
+            h, o = block_out[layer], ffn_out[layer]
+            for name, vec in (("residual_top", h - o), ("ffn_top", o), ("output_top", h)):
+                expected = (parts.final_norm(vec) @ parts.unembedding.T).topk(5).indices.tolist()
+                assert [t["id"] for t in d["layers"][layer][name]] == expected, (layer, name)
+
+
+def test_switching_a_memory_off_is_zeroing_its_value(client, service, reference):
+    ids = reference.tokenizer(PROMPT).input_ids
+    base = client.post("/api/run", json={"prompt": PROMPT}).json()
+    layer = 1
+    key = base["layers"][layer]["top_memories"][0]["key"]
+    d = client.post("/api/run", json={"prompt": PROMPT, "interventions": [
+        {"layer": layer, "key": key, "mode": "off"}]}).json()
+    edited = copy.deepcopy(reference.model)
+    with torch.no_grad():
+        edited.model.layers[layer].mlp.down_proj.weight[:, key] = 0
+    probs = _probs(edited, ids)
+    _assert_next_tokens(d, probs)
+    assert [t["prob"] for t in d["next_token_top"]] != [t["prob"] for t in base["next_token_top"]]
+    mem = {m["key"]: m for m in d["layers"][layer]["top_memories"]}
+    assert mem[key]["intervened"] and mem[key]["coefficient"] == 0
+
+
+def test_setting_a_coefficient_is_adding_its_value(client, reference):
+    ids = reference.tokenizer(PROMPT).input_ids
+    layer, key, value = 0, 5, 7.5
+    d = client.post("/api/run", json={"prompt": PROMPT, "interventions": [
+        {"layer": layer, "key": key, "mode": "set", "value": value}]}).json()
+    edited = copy.deepcopy(reference.model)
+    proj = edited.model.layers[layer].mlp.down_proj
+    v = proj.weight[:, key].detach().clone()
+    with torch.no_grad():
+        proj.weight[:, key] = 0
+    handle = proj.register_forward_hook(lambda mod, args, out: out + value * v)
+    try:
+        probs = _probs(edited, ids)
+    finally:
+        handle.remove()
+    _assert_next_tokens(d, probs)
+
+
+def test_generate_under_interventions_is_greedy_decoding_of_the_edited_model(client, reference):
+    ids = reference.tokenizer(PROMPT).input_ids
+    layer, key = 1, 10
+    edited = copy.deepcopy(reference.model)
+    with torch.no_grad():
+        edited.model.layers[layer].mlp.down_proj.weight[:, key] = 0
+    seq = list(ids)
+    for _ in range(8):
+        seq.append(int(_probs(edited, seq).argmax()))
+    d = client.post("/api/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "interventions": [
+        {"layer": layer, "key": key, "mode": "off"}]}).json()
+    expected = seq[len(ids):]
+    eos = reference.tokenizer.eos_token_id
+    if eos in expected:
+        expected = expected[: expected.index(eos) + 1]
+    assert d["token_ids"] == expected
+    assert d["text"] == reference.tokenizer.decode(expected)
+
+
+def test_interventions_never_persist_or_leak(client, service, reference):
+    ids = reference.tokenizer(PROMPT).input_ids
+    clean = _probs(reference.model, ids)
+    ivs = [{"layer": 1, "key": k, "mode": "off"} for k in range(0, 64, 2)]
+    errors = []
+
+    def worker(with_iv: bool):
+        try:
+            for _ in range(4):
+                d = client.post("/api/run", json={"prompt": PROMPT, "interventions": ivs if with_iv else []}).json()
+                if not with_iv:
+                    _assert_next_tokens(d, clean)
+        except Exception as exc:  # noqa: BLE001 - collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i % 2 == 0,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for layer in range(service.parts.n_layers):
+        assert not service.parts.ffn_out(layer)._forward_pre_hooks
+        assert not service.parts.ffn_out(layer)._forward_hooks
+        assert not service.parts.blocks[layer]._forward_hooks
+    _assert_next_tokens(client.post("/api/run", json={"prompt": PROMPT}).json(), clean)
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"prompt": ""}, {"prompt": 3}, {"prompt": "x" * 2001}, {"prompt": "a", "top": 0}, {"prompt": "a", "top": 51},
+    {"prompt": "a", "extra": 1},
+    {"prompt": "a", "interventions": [{"layer": 2, "key": 0, "mode": "off"}]},
+    {"prompt": "a", "interventions": [{"layer": 0, "key": 64, "mode": "off"}]},
+    {"prompt": "a", "interventions": [{"layer": -1, "key": 0, "mode": "off"}]},
+    {"prompt": "a", "interventions": [{"layer": 0, "key": 0, "mode": "zap"}]},
+    {"prompt": "a", "interventions": [{"layer": 0, "key": 0, "mode": "set"}]},
+    {"prompt": "a", "interventions": [{"layer": 0, "key": 0, "mode": "set", "value": 1e9}]},
+    {"prompt": "a", "interventions": [{"layer": "0", "key": 0, "mode": "off"}]},
+    {"prompt": "a", "interventions": [{"layer": 0, "key": 0, "mode": "off"}] * 65},
+    {"prompt": "a", "interventions": {"layer": 0}},
+    {"prompt": " river" * 300},
+])
+def test_run_bad_inputs(client, body):
+    r = client.post("/api/run", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]
+
+
+@pytest.mark.parametrize("raw,ctype", [
+    (b'{"prompt": "a", "interventions": [{"layer": 0, "key": 0, "mode": "set", "value": NaN}]}', "application/json"),
+    (b'{"prompt": "a"', "application/json"), (b"prompt=a", "text/plain"), (b"[1, 2]", "application/json"),
+])
+def test_run_malformed_bodies(client, raw, ctype):
+    r = client.post("/api/run", content=raw, headers={"content-type": ctype})
+    assert r.status_code == 422 and r.json()["error"]
+
+
+@pytest.mark.parametrize("n", [0, 65, "5"])
+def test_generate_bounds(client, n):
+    r = client.post("/api/generate", json={"prompt": "a", "max_new_tokens": n})
+    assert r.status_code == 422 and r.json()["error"]
+
+
+def test_foreign_host_header_is_refused(client):
+    r = client.get("/api/overview", headers={"host": "attacker.example:8000"})
+    assert r.status_code == 400
+    assert client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
+    assert client.get("/api/health", headers={"host": "[::1]:8000"}).status_code == 200
+
+
+# -- command line --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.com", "::"])
+def test_serve_refuses_a_remote_host(tiny, capsys, host):
+    assert main(["serve", str(tiny[1]), "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allow-remote" in err
+
+
+def test_serve_reports_a_missing_atlas(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_atlas_of_another_model(tiny, tmp_path, capsys):
+    import shutil
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(tiny[1], atlas)
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    manifest["model"]["weights_fingerprint"] = "0" * 16
+    (atlas / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["serve", str(atlas), "--port", str(free_port())]) == 2
+    assert "was made with model" in capsys.readouterr().err
+
+
+def test_serve_reports_a_busy_port(tiny, capsys):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert main(["serve", str(tiny[1]), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"port {port}" in err
+
+
+# -- every architecture -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", sorted(ffkv.arch.ARCHITECTURES))
+def test_debugger_on_every_architecture(tiny_model, arch):
+    """The debugger's lens of the last layer is the model's prediction; switching a memory off is zeroing its
+    value vector; generation under an intervention (with the KV cache) is greedy decoding of the edited model."""
+    from ffkv.server.debugger import Intervention, generate, run_prompt
+
+    loaded = tiny_model(arch)
+    parts, model = loaded.parts, loaded.model
+    ids = loaded.tokenizer("The cat sat on the", return_tensors="pt").input_ids
+    norms = torch.stack([parts.values(layer).detach().norm(dim=1) for layer in range(parts.n_layers)])
+    texts = [f"<{i}>" for i in range(parts.unembedding.shape[0])]
+    layer, key = parts.n_layers - 1, 5
+    iv = [Intervention(layer, key, "off")]
+    d = run_prompt(model, parts, ids, iv, 5, norms, texts, lambda *a: {})
+    base = run_prompt(model, parts, ids, [], 5, norms, texts, lambda *a: {})
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, -1]
+    assert [t["id"] for t in base["layers"][-1]["output_top"]] == logits.topk(5).indices.tolist()
+    _assert_next_tokens(base, logits.softmax(-1))
+
+    edited = copy.deepcopy(model)
+    from ffkv.arch import ModelParts
+
+    edited_parts = ModelParts(edited)
+    with torch.no_grad():
+        edited_parts.values(layer)[key] = 0
+    seq = ids[0].tolist()
+    with torch.inference_mode():
+        probs = edited(input_ids=ids).logits[0, -1].softmax(-1)
+        for _ in range(4):
+            seq.append(int(edited(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    _assert_next_tokens(d, probs)
+    assert any(m["key"] == key and m["intervened"] and m["coefficient"] == 0 for m in d["layers"][-1]["top_memories"])
+    new, _ = generate(model, parts, ids, iv, 4, eos_ids=set())
+    assert new == seq[ids.shape[1]:]
+    for i in range(parts.n_layers):
+        assert not parts.ffn_out(i)._forward_pre_hooks and not parts.blocks[i]._forward_hooks

@@ -1,0 +1,143 @@
+"""`ffkv serve` end to end: the real command in a subprocess on a free localhost port, driven by headless Chromium
+(Debian's /usr/bin/chromium through the Python playwright package; `make install-test` installs it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+httpx = pytest.importorskip("httpx")
+
+from server_fixtures import build_tiny_atlas, free_port  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir, atlas_dir = build_tiny_atlas(tmp_path_factory.getbasetemp() / "ffkv_server_tiny")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ffkv", "serve", str(atlas_dir), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ffkv serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(base + "/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"ffkv serve did not start in 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _probabilities(page) -> list[str]:
+    return page.locator("#prediction-table tbody tr td:nth-child(4)").all_inner_texts()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (make install-test installs it)")
+def test_browse_search_and_debug_in_chromium(server, tmp_path):
+    console_errors: list[str] = []
+    failed: list[str] = []
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: console_errors.append(str(e)))
+            page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+            page.on("request", lambda r: None if r.url.startswith(server) else failed.append(f"external {r.url}"))
+
+            # overview
+            page.goto(server + "/")
+            page.wait_for_selector("#layers-table tbody tr")
+            assert page.locator("#layers-table tbody tr").count() == 2
+            assert page.locator("dl.kv dt").count() >= 10
+            assert "[object" not in page.inner_text("main")
+
+            # a memory page, via the jump box, then the next key
+            page.fill("#jump-box", "1:3")
+            page.press("#jump-box", "Enter")
+            page.wait_for_url(re.compile(r"/memory/1/3$"))
+            page.wait_for_selector("#face-pos table.triggers tbody tr")
+            assert page.inner_text("h1") == "Layer 1 · memory 3"
+            assert page.locator("#face-neg table.triggers tbody tr").count() > 0
+            assert page.locator("#face-pos mark.trig").count() > 0
+            assert page.locator("#similar tbody tr").count() > 0
+            assert "[object" not in page.inner_text("main")
+            page.click("#next")
+            page.wait_for_url(re.compile(r"/memory/1/4$"))
+            page.wait_for_selector("#face-pos table.triggers")
+            page.screenshot(path=str(tmp_path / "memory.png"), full_page=True)
+
+            # search: triggers containing a word, then values promoting a token
+            page.goto(server + "/search")
+            page.fill("#text-q", "river")
+            page.press("#text-q", "Enter")
+            page.wait_for_selector("#search-results table.results tbody tr")
+            assert page.locator("#search-results mark.phrase").count() > 0
+            page.fill("#promotes-q", "river")
+            page.press("#promotes-q", "Enter")
+            page.wait_for_url(re.compile(r"promotes=river"))
+            page.wait_for_selector("#search-results table.results tbody tr")
+            page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+
+            # prompt debugger: run a prompt, switch the top memory of the last layer off, see the prediction move
+            page.goto(server + "/debug")
+            page.wait_for_selector("#prediction-table")
+            page.fill("#prompt", "The river flows through the old")
+            page.evaluate("document.getElementById('status').textContent = ''")
+            page.click("#run")
+            page.wait_for_selector("#status:has-text('ran in')")
+            before = _probabilities(page)
+            assert len(before) == 10
+            off = page.locator('details.layer[data-layer="1"] button.iv-off').first
+            off.click()
+            page.wait_for_selector("#interventions .ivchip")
+            page.wait_for_selector("#status:has-text('ran in')")
+            page.wait_for_selector("#prediction-table th:has-text('Δ')")
+            after = _probabilities(page)
+            assert after != before
+            assert page.locator("details.layer[data-layer='1'] .badge.iv").count() == 1
+            page.click("#generate")
+            page.wait_for_selector("#continuation-text")
+            assert "[object" not in page.inner_text("main")
+            assert "1 intervention" in page.inner_text("#continuation")
+            page.screenshot(path=str(tmp_path / "debugger.png"), full_page=True)
+
+            # removing the intervention restores the original prediction
+            page.evaluate("document.getElementById('status').textContent = ''")
+            page.click("#clear-iv")
+            page.wait_for_selector("#status:has-text('ran in')")
+            assert _probabilities(page) == before
+        finally:
+            browser.close()
+    assert (tmp_path / "debugger.png").stat().st_size > 10_000
+    assert not console_errors, console_errors
+    assert not failed, failed
