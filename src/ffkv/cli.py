@@ -97,6 +97,9 @@ def cmd_run(args) -> int:
     print(f"ffkv run: analyses with {RUN_ANALYZE} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
     result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), progress=not args.quiet)
     _print_analysis(result)
+    from .report import write_report
+
+    print(f"ffkv run: report -> {write_report(atlas.path)}")
     return 0
 
 
@@ -135,6 +138,13 @@ def cmd_show(args) -> int:
     else:
         atlas._check(args.layer, args.key, args.face)
         _print_show(atlas, args.layer, args.key, args.face, args.n)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.atlas, args.out)}")
     return 0
 
 
@@ -199,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, AnalyzeConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze)
+
+    text = "write a self-contained HTML report of every figure, beside the paper's numbers"
+    p = sub.add_parser("report", help=text, description=text)
+    p.add_argument("atlas")
+    p.add_argument("--out", "-o", default=None, help="HTML file to write (default: ATLAS/report.html)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("show", help="one memory: its top triggers and the tokens its value promotes")
     p.add_argument("atlas")

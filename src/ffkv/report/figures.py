@@ -1,0 +1,938 @@
+"""One figure per experiment of Geva et al. (2021), as plotly.js specs (plain dicts), with the paper drawn beside ours.
+
+Every figure plots our per-layer numbers against relative depth (layer+1)/n_layers, so a 30-layer model lines up
+with the paper's 16 layers. Styles are the same in every figure:
+
+- ours: solid line with dots (or bars), one colour per quantity;
+- our baselines: thin solid line, no dots;
+- paper, interpolated from the shape of its figure (the ``_approx`` arrays of paper_reference.json): dashed,
+  same colour as the matching quantity, labelled "paper (approx.)";
+- paper, a number stated in its text: dotted line or a hollow diamond, labelled "paper".
+
+Each trace carries ``meta = {"role": "ours" | "baseline" | "paper", "approx": bool, "face": "pos" | "neg"}`` so
+tests (and readers of the JSON) can tell them apart. Signed models get one panel per face.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .compare import (
+    Verdict,
+    early,
+    first_crossing,
+    join_words,
+    late,
+    layer_ranges,
+    mean_between,
+    no_verdict,
+    num,
+    paper_points,
+    pct,
+    pct_span,
+    points,
+    spearman,
+    verdict,
+)
+from .data import FACE_LABEL, PAPER_LAYERS, ReportInputs
+
+FONT = 'system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif'
+INK = "#1d2330"
+GRID = "#e9ecf1"
+COLORS = {
+    "main": "#2563a8",      # the headline quantity of a figure
+    "alt": "#6fa8dc",       # a variant of it (normed projection, positive-share rule)
+    "last": "#c8414b",
+    "first": "#1f9e89",
+    "random": "#7b5ea7",
+    "shallow": "#e0a030",
+    "both": "#8fb356",
+    "semantic": "#2563a8",
+    "none": "#cfd3d8",
+    "coverage": "#1d2330",
+    "freq": "#e07b2a",
+    "uniform": "#8b919a",
+    "stopword": "#e07b2a",
+    "short": "#7b5ea7",
+    "residual": "#4c78a8",
+    "ffn": "#f58518",
+    "agreement": "#54a24b",
+    "composition": "#b279a2",
+}
+
+
+@dataclass
+class Figure:
+    id: str
+    """html id and the name used by `python -m ffkv.report.screenshot --figure`: fig2 ... fig11"""
+    number: str
+    section: str
+    title: str
+    caption: str
+    spec: dict | None = None
+    verdict: Verdict | None = None
+    notes: list[str] = field(default_factory=list)
+    missing: str | None = None
+    """Set when nothing could be drawn: the visible note that replaces the figure."""
+    wide: bool = False
+
+
+def spct(v):
+    return pct(v, signed=True)
+
+
+def _rank(v):
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
+class Plot:
+    """Accumulates traces over one or two panels (one per face) that share the y axis."""
+
+    def __init__(self, inp: ReportInputs, faces: tuple[str, ...]):
+        self.inp = inp
+        self.L = inp.n_layers
+        self.faces = faces
+        self.data: list[dict] = []
+        self._legend: set[str] = set()
+        self.annotations: list[dict] = []
+
+    def axes(self, p: int) -> dict:
+        return {"xaxis": "x", "yaxis": "y"} if p == 0 else {"xaxis": f"x{p + 1}", "yaxis": f"y{p + 1}"}
+
+    def _show(self, name: str) -> bool:
+        show = name not in self._legend
+        self._legend.add(name)
+        return show
+
+    def _xs(self):
+        return [round((i + 1) / self.L, 6) for i in range(self.L)]
+
+    def _text(self, name, values, fmt):
+        return [None if v is None else f"<b>{name}</b><br>layer {i} of {self.L} (depth {(i + 1) / self.L:.2f})"
+                f"<br>{fmt(v)}" for i, v in enumerate(values)]
+
+    def ours(self, p, name, values, color, fmt=pct, *, baseline=False, face="pos", positive_only=False,
+             legend=True):
+        if positive_only:
+            values = [v if v is not None and v > 0 else None for v in values]
+        trace = {
+            "type": "scatter", "mode": "lines" if baseline else "lines+markers", "name": name,
+            "x": self._xs(), "y": values, "text": self._text(name, values, fmt),
+            "hovertemplate": "%{text}<extra></extra>", "connectgaps": False,
+            "line": {"color": color, "width": 1.5 if baseline else 2.4},
+            "legendgroup": name, "showlegend": legend and self._show(name), "legendrank": 200 if baseline else 100,
+            "meta": {"role": "baseline" if baseline else "ours", "approx": False, "face": face}, **self.axes(p),
+        }
+        if not baseline:
+            trace["marker"] = {"size": 5, "color": color}
+        self.data.append(trace)
+        return trace
+
+    def band(self, p, name, lower, upper, color, fmt, face="pos"):
+        """A shaded band between two of our series (e.g. quantiles)."""
+        xs = self._xs()
+        common = {"type": "scatter", "mode": "lines", "x": xs, "line": {"width": 0, "color": color},
+                  "connectgaps": False, "legendgroup": name, "legendrank": 100, **self.axes(p)}
+        self.data.append({**common, "name": name + " (upper)", "y": upper, "showlegend": False,
+                          "text": self._text(name + " upper", upper, fmt), "hovertemplate": "%{text}<extra></extra>",
+                          "meta": {"role": "ours", "approx": False, "face": face, "band": "upper"}})
+        self.data.append({**common, "name": name, "y": lower, "fill": "tonexty", "fillcolor": color,
+                          "showlegend": self._show(name), "text": self._text(name + " lower", lower, fmt),
+                          "hovertemplate": "%{text}<extra></extra>",
+                          "meta": {"role": "ours", "approx": False, "face": face, "band": "lower"}})
+
+    def bars(self, p, name, values, color, fmt=pct, face="pos"):
+        self.data.append({
+            "type": "bar", "name": name, "x": self._xs(), "y": values, "width": 0.8 / self.L,
+            "marker": {"color": color, "line": {"width": 0}}, "text": self._text(name, values, fmt),
+            "textposition": "none", "hovertemplate": "%{text}<extra></extra>", "legendgroup": name, "legendrank": 100,
+            "showlegend": self._show(name), "meta": {"role": "ours", "approx": False, "face": face},
+            **self.axes(p),
+        })
+
+    def paper(self, p, what, arr, color, fmt=pct, approx=True):
+        """A per-layer array of the paper, on its own relative depth (layer+1)/16."""
+        name = f"paper (approx.): {what}" if approx else f"paper: {what}"
+        n = len(arr)
+        xs = [round((i + 1) / n, 6) for i in range(n)]
+        self.data.append({
+            "type": "scatter", "mode": "lines", "name": name, "x": xs, "y": list(arr),
+            "text": [f"<b>{name}</b><br>paper layer {i + 1} of {n} (depth {x:.2f})<br>{fmt(v)}"
+                     for i, (x, v) in enumerate(zip(xs, arr))], "hovertemplate": "%{text}<extra></extra>",
+            "line": {"color": color, "width": 2, "dash": "dash" if approx else "dot"}, "opacity": 0.85,
+            "legendgroup": name, "showlegend": self._show(name), "legendrank": 300,
+            "meta": {"role": "paper", "approx": approx, "face": "pos"}, **self.axes(p),
+        })
+
+    def paper_hline(self, p, what, y, color, fmt=pct, x0=0.0, x1=1.0):
+        """A number stated in the paper's text, drawn as a dotted horizontal line across depth."""
+        name = f"paper: {what}"
+        self.data.append({
+            "type": "scatter", "mode": "lines", "name": name, "x": [x0, x1], "y": [y, y],
+            "text": [f"<b>{name}</b><br>{fmt(y)}"] * 2, "hovertemplate": "%{text}<extra></extra>",
+            "line": {"color": color, "width": 1.8, "dash": "dot"}, "legendgroup": name, "legendrank": 300,
+            "showlegend": self._show(name), "meta": {"role": "paper", "approx": False, "face": "pos"},
+            **self.axes(p),
+        })
+
+    def paper_vline(self, p, what, x, y0, y1, color):
+        name = f"paper: {what}"
+        self.data.append({
+            "type": "scatter", "mode": "lines", "name": name, "x": [x, x], "y": [y0, y1],
+            "text": [f"<b>{name}</b><br>depth {x:.2f}"] * 2, "hovertemplate": "%{text}<extra></extra>",
+            "line": {"color": color, "width": 1.8, "dash": "dot"}, "legendgroup": name, "legendrank": 300,
+            "showlegend": self._show(name), "meta": {"role": "paper", "approx": False, "face": "pos"},
+            **self.axes(p),
+        })
+
+    def paper_point(self, p, what, x, y, color, fmt=pct):
+        name = f"paper: {what}"
+        self.data.append({
+            "type": "scatter", "mode": "markers", "name": name, "x": [x], "y": [y],
+            "text": [f"<b>{name}</b><br>{fmt(y)}"], "hovertemplate": "%{text}<extra></extra>",
+            "marker": {"symbol": "diamond-open", "size": 12, "color": color, "line": {"width": 2, "color": color}},
+            "legendgroup": name, "showlegend": self._show(name), "legendrank": 300,
+            "meta": {"role": "paper", "approx": False, "face": "pos"}, **self.axes(p),
+        })
+
+    def no_data(self, p, reason):
+        ax = self.axes(p)
+        self.annotations.append({"text": "no data: " + reason, "xref": f"{ax['xaxis']} domain",
+                                 "yref": f"{ax['yaxis']} domain", "x": 0.5, "y": 0.5, "showarrow": False,
+                                 "font": {"color": "#a33", "size": 12}})
+
+    def spec(self, ytitle, *, yformat=".0%", ylog=False, ylog_percent=False, ylog_decades=False, yrange=None,
+             barmode=None,
+             xtitle=None, xlog=False, xrange=None, xformat=".2f", height=None) -> dict:
+        n = len(self.faces)
+        if xtitle is None:
+            xtitle = "relative depth (layer+1)/L"
+            if n == 1:
+                xtitle += f" · ours L={self.L}, paper L={PAPER_LAYERS}"
+        xaxis = {"title": {"text": xtitle, "font": {"size": 12}}, "showline": True, "linecolor": "#9aa1ab",
+                 "ticks": "outside", "gridcolor": GRID, "zeroline": False}
+        if xlog:
+            xaxis.update(type="log")
+        else:
+            xaxis.update(range=xrange or [0, 1.03], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=xformat)
+        yaxis = {"title": {"text": ytitle, "font": {"size": 12}}, "showline": True, "linecolor": "#9aa1ab",
+                 "ticks": "outside", "gridcolor": GRID, "zeroline": False}
+        if ylog:
+            yaxis["type"] = "log"
+            if ylog_percent:
+                yaxis.update(self._log_percent_ticks())
+            elif ylog_decades:
+                yaxis.update(dtick=1, tickformat="~s")
+        else:
+            yaxis["tickformat"] = yformat
+        if yrange is not None:
+            yaxis["range"] = yrange
+        entries = sum(1 for t in self.data if t.get("showlegend"))
+        rows = entries if n == 1 else math.ceil(entries / 3)
+        layout = {
+            "height": height or (330 + 18 * rows),
+            "margin": {"l": 70, "r": 18, "t": 10, "b": 50},
+            "paper_bgcolor": "white", "plot_bgcolor": "white",
+            "font": {"family": FONT, "size": 12, "color": INK},
+            "hovermode": "closest", "hoverlabel": {"font": {"family": FONT, "size": 12}},
+            "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom",
+                       "font": {"size": 11}, "traceorder": "normal"},
+            "xaxis": xaxis, "yaxis": yaxis,
+        }
+        if barmode:
+            layout["barmode"] = barmode
+            layout["bargap"] = 0
+        if n > 1:
+            gap = 0.07
+            w = (1 - gap) / 2
+            for p, (face, domain) in enumerate(zip(self.faces, ([0, w], [1 - w, 1]))):
+                title = {"text": f"<b>{FACE_LABEL[face]}</b> · {xtitle}", "font": {"size": 12}}
+                layout["xaxis" if p == 0 else "xaxis2"] = {**xaxis, "domain": domain, "anchor": "y" if p == 0 else
+                                                           "y2", "title": title}
+            layout["yaxis2"] = {**yaxis, "anchor": "x2", "matches": "y", "title": {"text": ""}}
+        if self.annotations:
+            layout["annotations"] = self.annotations
+        return {"data": self.data, "layout": layout}
+
+    def _log_percent_ticks(self) -> dict:
+        vals = [v for t in self.data for v in (t.get("y") or []) if isinstance(v, (int, float)) and v > 0]
+        if not vals:
+            return {}
+        lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+        ticks = [10.0 ** k for k in range(lo, hi + 1)]
+        return {"tickvals": ticks, "ticktext": [pct(t) for t in ticks],
+                "range": [lo - 0.15, hi + 0.15]}
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+def _gap_note(inp: ReportInputs, label: str, values) -> str | None:
+    """Which scanned layers have no value in a series we draw."""
+    if values is None:
+        return None
+    scanned = set(inp.scanned_layers)
+    gaps = [i for i, v in enumerate(values) if v is None and i in scanned]
+    if not gaps:
+        return None
+    return f"{label}: no value at layer{'s' if len(gaps) > 1 else ''} {layer_ranges(gaps)} (null in analysis.json)"
+
+
+def _why(inp: ReportInputs, block: str, face: str, b: dict | None, what: str) -> str:
+    """Why a face of a figure is not drawn: the block is missing, or it lacks the numbers."""
+    if b is None:
+        return inp.missing_reason(block, face)
+    return f"analysis.json '{block if face == 'pos' else block + '_neg'}' has no {what}"
+
+
+def _unscanned_note(inp: ReportInputs) -> str | None:
+    scanned = inp.scanned_layers
+    if len(scanned) == inp.n_layers:
+        return None
+    return f"only layers {layer_ranges(scanned)} of 0–{inp.n_layers - 1} were scanned; the others are blank"
+
+
+def _face_clause(face_label: str, text: str) -> str:
+    return f"; on the {face_label} {text}"
+
+
+def _finish(fig: Figure, inp: ReportInputs, plot: Plot, drawn: bool, missing_faces: list[tuple[str, str]],
+            block: str, **spec_kw) -> Figure:
+    if not drawn:
+        fig.missing = inp.missing_reason(block) if inp.block(block) is None else \
+            f"analysis.json '{block}' has no per-layer numbers for this figure"
+        fig.spec = None
+        return fig
+    for face, reason in missing_faces:
+        fig.notes.append(f"{FACE_LABEL[face]}: {reason}")
+    note = _unscanned_note(inp)
+    if note:
+        fig.notes.append(note)
+    fig.notes += [f"analysis.json notes {r}" for r in inp.reasons_for(block)]
+    fig.spec = plot.spec(**spec_kw)
+    fig.wide = len(plot.faces) > 1
+    return fig
+
+
+# -- §3 keys ---------------------------------------------------------------------------------------------------
+def fig2(inp: ReportInputs) -> Figure:
+    fig = Figure("fig2", "2", "keys", "Patterns of the keys' trigger examples, per layer",
+                 "Bars: share of the analysed keys of each layer whose top triggers share only shallow patterns "
+                 "(surface: a shared last token or phrase), only semantic ones (a shared topic or article), both, or "
+                 "none (tests in Definitions). Black line: share of the trigger examples that some pattern covers. "
+                 "The paper's experts labelled trigger examples, so its bars are shares of triggers.")
+    ref = inp.paper["fig2_patterns"]
+    plot = Plot(inp, inp.faces)
+    drawn, missing_faces, summary = False, [], {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("patterns", face)
+        parts = {k: inp.series(b, k) for k in ("shallow", "both", "semantic", "none")}
+        cov = inp.series(b, "coverage")
+        if b is None or (all(v is None for v in parts.values()) and cov is None):
+            missing_faces.append((face, _why(inp, "patterns", face, b, "per-layer shares")))
+            plot.no_data(p, missing_faces[-1][1])
+            continue
+        drawn = True
+        for k, label in (("shallow", "shallow"), ("both", "shallow + semantic"), ("semantic", "semantic"),
+                         ("none", "no pattern")):
+            if parts[k] is not None:
+                plot.bars(p, f"ours: {label}", parts[k], COLORS[k], face=face)
+        if cov is not None:
+            plot.ours(p, "ours: covered by a pattern", cov, COLORS["coverage"], face=face)
+            g = _gap_note(inp, f"{FACE_LABEL[face]} coverage", cov)
+            if g:
+                fig.notes.append(g)
+        lo, hi = ref["coverage_range"]
+        plot.paper_hline(p, f"{lo:.0%}–{hi:.0%} of triggers covered", lo, COLORS["coverage"])
+        plot.paper_hline(p, f"{lo:.0%}–{hi:.0%} of triggers covered", hi, COLORS["coverage"])
+        t = ref["transition_layer"]
+        plot.paper_vline(p, f"shallow → semantic from layer {t} of {PAPER_LAYERS}", (t - 0.5) / PAPER_LAYERS, 0, 1,
+                         COLORS["semantic"])
+        ppk = inp.series(b, "patterns_per_key")
+        summary[face] = _fig2_summary(parts, cov, ppk)
+    if drawn:
+        fig.verdict = _fig2_verdict(inp, summary)
+    return _finish(fig, inp, plot, drawn, missing_faces, "patterns",
+                   ytitle="share of keys / of triggers covered (%)", yrange=[0, 1.02], barmode="stack")
+
+
+def _fig2_summary(parts, cov, ppk) -> dict:
+    n = len(next(v for v in [*parts.values(), cov] if v is not None))
+    sh, se, bo = (parts[k] or [None] * n for k in ("shallow", "semantic", "both"))
+    shallow_share, semantic_share = [], []
+    for a, b, c in zip(sh, se, bo):
+        covered = sum(x for x in (a, b, c) if x is not None)
+        ok = a is not None and b is not None and covered > 0
+        shallow_share.append(a / covered if ok else None)
+        semantic_share.append(b / covered if ok else None)
+    ppk_pts = points(ppk)
+    return {"shallow": points(shallow_share), "semantic": points(semantic_share), "coverage": points(cov),
+            "ppk": sum(v for _, _, v in ppk_pts) / len(ppk_pts) if ppk_pts else None}
+
+
+def _fig2_verdict(inp, summary) -> Verdict:
+    s = summary.get("pos") or next(iter(summary.values()))
+    if len(s["shallow"]) < 2:
+        return no_verdict("the shallow/semantic split needs at least two layers with patterns")
+    e_sh, e_se, l_sh, l_se = early(s["shallow"]), early(s["semantic"]), late(s["shallow"]), late(s["semantic"])
+    low_ok, high_ok = e_sh > e_se, l_se > l_sh
+    status = "yes" if low_ok and high_ok else "partly" if low_ok or high_ok else "no"
+    claim = (f"of the keys with a pattern, {pct(e_sh)} have only shallow ones in the lowest third of layers and "
+             f"{pct(l_se)} only semantic ones in the top third")
+    cov = [v for _, _, v in s["coverage"]]
+    if cov:
+        claim += f"; {pct_span(min(cov), max(cov))} of triggers are covered"
+    if s["ppk"] is not None:
+        claim += f", {num(s['ppk'])} patterns per key"
+    ref = inp.paper["fig2_patterns"]
+    paper = (f"≥{ref['shallow_share_of_covered_layer1_min']:.0%} shallow at layer 1, ≈"
+             f"{ref['semantic_share_of_covered_layer16_approx']:.0%} semantic at layer 16, shallow → semantic from "
+             f"layer {ref['transition_layer']}, {ref['coverage_range'][0]:.0%}–{ref['coverage_range'][1]:.0%} "
+             f"covered, {ref['patterns_per_key']} patterns per key")
+    extra = ""
+    if "neg" in summary and len(summary["neg"]["semantic"]) >= 2:
+        n = summary["neg"]
+        extra = _face_clause("negative face", f"{pct(early(n['shallow']))} shallow low, {pct(late(n['semantic']))} "
+                                              "semantic high")
+    return verdict(inp, status, claim, paper, ("patterns", "corpus", "instruct"), extra)
+
+
+def fig3(inp: ReportInputs) -> Figure:
+    fig = Figure("fig3", "3", "keys", "Relative change of the memory coefficient when a token is removed",
+                 "For each analysed key, its top triggers are re-run with the first, the last or a random token "
+                 "removed; the plot shows the mean relative change of the coefficient (−50% = halved).")
+    ref = inp.paper["fig3_token_removal"]
+    plot = Plot(inp, inp.faces)
+    drawn, missing_faces, per_face = False, [], {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("token_removal", face)
+        s = {k: inp.series(b, k) for k in ("last", "first", "random")}
+        if b is None or all(v is None for v in s.values()):
+            missing_faces.append((face, _why(inp, "token_removal", face, b, "per-layer changes")))
+            plot.no_data(p, missing_faces[-1][1])
+            continue
+        drawn = True
+        for k, label in (("last", "last token removed"), ("first", "first token removed"),
+                         ("random", "random token removed")):
+            if s[k] is not None:
+                plot.ours(p, f"ours: {label}", s[k], COLORS[k], spct, face=face)
+            plot.paper(p, label, ref[f"{k}_approx"], COLORS[k], spct)
+        g = _gap_note(inp, f"{FACE_LABEL[face]}, last token", s["last"])
+        if g:
+            fig.notes.append(g)
+        nk, sk = inp.series(b, "n_keys"), inp.series(b, "skipped")
+        if nk or sk:
+            bits = []
+            if nk:
+                bits.append(f"{num(sum(v for v in nk if v is not None) / len([v for v in nk if v is not None]))} "
+                            "keys per layer on average")
+            if sk:
+                bits.append(f"{sum(v for v in sk if v is not None):,.0f} triggers skipped in all (position 0 or "
+                            "undefined removal)")
+            fig.notes.append(f"{FACE_LABEL[face]}: " + ", ".join(bits))
+        per_face[face] = {k: points(v) for k, v in s.items()}
+    if drawn:
+        fig.verdict = _fig3_verdict(inp, per_face)
+    return _finish(fig, inp, plot, drawn, missing_faces, "token_removal", ytitle="relative change of coefficient (%)",
+                   yformat=".0%")
+
+
+def _mean(pts):
+    return sum(v for _, _, v in pts) / len(pts) if pts else None
+
+
+def _fig3_verdict(inp, per_face) -> Verdict:
+    s = per_face.get("pos") or next(iter(per_face.values()))
+    if not s["last"]:
+        return no_verdict("no last-token removal numbers")
+    e_last, l_last = early(s["last"]), late(s["last"])
+    m_last, m_first, m_rand = _mean(s["last"]), _mean(s["first"]), _mean(s["random"])
+    others = [m for m in (m_first, m_rand) if m is not None]
+    ordering = bool(others) and m_last < min(others)
+    trend = len(s["last"]) >= 2 and l_last - e_last > 0.05
+    status = "yes" if ordering and trend else "partly" if ordering or trend else "no"
+    claim = (f"removing the last token changes the coefficient by {spct(e_last)} in the lowest third of layers and "
+             f"{spct(l_last)} in the top third")
+    if others:
+        claim += f", against {spct(m_first)} for the first token and {spct(m_rand)} for a random one"
+    r = inp.paper["fig3_token_removal"]["ranges"]
+    paper = (f"last ≈{spct(sum(r['last_layer1']) / 2)} at layer 1 rising to {spct(r['last_layer16'])} at layer 16, "
+             f"first {spct(r['first'][0])} to {spct(r['first'][1])}, random {spct(r['random'][0])} to "
+             f"{spct(r['random'][1])}")
+    extra = ""
+    n = per_face.get("neg")
+    if n and n["last"] and "pos" in per_face:
+        extra = _face_clause("negative face", f"removing the last token gives {spct(early(n['last']))} low and "
+                                              f"{spct(late(n['last']))} high")
+    return verdict(inp, status, claim, paper, ("gated", "unit", "corpus"), extra)
+
+
+# -- §4 values -------------------------------------------------------------------------------------------------
+def fig4(inp: ReportInputs) -> Figure:
+    fig = Figure("fig4", "4", "values", "Agreement rate: a value's top token is its key's top-1 trigger's next token",
+                 "Per layer, the share of memories whose value's argmax token (v·E) equals the next token after the "
+                 "key's top-1 trigger; with the same value projected through the final norm, a frequency-matched "
+                 "baseline (the top-1 trigger of another memory of the layer) and the uniform baseline 1/|V|. Log "
+                 "axis.")
+    ref = inp.paper["fig4_agreement_rate"]
+    plot = Plot(inp, inp.faces)
+    drawn, missing_faces, per_face = False, [], {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("values", face)
+        ag = inp.series(b, "agreement_rate")
+        if b is None or ag is None:
+            missing_faces.append((face, _why(inp, "values", face, b, "agreement_rate")))
+            plot.no_data(p, missing_faces[-1][1])
+            continue
+        drawn = True
+        normed, freq, rnd = (inp.series(b, k) for k in ("agreement_rate_normed", "frequency_baseline",
+                                                       "random_baseline"))
+        plot.ours(p, "ours: agreement (v·E)", ag, COLORS["main"], face=face, positive_only=True)
+        if normed is not None:
+            plot.ours(p, "ours: agreement (through final norm)", normed, COLORS["alt"], face=face,
+                      positive_only=True)
+        if freq is not None:
+            plot.ours(p, "ours: frequency-matched baseline", freq, COLORS["freq"], face=face, baseline=True,
+                      positive_only=True)
+        if rnd is not None:
+            plot.ours(p, "ours: uniform baseline 1/|V|", rnd, COLORS["uniform"], face=face, baseline=True,
+                      positive_only=True)
+        plot.paper(p, "agreement rate", ref["approx"], COLORS["main"])
+        plot.paper_hline(p, f"uniform baseline {pct(ref['random_baseline'])}", ref["random_baseline"],
+                         COLORS["uniform"])
+        zeros = [i for i, v in enumerate(ag) if v is not None and v <= 0]
+        if zeros:
+            fig.notes.append(f"{FACE_LABEL[face]}: agreement is 0 at layer{'s' if len(zeros) > 1 else ''} "
+                             f"{layer_ranges(zeros)} (not drawn on the log axis)")
+        g = _gap_note(inp, FACE_LABEL[face], ag)
+        if g:
+            fig.notes.append(g)
+        per_face[face] = {"ag": points(ag), "freq": points(freq), "rnd": points(rnd)}
+    if drawn:
+        fig.verdict = _fig4_verdict(inp, per_face)
+    return _finish(fig, inp, plot, drawn, missing_faces, "values", ytitle="agreement rate (%, log scale)", ylog=True,
+                   ylog_percent=True)
+
+
+def _fig4_verdict(inp, per_face) -> Verdict:
+    s = per_face.get("pos") or next(iter(per_face.values()))
+    ag = s["ag"]
+    if len(ag) < 2:
+        return no_verdict("the agreement trend needs at least two layers")
+    low = mean_between(ag, 0, 0.5, "first")
+    top = mean_between(ag, 0.75, 1, "last")
+    peak = max(ag, key=lambda t: t[2])
+    freq_top = mean_between(s["freq"], 0.75, 1, "last") if s["freq"] else None
+    rnd = _mean(s["rnd"]) if s["rnd"] else None
+    rising = top > 2 * low and top - low > 0.002
+    above = freq_top is None or top > freq_top
+    status = "yes" if rising and above else "partly" if rising or (above and top > 0.005) else "no"
+    claim = (f"agreement is {pct(low)} in the lower half of layers and {pct(top)} in the top quarter (peak "
+             f"{pct(peak[2])} at layer {peak[1]})")
+    if freq_top is not None and freq_top > 0:
+        claim += f", {top / freq_top:.1f}× the frequency-matched baseline ({pct(freq_top)})"
+    if rnd:
+        claim += f" and {top / rnd:,.0f}× uniform 1/|V| ({pct(rnd)})"
+    ref = inp.paper["fig4_agreement_rate"]
+    paper = (f"≈0 up to layer 10 of 16, rising to {pct(ref['approx'][-1])} at layer 16; uniform "
+             f"{pct(ref['random_baseline'])}")
+    extra = ""
+    n = per_face.get("neg")
+    if n and len(n["ag"]) >= 2 and "pos" in per_face:
+        extra = _face_clause("negative face", f"agreement is {pct(mean_between(n['ag'], 0, 0.5, 'first'))} low and "
+                                              f"{pct(mean_between(n['ag'], 0.75, 1, 'last'))} high")
+    return verdict(inp, status, claim, paper, ("corpus", "vocab", "instruct", "quantised"), extra)
+
+
+def fig5(inp: ReportInputs) -> Figure:
+    fig = Figure("fig5", "5", "values", "Rank of the trigger's next token under the value's distribution",
+                 "Per layer, the distribution over memories of the rank (1 = top) of the key's top-1 trigger's next "
+                 "token in the value's vocabulary distribution softmax(v·E): median, 25–75% and 10–90% bands. A "
+                 "random value would give a median near |V|/2. Log axis.")
+    ref = inp.paper["fig5_next_token_rank"]
+    vocab = inp.traits["vocab"]
+    offset = 1 if _zero_based_ranks(inp) else 0
+    if offset:
+        fig.caption += " The analysis counts ranks from 0; they are drawn from 1 (+1) for the log axis."
+    plot = Plot(inp, inp.faces)
+    drawn, missing_faces, per_face = False, [], {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("values", face)
+        q = {k: _plus(inp.series(b, "rank_quantiles", k), offset) for k in ("q10", "q25", "q50", "q75", "q90")}
+        med = _plus(inp.series(b, "next_token_rank_median"), offset) or q["q50"]
+        if b is None or (med is None and all(v is None for v in q.values())):
+            missing_faces.append((face, _why(inp, "values", face, b, "rank numbers")))
+            plot.no_data(p, missing_faces[-1][1])
+            continue
+        drawn = True
+        if q["q10"] is not None and q["q90"] is not None:
+            plot.band(p, "ours: 10–90% of memories", q["q10"], q["q90"], "rgba(37,99,168,0.12)", _rank, face)
+        if q["q25"] is not None and q["q75"] is not None:
+            plot.band(p, "ours: 25–75% of memories", q["q25"], q["q75"], "rgba(37,99,168,0.25)", _rank, face)
+        if med is not None:
+            plot.ours(p, "ours: median rank", med, COLORS["main"], _rank, face=face, positive_only=True)
+        if isinstance(vocab, int):
+            plot.ours(p, "ours: random value (median ≈ |V|/2)", [vocab / 2] * inp.n_layers, COLORS["uniform"],
+                      _rank, face=face, baseline=True)
+        plot.paper(p, "median rank", ref["median_approx"], COLORS["main"], _rank)
+        g = _gap_note(inp, FACE_LABEL[face], med)
+        if g:
+            fig.notes.append(g)
+        per_face[face] = points(med)
+    if drawn:
+        fig.verdict = _fig5_verdict(inp, per_face)
+    return _finish(fig, inp, plot, drawn, missing_faces, "values", ytitle="rank of the next token (1 = top, log scale)",
+                   ylog=True, ylog_decades=True)
+
+
+def _plus(values, offset):
+    return None if values is None else [None if v is None else v + offset for v in values]
+
+
+def _zero_based_ranks(inp: ReportInputs) -> bool:
+    """Whether analysis.json says its ranks count from 0 (its definition of next_token_rank)."""
+    defs = (inp.analysis or {}).get("definitions") or {}
+    text = " ".join(str(v) for k, v in defs.items() if "rank" in str(k)) if isinstance(defs, dict) else ""
+    return bool(re.search(r"\b0\s*=\s*top|0-based|from 0", text))
+
+
+def _fig5_verdict(inp, per_face) -> Verdict:
+    med = per_face.get("pos") or next(iter(per_face.values()))
+    if len(med) < 2:
+        return no_verdict("the rank trend needs at least two layers")
+    lo, hi = early(med), late(med)
+    vocab = inp.traits["vocab"]
+    pv = inp.paper["model"].get("vocab_approx", 267744)
+    ref = inp.paper["fig5_next_token_rank"]["median_approx"]
+    p_lo, p_hi = early(paper_points(ref)), late(paper_points(ref))
+    ratio = lo / max(hi, 1e-9)
+    status = "yes" if ratio >= 3 else "partly" if ratio >= 1.25 else "no"
+    share = (lambda r: f" ({pct(r / vocab)} of |V|)") if isinstance(vocab, int) else (lambda r: "")
+    claim = (f"the median rank goes from {_rank(lo)}{share(lo)} in the lowest third of layers to {_rank(hi)}"
+             f"{share(hi)} in the top third, {ratio:.1f}× better")
+    paper = (f"{_rank(p_lo)} ({pct(p_lo / pv)} of |V|) to {_rank(p_hi)} ({pct(p_hi / pv)}), {p_lo / p_hi:.1f}× "
+             "better")
+    extra = ""
+    n = per_face.get("neg")
+    if n and len(n) >= 2 and "pos" in per_face:
+        extra = _face_clause("negative face", f"{_rank(early(n))} to {_rank(late(n))}")
+    return verdict(inp, status, claim, paper, ("vocab", "corpus", "instruct"), extra)
+
+
+def fig6(inp: ReportInputs) -> Figure:
+    fig = Figure("fig6", "6", "values", "Agreement rate against the value's maximal probability",
+                 "Memories binned by the largest probability of their value's distribution softmax(v·E); per bin, "
+                 "the share whose top token agrees with the key's top-1 trigger's next token. Log x axis; hover for "
+                 "the number of memories per bin.")
+    ref = inp.paper["fig6_agreement_vs_max_prob"]
+    plot = Plot(inp, inp.faces)
+    drawn, missing_faces, per_face = False, [], {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("values", face)
+        d = (b or {}).get("max_prob_vs_agreement")
+        bins = _bins(d)
+        if not bins:
+            missing_faces.append((face, _why(inp, "values", face, b, "usable max_prob_vs_agreement")))
+            plot.no_data(p, missing_faces[-1][1])
+            continue
+        drawn = True
+        name = "ours: agreement per max-probability bin"
+        plot.data.append({
+            "type": "scatter", "mode": "lines+markers", "name": name, "x": [c for c, *_ in bins],
+            "y": [a for _, _, _, a, _ in bins],
+            "text": [f"<b>{name}</b><br>max p in [{lo:.3g}, {hi:.3g})<br>agreement {pct(a)}<br>{n:,.0f} memories"
+                     for _, lo, hi, a, n in bins], "hovertemplate": "%{text}<extra></extra>",
+            "line": {"color": COLORS["main"], "width": 2.4}, "marker": {"size": 7, "color": COLORS["main"]},
+            "legendgroup": name, "showlegend": plot._show(name),
+            "meta": {"role": "ours", "approx": False, "face": face}, **plot.axes(p),
+        })
+        plot.paper_point(p, f"≈95% in its highest bin (max p ≈ {ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)",
+                         ref["bins_max_prob"][-1], 0.95, COLORS["main"])
+        per_face[face] = bins
+    if drawn:
+        fig.verdict = _fig6_verdict(inp, per_face)
+    return _finish(fig, inp, plot, drawn, missing_faces, "values", ytitle="agreement rate (%)", yrange=[0, 1.02],
+                   xtitle="maximal probability of the value's distribution (log scale)", xlog=True)
+
+
+def _bins(d) -> list[tuple[float, float, float, float, float]]:
+    """(centre, lo, hi, agreement, count) of the non-empty bins."""
+    if not isinstance(d, dict):
+        return []
+    edges, agree, count = d.get("bin_edges"), d.get("agreement"), d.get("count")
+    if not isinstance(edges, list) or not isinstance(agree, list) or len(edges) != len(agree) + 1:
+        return []
+    count = count if isinstance(count, list) and len(count) == len(agree) else [None] * len(agree)
+    out = []
+    for i, a in enumerate(agree):
+        lo, hi, n = edges[i], edges[i + 1], count[i]
+        if not isinstance(a, (int, float)) or not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+            continue
+        if n is not None and n <= 0:
+            continue
+        centre = math.sqrt(lo * hi) if lo > 0 and hi > 0 else (lo + hi) / 2
+        if centre <= 0:
+            continue
+        out.append((centre, float(lo), float(hi), float(a), float(n) if n is not None else float("nan")))
+    return out
+
+
+def _fig6_verdict(inp, per_face) -> Verdict:
+    bins = per_face.get("pos") or next(iter(per_face.values()))
+    if len(bins) < 2:
+        return no_verdict("only one non-empty max-probability bin")
+    first, last = bins[0], bins[-1]
+    rho = spearman([b[0] for b in bins], [b[3] for b in bins])
+    rising = last[3] - first[3] > 0.1 and (rho is None or rho > 0.5)
+    status = "yes" if rising and last[3] >= 0.5 else "partly" if rising or last[3] > first[3] else "no"
+    claim = (f"agreement goes from {pct(first[3])} in the lowest bin (max p ≈ {first[0]:.2g}) to {pct(last[3])} in "
+             f"the highest (max p ≈ {last[0]:.2g})")
+    if rho is not None:
+        claim += f", rank correlation {rho:+.2f} across {len(bins)} bins"
+    paper = ("agreement grows with max probability, ≈95% in the highest bin; 97 of the 100 most confident values "
+             "are in layers 11–16")
+    extra = ""
+    n = per_face.get("neg")
+    if n and len(n) >= 2 and "pos" in per_face:
+        extra = _face_clause("negative face", f"{pct(n[0][3])} to {pct(n[-1][3])}")
+    return verdict(inp, status, claim, paper, ("vocab", "corpus"), extra)
+
+
+# -- §5 aggregation --------------------------------------------------------------------------------------------
+def _agg_note(inp, fig):
+    n = inp.scalar(inp.block("aggregation"), "n_examples")
+    if n is None:
+        ns = inp.series(inp.block("aggregation"), "n_examples")
+        n = max((v for v in ns or [] if v is not None), default=None)
+    if n is not None:
+        fig.notes.append(f"over {n:,.0f} held-out prefixes (paper: 4,000 validation prefixes)")
+
+
+def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
+    """Common body of figures with one headline aggregation series and one paper curve."""
+    plot = Plot(inp, ("pos",))
+    b = inp.block("aggregation")
+    s = inp.series(b, key)
+    if s is not None:
+        plot.ours(0, f"ours: {label}", s, COLORS["main"])
+        plot.paper(0, paper_label, paper_arr, COLORS["main"])
+        g = _gap_note(inp, label, s)
+        if g:
+            fig.notes.append(g)
+        _agg_note(inp, fig)
+    return plot, s
+
+
+def fig7(inp: ReportInputs) -> Figure:
+    fig = Figure("fig7", "7", "aggregation", "Active memories per layer",
+                 "Per layer, the mean share of the layer's memories that are active at a prefix. ReLU: coefficient "
+                 "> 0 (the paper's rule). Smooth or gated FFNs: the magnitude rule in Definitions (blue); the light "
+                 "line is the share with a positive coefficient, which is ≈50% for SiLU/GELU gating.")
+    ref = inp.paper["fig7_active_memories"]
+    plot, s = _single_series_fig(inp, fig, "active_fraction_mean", "active memories (rule in Definitions)",
+                                 ref["median_fraction_approx"], "active memories (median)")
+    b = inp.block("aggregation")
+    pos = inp.series(b, "active_fraction_positive_mean")
+    if pos is not None:
+        plot.ours(0, "ours: coefficient > 0", pos, COLORS["alt"])
+    drawn = s is not None or pos is not None
+    if drawn:
+        fig.verdict = _fig7_verdict(inp, points(s) if s is not None else points(pos), pos)
+    return _finish(fig, inp, plot, drawn, [], "aggregation", ytitle="active memories (% of the layer)",
+                   yrange=[0, 1.02])
+
+
+def _fig7_verdict(inp, pts, pos) -> Verdict:
+    if not pts:
+        return no_verdict("no active-memory numbers")
+    vals = [v for _, _, v in pts]
+    lo, hi = min(vals), max(vals)
+    dip = min(pts, key=lambda t: t[2])
+    in_range = lo >= 0.05 and hi <= 0.6
+    dip_mid = 0.3 <= dip[0] <= 0.9 and len(pts) >= 3 and dip[2] < max(pts[0][2], pts[-1][2])
+    status = "yes" if in_range and dip_mid else "partly" if in_range or dip_mid else "no"
+    claim = f"{pct_span(lo, hi)} of memories are active, lowest at layer {dip[1]} (depth {dip[0]:.2f})"
+    pp = points(pos)
+    if pp:
+        claim += f"; {pct(_mean(pp))} have a positive coefficient on average"
+    paper = "10–50% active (positive), dropping towards layer 10 of 16 (depth 0.62)"
+    return verdict(inp, status, claim, paper, ("gated", "instruct"))
+
+
+def fig8(inp: ReportInputs) -> Figure:
+    fig = Figure("fig8", "8", "aggregation", "The layer's prediction is not any single memory's",
+                 "Per layer, the share of prefixes where the top token of the layer's output (projected to the "
+                 "vocabulary) equals the top token of none of the active memories; and, where one memory does "
+                 "match, how often the token is a stop word and how often the prefix is short (< 5 tokens).")
+    ref = inp.paper["fig8_no_single_memory_match"]
+    plot, s = _single_series_fig(inp, fig, "no_single_memory_match", "no single memory matches", ref["approx"],
+                                 "no single memory matches")
+    b = inp.block("aggregation")
+    sw, sh = inp.series(b, "match_is_stopword"), inp.series(b, "match_prefix_short")
+    if sw is not None:
+        plot.ours(0, "ours: matched token is a stop word", sw, COLORS["stopword"])
+    if sh is not None:
+        plot.ours(0, "ours: matched prefix < 5 tokens", sh, COLORS["short"])
+    if s is not None or sw is not None or sh is not None:
+        plot.paper_hline(0, f"{ref['stop_word_share_when_matched']:.0%} stop words when matched (all layers)",
+                         ref["stop_word_share_when_matched"], COLORS["stopword"])
+        plot.paper_hline(0, f"{ref['short_prefix_share_when_matched']:.0%} short prefixes when matched (all layers)",
+                         ref["short_prefix_share_when_matched"], COLORS["short"])
+    if s is not None:
+        pts = points(s)
+        vals = [v for _, _, v in pts]
+        low = min(pts, key=lambda t: t[2])
+        status = "yes" if low[2] >= 0.6 else "partly" if _mean(pts) >= 0.5 else "no"
+        claim = (f"no single memory gives the layer's top token in {pct(low[2])} (layer {low[1]}) to "
+                 f"{pct(max(vals))} of prefixes") if pct(low[2]) != pct(max(vals)) else \
+            f"no single memory gives the layer's top token in {pct(low[2])} of prefixes in every layer"
+        extra_bits = []
+        if sw is not None:
+            extra_bits.append(f"{pct(_mean(points(sw)))} of matched tokens are stop words")
+        if sh is not None:
+            extra_bits.append(f"{pct(_mean(points(sh)))} of matched prefixes are short")
+        if extra_bits:
+            claim += "; " + " and ".join(extra_bits)
+        paper = (f"≥{pct(min(ref['approx']))} in every layer; {pct(ref['stop_word_share_when_matched'])} stop words, "
+                 f"{pct(ref['short_prefix_share_when_matched'])} short prefixes")
+        fig.verdict = verdict(inp, status, claim, paper, ("gated", "instruct"))
+    return _finish(fig, inp, plot, s is not None or sw is not None or sh is not None, [], "aggregation",
+                   ytitle="share of prefixes (%)", yrange=[0, 1.02])
+
+
+def _rise_verdict(inp, s, ref_arr, what, final_ok, early_max, aspects) -> Verdict:
+    pts = points(s)
+    if len(pts) < 2:
+        return no_verdict(f"the trend of {what} needs at least two layers")
+    e, final = early(pts), pts[-1]
+    pe, pfinal = early(paper_points(ref_arr)), ref_arr[-1]
+    rise = final[2] - e
+    status = "yes" if final[2] >= final_ok and e <= early_max and rise > 0.2 else "partly" if rise > 0.1 else "no"
+    claim = f"{what} is {pct(e)} in the lowest third of layers and {pct(final[2])} at the last (layer {final[1]})"
+    cross, pcross = first_crossing(pts, 0.5), first_crossing(paper_points(ref_arr), 0.5)
+    if cross:
+        claim += f", above 50% from depth {cross[0]:.2f} (layer {cross[1]})"
+    paper = f"{pct(pe)} in the lowest third, {pct(pfinal)} at layer 16"
+    if pcross:
+        paper += f", above 50% from depth {pcross[0]:.2f}"
+    return verdict(inp, status, claim, paper, aspects)
+
+
+def fig9(inp: ReportInputs) -> Figure:
+    fig = Figure("fig9", "9", "aggregation", "The residual's top token is already the model's final prediction",
+                 "Per layer, the share of prefixes where the top token of the residual stream (before the layer's "
+                 "FFN adds its output, projected through the final norm and unembedding: the logit lens) equals the "
+                 "model's final top token.")
+    ref = inp.paper["fig9_residual_matches_final"]
+    plot, s = _single_series_fig(inp, fig, "residual_matches_final", "residual top = final top", ref["approx"],
+                                 "residual top = final top")
+    if s is not None:
+        fig.verdict = _rise_verdict(inp, s, ref["approx"], "the match", 0.8, 0.5, ("depth", "instruct", "quantised"))
+    return _finish(fig, inp, plot, s is not None, [], "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02])
+
+
+def _stat_word(inp: ReportInputs, key: str) -> str:
+    """'mean' or 'median' as analysis.json defines a quantity ('' when it does not say)."""
+    text = str(((inp.analysis or {}).get("definitions") or {}).get(key, "")).lower()
+    return "median" if "median" in text else "mean" if "mean" in text else ""
+
+
+def fig10(inp: ReportInputs) -> Figure:
+    fig = Figure("fig10", "10", "aggregation", "Probability the residual gives to the final prediction",
+                 "Per layer, the probability that the residual stream (logit lens, before the layer's FFN) assigns "
+                 "to the token the model finally predicts.")
+    ref = inp.paper["fig10_residual_prob_of_final"]
+    stat = _stat_word(inp, "residual_prob_of_final")
+    plot, s = _single_series_fig(inp, fig, "residual_prob_of_final", f"{stat} probability of the final token".strip(),
+                                 ref["median_approx"], "median probability of the final token")
+    if stat == "mean":
+        fig.caption += " Ours is the mean over prefixes, the paper's the median."
+    if s is not None:
+        fig.verdict = _rise_verdict(inp, s, ref["median_approx"], "the probability", 0.5, 0.15,
+                                    ("depth", "instruct", "quantised"))
+    return _finish(fig, inp, plot, s is not None, [], "aggregation", ytitle="probability (%)", yrange=[0, 1.02])
+
+
+def fig11(inp: ReportInputs) -> Figure:
+    fig = Figure("fig11", "11", "aggregation", "How the FFN output changes the residual's top token",
+                 "Per layer, how adding the FFN output o to the residual r changes the top token: residual "
+                 "(top(r+o) = top(r) ≠ top(o)), ffn (top(r+o) = top(o) ≠ top(r)), agreement (all three equal), "
+                 "composition (neither).")
+    ref = inp.paper["fig11_ffn_effect"]
+    plot = Plot(inp, ("pos",))
+    b = inp.block("aggregation")
+    parts = {k: inp.series(b, "ffn_effect", k) for k in ("residual", "ffn", "agreement", "composition")}
+    drawn = any(v is not None for v in parts.values())
+    if drawn:
+        for k, v in parts.items():
+            if v is not None:
+                plot.bars(0, f"ours: {k}", v, COLORS[k])
+        lo, hi = ref["residual_range"]
+        plot.paper_hline(0, f"residual in {lo:.0%}–{hi:.0%} of examples", lo, COLORS["residual"])
+        plot.paper_hline(0, f"residual in {lo:.0%}–{hi:.0%} of examples", hi, COLORS["residual"])
+        g = _gap_note(inp, "residual", parts["residual"])
+        if g:
+            fig.notes.append(g)
+        _agg_note(inp, fig)
+        fig.verdict = _fig11_verdict(inp, parts)
+    return _finish(fig, inp, plot, drawn, [], "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02],
+                   barmode="stack")
+
+
+def _fig11_verdict(inp, parts) -> Verdict:
+    res = points(parts["residual"])
+    if not res:
+        return no_verdict("no 'residual' share")
+    layers = [layer for _, layer, _ in res]
+    dominant = [layer for layer in layers
+                if all(parts[k] is None or parts[k][layer] is None or parts[k][layer] <= parts["residual"][layer]
+                       for k in ("ffn", "agreement", "composition"))]
+    share = len(dominant) / len(layers)
+    comp, ffn = (_mean(points(parts[k])) if parts[k] is not None else None for k in ("composition", "ffn"))
+    vals = [v for _, _, v in res]
+    lo, hi = inp.paper["fig11_ffn_effect"]["residual_range"]
+    overlap = min(vals) <= hi and max(vals) >= lo
+    comp_gt = comp is None or ffn is None or comp > ffn
+    status = "yes" if share >= 0.8 and overlap and comp_gt else "partly" if share >= 0.5 or overlap else "no"
+    claim = (f"the residual keeps its top token in {pct_span(min(vals), max(vals))} of prefixes and dominates in "
+             f"{len(dominant)} of {len(layers)} layers")
+    bits = []
+    if comp is not None:
+        bits.append(f"composition {pct(comp)}")
+    if ffn is not None:
+        bits.append(f"ffn {pct(ffn)}")
+    if bits:
+        claim += f"; on average {join_words(bits)}"
+    paper = f"residual {pct(lo)}–{pct(hi)}, ffn very small, composition small but above ffn"
+    return verdict(inp, status, claim, paper, ("gated", "instruct"))
+
+
+FIGURE_INFO = {
+    "fig2": ("keys", "Patterns of the keys' trigger examples, per layer"),
+    "fig3": ("keys", "Relative change of the memory coefficient when a token is removed"),
+    "fig4": ("values", "Agreement rate: a value's top token is its key's top-1 trigger's next token"),
+    "fig5": ("values", "Rank of the trigger's next token under the value's distribution"),
+    "fig6": ("values", "Agreement rate against the value's maximal probability"),
+    "fig7": ("aggregation", "Active memories per layer"),
+    "fig8": ("aggregation", "The layer's prediction is not any single memory's"),
+    "fig9": ("aggregation", "The residual's top token is already the model's final prediction"),
+    "fig10": ("aggregation", "Probability the residual gives to the final prediction"),
+    "fig11": ("aggregation", "How the FFN output changes the residual's top token"),
+}
+"""Section and title of each figure (also used when a figure fails to draw)."""
+
+FIGURES = (fig2, fig3, fig4, fig5, fig6, fig7, fig8, fig9, fig10, fig11)
+
+
+def build_figures(inp: ReportInputs) -> list[Figure]:
+    """Every figure; a figure whose inputs are missing comes back with ``missing`` set instead of a spec."""
+    out = []
+    for make in FIGURES:
+        try:
+            out.append(make(inp))
+        except Exception as exc:  # a malformed block must not cost the rest of the report
+            n = make.__name__[3:]
+            section, title = FIGURE_INFO[make.__name__]
+            out.append(Figure(make.__name__, n, section, title, "", missing=f"could not draw it from analysis.json "
+                              f"({type(exc).__name__}: {exc})"))
+    return out

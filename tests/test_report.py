@@ -1,0 +1,335 @@
+"""`ffkv report` on synthetic atlases: a manifest and an analysis.json that follow the contract of ffkv.analysis,
+full, partial, malformed and absent. No model is needed. (The browser checks are in test_report_browser.py.)"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ffkv.errors import FfkvError
+from ffkv.report import FIGURE_IDS, build_figures, load_inputs, write_report
+from ffkv.report.compare import layer_ranges, pct
+from ffkv.report.data import load_paper_reference
+from ffkv.report.html import TriggerSplitter
+
+VOCAB = 49152
+
+
+def _ramp(n, a, b):
+    return [a + (b - a) * i / max(n - 1, 1) for i in range(n)]
+
+
+def make_manifest(n_layers=12, signed=True, layers=None, name="default", **scan):
+    layers = list(range(n_layers)) if layers is None else layers
+    return {
+        "format": "ffkv-atlas/1", "ffkv_version": "0.1.0", "created": "2026-11-28T12:00:00+00:00",
+        "model": {"name": name, "architecture": "llama" if signed else "opt",
+                  "class": "LlamaForCausalLM" if signed else "OPTForCausalLM", "n_layers": n_layers, "d_model": 64,
+                  "d_ff": 128, "vocab_size": VOCAB, "activation": "silu" if signed else "relu", "gated": signed,
+                  "signed": signed, "weights_fingerprint": "abc", "tokenizer_fingerprint": "def"},
+        "corpus": {"corpus": "default", "corpus_hash": "x", "unit": "sentence", "max_length": 256,
+                   "n_documents": 10033, "n_units": 51234, "n_tokens": 1050000, "content_hash": "y"},
+        "scan": {"model": "default", "corpus": "default", "unit": "sentence", "top_k": 50, "max_tokens": 60000,
+                 "layers": layers, "max_length": 256, "batch_tokens": 4096, "max_batch": 64, "device": "cpu",
+                 "dtype": "float32", "seed": 0, "value_top": 20, "checkpoint_every": 120.0, "shard": None,
+                 "faces": ["pos", "neg"] if signed else ["pos"], "world_size": 1, **scan},
+        "result": {"units_scanned": 3000, "tokens_scanned": 60000, "positions_total": 60000, "batches": 20,
+                   "seconds": 260.5, "tokens_per_second": 230.3},
+    }
+
+
+def _keys(n_layers, face):
+    out = []
+    for layer in range(n_layers):
+        for key in (3 + layer, 40 + layer):
+            trig = [f"The film was shot in{' the' * (r % 3)} city of[[ Paris]]" for r in range(20)]
+            trig[1] = "A <b>bold</b> & risky [[<script>]]"
+            out.append({"layer": layer, "key": key, "face": face, "label": "both",
+                        "patterns": [{"kind": "shallow", "description": "ends with ' Paris'", "triggers": [0, 2, 3, 4],
+                                      "p_value": 1e-6},
+                                     {"kind": "semantic", "description": "topic: geography", "triggers": [5, 6, 7],
+                                      "p_value": 2e-3}],
+                        "triggers": trig})
+    return out
+
+
+def make_analysis(n_layers=12, signed=True, reproduce=True):
+    """A full analysis.json whose numbers follow the paper's trends (or the opposite ones, reproduce=False)."""
+    L = n_layers
+    up = (lambda a, b: _ramp(L, a, b)) if reproduce else (lambda a, b: _ramp(L, b, a))
+
+    def values(scale=1.0):
+        return {
+            "agreement_rate": [v * scale for v in up(0.0005, 0.04)],
+            "agreement_rate_normed": [v * scale for v in up(0.0006, 0.05)],
+            "random_baseline": [1 / VOCAB] * L,
+            "frequency_baseline": [0.003] * L,
+            "next_token_rank_median": up(15000, 600),
+            "rank_quantiles": {"q10": up(2000, 5), "q25": up(6000, 60), "q50": up(15000, 600),
+                               "q75": up(26000, 5000), "q90": up(40000, 20000)},
+            "max_prob_vs_agreement": {"bin_edges": [0.0001, 0.001, 0.01, 0.05, 0.1, 0.3, 1.0],
+                                      "agreement": [0.0, 0.01, 0.05, 0.2, 0.5, 0.8] if reproduce else
+                                      [0.6, 0.4, 0.3, 0.1, 0.05, 0.0], "count": [500, 400, 200, 80, 20, 0]},
+            "top_memories": [{"layer": L - 1 - i % 3, "key": 7 * i, "face": "pos", "precision": 0.9 - 0.05 * i,
+                              "top_tokens": [" the", " city", "\n", "<eos>"],
+                              "triggers": ["He moved to the[[ city]]", "It is[[ a]]"]} for i in range(12)],
+            "skipped": [3] * L,
+        }
+
+    a = {
+        "ffkv_version": "0.1.0", "created": "2026-11-28T13:00:00+00:00", "atlas": {}, "config": {"seed": 0},
+        "definitions": {"active": "|m| > 0.1 × the layer's max |m| (ReLU: m > 0).",
+                        "agreement": "argmax of v·E equals the next token of the key's top-1 trigger."},
+        "n_layers": L, "layers": list(range(L)),
+        "patterns": {"shallow": up(0.6, 0.1), "semantic": up(0.1, 0.6), "both": [0.1] * L, "none": [0.2] * L,
+                     "patterns_per_key": [2.5] * L, "coverage": [0.7] * L, "keys": _keys(L, "pos")},
+        "token_removal": {"first": [-0.1] * L, "last": up(-0.7, -0.2), "random": [-0.15] * L, "n_keys": [10] * L,
+                          "skipped": [1] * L},
+        "values": values(),
+        "aggregation": {"n_examples": 4000, "active_fraction_mean": [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.14,
+                                                                     0.16, 0.18, 0.2, 0.2][:L] + [0.2] * max(0, L - 12),
+                        "active_fraction_positive_mean": [0.5] * L,
+                        "no_single_memory_match": [0.8] * L, "match_is_stopword": [0.55] * L,
+                        "match_prefix_short": [0.4] * L, "residual_matches_final": up(0.2, 0.95),
+                        "residual_prob_of_final": up(0.0, 0.75),
+                        "ffn_effect": {"residual": [0.7] * L, "ffn": [0.05] * L, "agreement": up(0.1, 0.15),
+                                       "composition": up(0.15, 0.1)}},
+        "missing": {},
+    }
+    if signed:
+        a["patterns_neg"] = dict(copy.deepcopy(a["patterns"]), keys=_keys(L, "neg"))
+        a["token_removal_neg"] = copy.deepcopy(a["token_removal"])
+        a["values_neg"] = values(0.5)
+        for m in a["values_neg"]["top_memories"]:
+            m["face"] = "neg"
+    return a
+
+
+def make_atlas(root: Path, analysis="full", n_layers=12, signed=True, **manifest_kw) -> Path:
+    """An atlas directory with a manifest and (unless analysis is None) an analysis.json:
+    'full', 'partial', 'broken', a dict, or None."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(make_manifest(n_layers, signed, **manifest_kw)))
+    if analysis is None:
+        return root
+    if analysis == "full":
+        a = make_analysis(n_layers, signed)
+    elif analysis == "partial":
+        a = make_partial(n_layers, signed)
+    elif analysis == "broken":
+        a = make_analysis(n_layers, signed)
+        a["values"]["max_prob_vs_agreement"] = {"bin_edges": [0, 1], "agreement": [0.1, 0.2, 0.3]}
+        a["token_removal"]["last"] = ["x"] * n_layers
+        a["token_removal"]["first"] = "not a list"
+        a["patterns"]["keys"] = [{"layer": 0, "triggers": [None, 3, {"text": "abc"}]}, "junk"]
+        a["aggregation"]["ffn_effect"] = [1, 2]
+        a["values"]["rank_quantiles"] = None
+    else:
+        a = analysis
+    (root / "analysis.json").write_text(json.dumps(a))
+    return root
+
+
+def make_partial(n_layers=12, signed=True):
+    """Missing blocks (token_removal, values_neg), null layers, a missing sub-block (ffn_effect), no keys."""
+    a = make_analysis(n_layers, signed)
+    del a["token_removal"], a["token_removal_neg"]
+    a.pop("values_neg", None)
+    for i in (2, 3, 7):
+        a["values"]["agreement_rate"][i] = None
+    del a["aggregation"]["ffn_effect"]
+    del a["patterns"]["keys"]
+    a.get("patterns_neg", {}).pop("keys", None)
+    a["missing"] = {"token_removal": "not run (use --only to add it)"}
+    return a
+
+
+def specs(html_text: str) -> dict[str, dict]:
+    return {m.group(1): json.loads(m.group(2).replace("<\\/", "</")) for m in re.finditer(
+        r'<script type="application/json" class="figure-spec" data-figure="(\w+)">(.*?)</script>', html_text, re.S)}
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    atlas = make_atlas(tmp_path_factory.mktemp("full") / "atlas")
+    path = write_report(atlas)
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_full_report_is_self_contained_and_complete(full_report):
+    path, text = full_report
+    assert path.name == "report.html" and path.parent.name == "atlas"
+    assert path.stat().st_size < 10 * 2**20
+    assert text.count("plotly.js v") == 1, "plotly.js must be inlined exactly once"
+    assert not re.search(r'<(script|link|img|iframe)[^>]+(src|href)\s*=\s*["\']?(https?:)?//', text, re.I)
+    assert "<link" not in text
+    got = specs(text)
+    assert sorted(got) == sorted(FIGURE_IDS)
+    assert text.count('data-state="drawn"') == len(FIGURE_IDS) and 'data-state="missing"' not in text
+    for fid, spec in got.items():
+        ours = [t for t in spec["data"] if t["meta"]["role"] == "ours"]
+        assert ours and all(any(v is not None for v in t["y"]) for t in ours), fid
+    # header facts and the reproduce command
+    for s in ("SmolLM2-135M-Instruct", "llama", "silu, gated", "60,000", "230 tokens/s", "top-k triggers",
+              "ffkv scan --max-tokens 60000 --out", "ffkv analyze", "ffkv report", "Definitions", "Table 1",
+              "Table 2", "instruct-tuned"):
+        assert s in text, s
+    # the analysis's own definitions are shown
+    assert "0.1 × the layer" in text
+
+
+def test_specs_are_valid_plotly(full_report):
+    go = pytest.importorskip("plotly.graph_objects")
+    for fid, spec in specs(full_report[1]).items():
+        go.Figure(data=spec["data"], layout=spec["layout"])  # raises on an invalid property
+        assert spec["layout"]["xaxis"]["title"]["text"] and spec["layout"]["yaxis"]["title"]["text"], fid
+
+
+def test_paper_beside_ours_dashed_when_approx(full_report):
+    paper = load_paper_reference()
+    got = specs(full_report[1])
+    approx_arrays = {(k, name): v for k, block in paper.items() if isinstance(block, dict)
+                     for name, v in block.items() if name.endswith("approx") and isinstance(v, list)}
+    drawn = [t for s in got.values() for t in s["data"] if t["meta"]["role"] == "paper"]
+    assert drawn
+    for t in drawn:
+        if t["meta"]["approx"]:
+            assert t["line"]["dash"] == "dash" and t["name"].startswith("paper (approx.)"), t["name"]
+            n = len(t["x"])
+            assert t["x"] == pytest.approx([(i + 1) / n for i in range(n)], abs=1e-5)  # paper on its relative depth
+        else:
+            assert t["line"].get("dash") != "dash" if "line" in t else True
+            assert t["name"].startswith("paper:")
+    ys = [t["y"] for t in drawn if t["meta"]["approx"]]
+    for key, arr in approx_arrays.items():
+        assert any(y == pytest.approx(arr) for y in ys), f"paper array {key} is not drawn"
+    # ours is plotted on our relative depth
+    fig4 = got["fig4"]["data"][0]
+    assert fig4["meta"]["role"] == "ours" and fig4["x"] == pytest.approx([(i + 1) / 12 for i in range(12)], abs=1e-5)
+
+
+def test_signed_model_has_both_faces(full_report, tmp_path):
+    got = specs(full_report[1])
+    for fid in ("fig2", "fig3", "fig4", "fig5", "fig6"):
+        faces = {t["meta"]["face"] for t in got[fid]["data"] if t["meta"]["role"] == "ours"}
+        assert faces == {"pos", "neg"}, fid
+        assert "xaxis2" in got[fid]["layout"]
+    assert 'class="face face-neg"' in full_report[1]
+    relu = write_report(make_atlas(tmp_path / "relu", signed=False), tmp_path / "relu.html").read_text()
+    for fid, spec in specs(relu).items():
+        assert "xaxis2" not in spec["layout"], fid
+        assert {t["meta"]["face"] for t in spec["data"]} == {"pos"}
+
+
+def test_verdicts_follow_the_numbers(tmp_path):
+    good = build_figures(load_inputs(make_atlas(tmp_path / "good", signed=False)))
+    bad = build_figures(load_inputs(make_atlas(tmp_path / "bad", make_analysis(12, False, reproduce=False),
+                                               signed=False)))
+    good, bad = {f.id: f for f in good}, {f.id: f for f in bad}
+    for fid in ("fig2", "fig3", "fig4", "fig5", "fig6", "fig9", "fig10"):
+        assert good[fid].verdict.status == "yes", (fid, good[fid].verdict.text)
+        assert bad[fid].verdict.status in ("no", "partly"), (fid, bad[fid].verdict.text)
+        assert good[fid].verdict.text != bad[fid].verdict.text
+    for f in good.values():
+        assert f.verdict.text.count(".") >= 1 and "(paper: " in f.verdict.text
+    # the sentence carries our numbers: top-quarter agreement of the synthetic ramp
+    a = make_analysis(12, False)["values"]["agreement_rate"]
+    assert pct(sum(a[9:]) / 3) in good["fig4"].verdict.text
+    # and names what differs in the setting (here: a 60k-token scan, an instruct model, its vocabulary)
+    assert "60k tokens" in good["fig4"].verdict.text and "instruct" in good["fig4"].verdict.text
+
+
+def test_partial_analysis_renders_what_exists(tmp_path):
+    atlas = make_atlas(tmp_path / "atlas", "partial")
+    text = write_report(atlas).read_text()
+    got = specs(text)
+    assert "fig3" not in got and 'data-missing="fig3"' in text
+    assert "not run (use --only to add it)" in text
+    assert "fig11" not in got and 'data-missing="fig11"' in text
+    assert {"fig2", "fig4", "fig5", "fig7", "fig9"} <= set(got)
+    assert "Partial analysis" in text
+    # null layers are gaps, and said so
+    assert got["fig4"]["data"][0]["y"][2] is None
+    assert "no value at layers 2–3, 7" in text
+    # the signed model's missing negative face is named
+    assert "negative face (−v): analysis.json has no &#x27;values_neg&#x27; block" in text
+    assert 'data-missing="table1"' in text
+
+
+def test_unscanned_layers_and_subset_command(tmp_path):
+    a = make_analysis(12, True)
+    a["config"] = {"keys_per_layer": 4, "examples": 4000, "only": "values", "seed": 0}
+    a["layers"] = [0, 1, 2, 3, 5]
+    for block in ("values", "values_neg"):
+        a[block]["agreement_rate"] = [v if i in a["layers"] else None for i, v in enumerate(a[block]["agreement_rate"])]
+    atlas = make_atlas(tmp_path / "atlas", a, layers=[0, 1, 2, 3, 5], unit="document")
+    text = write_report(atlas).read_text()
+    assert "only layers 0–3, 5 of 0–11 were scanned" in text
+    assert "--layers 0-3,5" in text and "--unit document" in text
+    assert "ffkv analyze --keys-per-layer 4 " in text and "--examples" not in text and "--only" not in text
+
+
+def test_no_analysis_at_all(tmp_path):
+    atlas = make_atlas(tmp_path / "atlas", None)
+    text = write_report(atlas).read_text()
+    assert specs(text) == {}
+    assert text.count('data-state="missing"') == len(FIGURE_IDS)
+    assert f"run `ffkv analyze {atlas}` first" in text
+    assert "How to reproduce" in text
+
+
+def test_malformed_blocks_do_not_crash(tmp_path):
+    text = write_report(make_atlas(tmp_path / "atlas", "broken")).read_text()
+    got = specs(text)
+    assert "fig4" in got and "fig3" in got  # fig3 still has 'random' and the neg face
+    assert 'data-missing="fig11"' in text or "fig11" not in got
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FfkvError, match="does not exist"):
+        write_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FfkvError, match="no manifest.json"):
+        write_report(tmp_path / "empty")
+    atlas = make_atlas(tmp_path / "atlas", None)
+    (atlas / "analysis.json").write_text("{not json")
+    with pytest.raises(FfkvError, match="corrupt"):
+        write_report(atlas)
+    (atlas / "analysis.json").unlink()
+    with pytest.raises(FfkvError, match="is a directory"):
+        write_report(atlas, out=tmp_path)
+    with pytest.raises(FfkvError, match="does not exist"):
+        write_report(atlas, out=tmp_path / "no" / "r.html")
+    out = write_report(atlas, out=tmp_path / "custom.html")
+    assert out == tmp_path / "custom.html" and out.exists() and not (atlas / "report.html").exists()
+
+
+def test_trigger_tokens_highlighted_and_escaped(full_report, tmp_path):
+    text = full_report[1]
+    assert '<mark class="trig"> Paris</mark>' in text
+    assert "&lt;script&gt;" in text and "<script>]]" not in text and "<b>bold" not in text
+    split = TriggerSplitter(load_inputs(make_atlas(tmp_path / "a", None)))
+    assert split.parts("so it[[ goes]]") == ("so it", " goes", None)
+    assert split.parts({"context": "a b", "trigger_token": " c", "next_token": " d"}) == ("a b", " c", " d")
+    assert split.parts("plain text here") == ("plain text", " here", None)
+    assert split.parts(None) is None
+
+
+def test_module_entry_point(tmp_path, capsys):
+    from ffkv.report.__main__ import main
+
+    atlas = make_atlas(tmp_path / "atlas", "partial")
+    assert main([str(atlas), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").exists()
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "ffkv: error:" in capsys.readouterr().err
+
+
+def test_formatting():
+    assert pct(0.035) == "3.5%" and pct(4e-6) == "0.0004%" and pct(0.675) == "68%" and pct(-0.2) == "−20%"
+    assert pct(None) == "n/a" and pct(0) == "0%"
+    assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
