@@ -52,8 +52,9 @@ EFFECTS = ("residual", "ffn", "agreement", "composition")
 
 DEFINITIONS = {
     "examples": "prefixes of units the scan did not use (held out), sampled with a seed: one random prefix end "
-                "per unit (several when there are fewer units than examples); the model's prediction at the "
-                "last position is the logit lens of the last block's output, i.e. the model's own logits.",
+                "per unit (several when there are fewer units than examples, or when asked for); the model's "
+                "prediction at the last position is the logit lens of the last block's output, i.e. the "
+                "model's own logits.",
     "active": "a memory is active at an example when |m_i| > tau * max_j |m_j| over its layer: tau = 0 for ReLU "
               "FFNs (m_i > 0, the paper's rule), tau = the active threshold (default 0.1) for smooth "
               "activations; 'active_fraction_positive_mean' is the share with m_i > 0.",
@@ -80,12 +81,18 @@ def held_out_units(atlas: Atlas) -> np.ndarray:
     return held[store.length[held] > store.n_special[held]]
 
 
-def sample_prefixes(atlas: Atlas, n_examples: int = 4000, seed: int = 0) -> np.ndarray:
-    """Global end positions of ``n_examples`` held-out prefixes (seeded): one random end per unit of a random
-    sample of held-out units, or, with fewer held-out units than examples, a random sample of all their
-    prefix ends (several per unit). Raises FfkvError when there are no held-out units or too few prefixes."""
+def sample_prefixes(atlas: Atlas, n_examples: int = 4000, seed: int = 0, per_unit: int = 1) -> np.ndarray:
+    """Global end positions of ``n_examples`` distinct held-out prefixes (seeded).
+
+    ``per_unit`` = 1 (default): one random prefix end per unit of a random sample of held-out units
+    (independent examples); with fewer held-out units than examples, a uniform sample of all their prefix
+    ends instead (several per unit). ``per_unit`` = k > 1: up to k random prefix ends per unit, units in
+    random order (a forward of a unit serves all its examples, so this costs far fewer forward tokens).
+    Raises FfkvError when there are no held-out units or fewer prefixes than examples."""
     if n_examples < 1:
         raise FfkvError("the number of examples must be positive")
+    if per_unit < 1:
+        raise FfkvError("prefixes per unit must be at least 1")
     store = atlas.store
     held = held_out_units(atlas)
     if len(held) == 0:
@@ -94,39 +101,56 @@ def sample_prefixes(atlas: Atlas, n_examples: int = 4000, seed: int = 0) -> np.n
                         "part of the corpus out")
     first = store.offset[held] + store.n_special[held]  # first scorable position of each unit
     count = store.length[held] - store.n_special[held]
-    rng = np.random.default_rng(seed)
-    if len(held) >= n_examples:
-        pick = rng.choice(len(held), size=n_examples, replace=False)
-        return first[pick] + rng.integers(0, count[pick])
     available = int(count.sum())
     if n_examples > available:
         raise FfkvError(f"asked for {n_examples} examples but the {len(held)} held-out units of atlas "
                         f"{atlas.path} have only {available} prefixes; ask for fewer examples or leave more of "
                         "the corpus out of the scan (--max-tokens)")
+    rng = np.random.default_rng(seed)
+    if per_unit == 1 and len(held) >= n_examples:
+        pick = rng.choice(len(held), size=n_examples, replace=False)
+        return first[pick] + rng.integers(0, count[pick])
+    if per_unit > 1 and int(np.minimum(count, per_unit).sum()) >= n_examples:
+        out: list[np.ndarray] = []
+        n = 0
+        for u in rng.permutation(len(held)):
+            take = min(per_unit, int(count[u]), n_examples - n)
+            out.append(first[u] + np.sort(rng.choice(int(count[u]), size=take, replace=False)))
+            n += take
+            if n == n_examples:
+                break
+        return np.concatenate(out)
+    cumulative = np.cumsum(count)
     flat = rng.choice(available, size=n_examples, replace=False)
-    unit_idx = np.searchsorted(np.cumsum(count), flat, side="right")
-    within = flat - (np.cumsum(count) - count)[unit_idx]
-    return first[unit_idx] + within
+    unit_idx = np.searchsorted(cumulative, flat, side="right")
+    return first[unit_idx] + flat - (cumulative - count)[unit_idx]
 
 
-def _batches(lengths: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
-    """Example indices grouped by similar length, each batch at most ``batch_tokens`` padded tokens."""
-    order = np.argsort(lengths, kind="stable")
+def _plan(store, positions: np.ndarray, batch_tokens: int, max_batch: int):
+    """Group the examples by unit (one forward row per unit, up to its last example) and the rows into
+    batches of similar length, each at most ``batch_tokens`` padded tokens or ``max_batch`` rows.
+    Returns a list of batches, each a list of (unit start, row length, example indices)."""
+    units = store.unit_of(positions)
+    rows = []
+    for u in np.unique(units):
+        idx = np.nonzero(units == u)[0]
+        start = int(store.offset[u])
+        rows.append((start, int(positions[idx].max()) - start + 1, idx))
+    rows.sort(key=lambda r: (r[1], r[0]))
     batches, current = [], []
-    for i in order:
-        longest = int(lengths[i])
-        if current and ((len(current) + 1) * longest > batch_tokens or len(current) >= max_batch):
-            batches.append(np.array(current))
+    for row in rows:
+        if current and ((len(current) + 1) * row[1] > batch_tokens or len(current) >= max_batch):
+            batches.append(current)
             current = []
-        current.append(int(i))
+        current.append(row)
     if current:
-        batches.append(np.array(current))
+        batches.append(current)
     return batches
 
 
-class LastPositionCapture:
+class PositionCapture:
     """Hooks that record, for every layer, m (input of the FFN output projection), o (output of the module
-    whose output the FFN adds to the residual) and h (block output) at one position per row. A context
+    whose output the FFN adds to the residual) and h (block output) at chosen positions of a batch. A context
     manager: the hooks are always removed."""
 
     def __init__(self, model):
@@ -163,11 +187,9 @@ class LastPositionCapture:
         self.handles.clear()
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Forward the body on right-padded ``input_ids`` [B, T]; record row b at position lengths[b] - 1."""
-        width = input_ids.shape[1]
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        self.flat_index = rows * width + (lengths.to(input_ids.device) - 1)
+    def run(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """Forward the body on right-padded ``input_ids`` [B, T]; record (rows[j], positions[j]) as example j."""
+        self.flat_index = (rows * input_ids.shape[1] + positions).to(input_ids.device)
         self.m.clear()
         self.o.clear()
         self.h.clear()
@@ -187,8 +209,8 @@ def capture_last_positions(model, sequences: list[list[int]]) -> dict:
     ids = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
     for row, s in enumerate(sequences):
         ids[row, : len(s)] = torch.tensor(s)
-    with LastPositionCapture(model) as cap:
-        cap.run(ids.to(model.device), lengths)
+    with PositionCapture(model) as cap:
+        cap.run(ids.to(model.device), torch.arange(len(sequences)), lengths - 1)
         out = {"m": dict(cap.m), "o": dict(cap.o), "h": dict(cap.h)}
     out["r"] = {layer: out["h"][layer] - out["o"][layer] for layer in out["h"]}
     last = out["h"][model.parts.n_layers - 1]
@@ -215,17 +237,54 @@ def memory_predictions(atlas: Atlas, model, layer: int, chunk: int = 256) -> tup
     return torch.cat(pos), torch.cat(neg)
 
 
+class _Lens:
+    """The logit lens, split so that lens(r), lens(o) and lens(r + o) cost two vocabulary projections.
+
+    Every supported final norm is y = k(x) * t(x) + beta, with t linear (``parts.through_final_norm``: centring
+    for LayerNorm, times the gain), k(x) > 0 a per-vector scale and beta the norm's bias. So
+    lens(x) = k(x) * (t(x) @ E.T) + beta @ E.T, and t(r + o) @ E.T = t(r) @ E.T + t(o) @ E.T."""
+
+    def __init__(self, parts, dtype: torch.dtype):
+        self.parts = parts
+        self.dtype = dtype
+        self.unembed_t = parts.unembedding.detach().to(dtype).T  # [d, vocab]
+        zero = torch.zeros(1, parts.d_model, dtype=parts.unembedding.dtype, device=parts.unembedding.device)
+        self.beta = parts.final_norm(zero).to(dtype)[0]
+        self.beta_logits = self.beta @ self.unembed_t if bool(self.beta.any()) else None
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t(x) in the work dtype, k(x) [B, 1])."""
+        t = self.parts.through_final_norm(x.to(self.dtype))  # linear: in the work dtype (bf16 loses bits)
+        y = self.parts.final_norm(x).to(self.dtype) - self.beta  # the module itself, in the model's dtype
+        tt = (t * t).sum(dim=1, keepdim=True)
+        k = torch.where(tt > 0, (y * t).sum(dim=1, keepdim=True) / tt.clamp_min(torch.finfo(self.dtype).tiny),
+                        torch.zeros_like(tt))
+        return t, k
+
+    def logits(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        out = projected * k
+        return out if self.beta_logits is None else out + self.beta_logits
+
+    def top(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """argmax of the logits; without a norm bias the positive scale k cannot change it."""
+        return projected.argmax(dim=1) if self.beta_logits is None else self.logits(projected, k).argmax(dim=1)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts.final_norm(x).to(self.dtype) @ self.unembed_t
+
+
 def _is_stop_word(text: str) -> bool:
     return text.strip().lower() in STOP_WORDS
 
 
 def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, active_threshold: float = 0.1,
-                           seed: int = 0, batch_tokens: int = 2048, max_batch: int = 64,
+                           seed: int = 0, per_unit: int = 1, batch_tokens: int = 2048, max_batch: int = 64,
                            progress: bool = True) -> dict:
     """The ``aggregation`` block of ``analysis.json`` (every per-layer array has length ``n_layers``).
 
-    ``active_threshold`` is tau for smooth activations (ReLU FFNs always use m > 0); ``batch_tokens`` and
-    ``max_batch`` bound each forward batch (padded tokens, rows)."""
+    ``active_threshold`` is tau for smooth activations (ReLU FFNs always use m > 0); ``per_unit``: prefixes
+    taken per held-out unit (see ``sample_prefixes``); ``batch_tokens`` and ``max_batch`` bound each forward
+    batch (padded tokens, rows)."""
     if not 0.0 <= active_threshold < 1.0:
         raise FfkvError("the active threshold must be in [0, 1)")
     parts = model.parts
@@ -234,15 +293,13 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     if atlas.n_layers != n_layers:
         raise FfkvError(f"atlas {atlas.path} has {atlas.n_layers} layers, the model {n_layers}")
     tau = active_threshold if parts.signed else 0.0
-    positions = sample_prefixes(atlas, n_examples, seed)
+    positions = sample_prefixes(atlas, n_examples, seed, per_unit)
     units = store.unit_of(positions)
-    starts = store.offset[units]
-    lengths = positions - starts + 1  # model input length (special prefix included)
-    n_text = positions - starts - store.n_special[units] + 1  # prefix length without the special prefix
+    n_text = positions - store.offset[units] - store.n_special[units] + 1  # prefix tokens, special excluded
 
     device = model.device
     wd = _work_dtype(parts.unembedding.dtype)
-    unembed_t = parts.unembedding.detach().to(wd).T  # [d, vocab]
+    lens = _Lens(parts, wd)
     values = {layer: parts.values(layer).detach().to(wd) for layer in range(n_layers)}
     preds = {}
     for layer in range(n_layers):
@@ -255,81 +312,91 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
             decoded[token] = _is_stop_word(atlas.decode([token]))
         return decoded[token]
 
-    def lens(x: torch.Tensor) -> torch.Tensor:
-        return parts.final_norm(x).to(wd) @ unembed_t
-
     acc = {name: np.zeros(n_layers) for name in (
         "active", "positive", "no_match", "match", "match_stop", "match_short", "res_final", "res_prob")}
     effects = np.zeros((n_layers, len(EFFECTS)))
-    batches = _batches(lengths, batch_tokens, max_batch)
+    batches = _plan(store, positions, batch_tokens, max_batch)
+    forward_tokens = sum(row[1] for batch in batches for row in batch)
     bar = tqdm(total=len(positions), desc=f"aggregation ({len(positions)} held-out prefixes)", unit="ex",
                disable=not progress, dynamic_ncols=True)
     try:
-        with LastPositionCapture(model) as cap, torch.inference_mode():
+        with PositionCapture(model) as cap, torch.inference_mode():
             for batch in batches:
-                blen = lengths[batch]
-                ids = np.zeros((len(batch), int(blen.max())), dtype=np.int64)
-                for row, i in enumerate(batch):
-                    ids[row, : blen[row]] = store.tokens[starts[i]: positions[i] + 1]
-                cap.run(torch.from_numpy(ids).to(device), torch.from_numpy(blen))
-                short = torch.from_numpy(n_text[batch] <= SHORT_PREFIX).to(device)
-                final_top = lens(cap.h[n_layers - 1]).argmax(dim=1)
+                ids = np.zeros((len(batch), max(row[1] for row in batch)), dtype=np.int64)
+                rows, cols, examples = [], [], []
+                for j, (start, length, idx) in enumerate(batch):
+                    ids[j, :length] = store.tokens[start: start + length]
+                    rows += [j] * len(idx)
+                    cols += (positions[idx] - start).tolist()
+                    examples += idx.tolist()
+                cap.run(torch.from_numpy(ids).to(device), torch.tensor(rows), torch.tensor(cols))
+                n = len(examples)
+                short = torch.from_numpy(n_text[examples] <= SHORT_PREFIX).to(device)
+                final_top = lens.full(cap.h[n_layers - 1]).argmax(dim=1)
                 for layer in range(n_layers):
                     m, o, h = cap.m[layer], cap.o[layer], cap.h[layer]
-                    r = h - o
                     # Fig 7
                     mag = m.abs()
                     active = mag > tau * mag.amax(dim=1, keepdim=True)
                     acc["active"][layer] += active.to(wd).mean(dim=1).sum().item()
                     acc["positive"][layer] += (m > 0).to(wd).mean(dim=1).sum().item()
-                    # Fig 8: the layer's raw prediction vs. each active memory's own (sign-aware) prediction
+                    # one projection for lens(r), lens(o), lens(h) and the layer's raw output sum_i m_i v_i
                     mw = m.to(wd)
-                    layer_top = ((mw @ values[layer]) @ unembed_t).argmax(dim=1)
+                    t_r, k_r = lens.split(h - o)
+                    t_o, k_o = lens.split(o)
+                    _, k_h = lens.split(h)
+                    projected = torch.cat([t_r, t_o, mw @ values[layer]]) @ lens.unembed_t
+                    p_r, p_o, raw = projected[:n], projected[n: 2 * n], projected[2 * n:]
+                    # Fig 8: the layer's raw prediction vs. each active memory's own (sign-aware) prediction
+                    layer_top = raw.argmax(dim=1)
                     pos_pred, neg_pred = preds[layer]
                     own = torch.where(mw > 0, pos_pred[None, :], neg_pred[None, :])
                     matched = (active & (own == layer_top[:, None])).any(dim=1)
                     n_match = int(matched.sum())
-                    acc["no_match"][layer] += len(batch) - n_match
+                    acc["no_match"][layer] += n - n_match
                     acc["match"][layer] += n_match
                     if n_match:
                         acc["match_short"][layer] += int((matched & short).sum())
                         acc["match_stop"][layer] += sum(stop_word(int(t)) for t in layer_top[matched].tolist())
                     # Figs 9-11
-                    lr = lens(r)
+                    lr = lens.logits(p_r, k_r)
                     a = lr.argmax(dim=1)
-                    b = lens(o).argmax(dim=1)
-                    c = lens(h).argmax(dim=1)
                     acc["res_final"][layer] += int((a == final_top).sum())
                     logp = lr.gather(1, final_top[:, None])[:, 0] - torch.logsumexp(lr, dim=1)
                     acc["res_prob"][layer] += logp.exp().sum().item()
+                    del lr
+                    b = lens.top(p_o, k_o)
+                    c = lens.top(p_r.add_(p_o), k_h)
                     kinds = torch.stack([(c == a) & (a != b), (c == b) & (b != a), (a == b) & (b == c),
                                          (c != a) & (c != b)], dim=1)
                     effects[layer] += kinds.sum(dim=0).cpu().numpy()
-                bar.update(len(batch))
+                bar.update(n)
     finally:
         bar.close()
 
-    n = len(positions)
+    total = len(positions)
 
     def share(num: np.ndarray, den) -> list:
         den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
         return [float(x / d) if d > 0 else None for x, d in zip(num, den)]
 
     return {
-        "n_examples": n,
-        "active_fraction_mean": share(acc["active"], n),
-        "active_fraction_positive_mean": share(acc["positive"], n),
-        "no_single_memory_match": share(acc["no_match"], n),
+        "n_examples": total,
+        "active_fraction_mean": share(acc["active"], total),
+        "active_fraction_positive_mean": share(acc["positive"], total),
+        "no_single_memory_match": share(acc["no_match"], total),
         "match_is_stopword": share(acc["match_stop"], acc["match"]),
         "match_prefix_short": share(acc["match_short"], acc["match"]),
         "n_matches": [int(x) for x in acc["match"]],
-        "residual_matches_final": share(acc["res_final"], n),
-        "residual_prob_of_final": share(acc["res_prob"], n),
-        "ffn_effect": {name: share(effects[:, j], n) for j, name in enumerate(EFFECTS)},
+        "residual_matches_final": share(acc["res_final"], total),
+        "residual_prob_of_final": share(acc["res_prob"], total),
+        "ffn_effect": {name: share(effects[:, j], total) for j, name in enumerate(EFFECTS)},
         "active_threshold": tau,
         "held_out_units": int(len(held_out_units(atlas))),
         "units_used": int(len(np.unique(units))),
+        "prefixes_per_unit": per_unit,
         "mean_prefix_tokens": float(np.mean(n_text)),
+        "forward_tokens": int(forward_tokens),
         "seed": seed,
-        "definitions": dict(DEFINITIONS),
+        "definitions": dict(DEFINITIONS, active=DEFINITIONS["active"] + f" Used here: tau = {tau:g}."),
     }

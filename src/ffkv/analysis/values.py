@@ -141,21 +141,20 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
     for start in range(0, d_ff, chunk):
         stop = min(start + chunk, d_ff)
         logits = values[start:stop] @ unembed.T  # [c, vocab], the positive face's logits
-        for face in faces:
-            sign = 1.0 if face == "pos" else -1.0
-            signed = logits if sign > 0 else -logits
-            best, pred = signed.max(dim=1)
-            lse = torch.logsumexp(signed, dim=1)
+        for face in sorted(faces, key=lambda f: f != "pos"):  # pos first: the neg face negates in place
+            if face == "neg":
+                logits.neg_()
+            best, pred = logits.max(dim=1)
+            lse = torch.logsumexp(logits, dim=1)
             res = results[face]
             res["prediction"][start:stop] = pred.cpu().numpy()
             res["max_prob"][start:stop] = torch.exp(best - lse).double().cpu().numpy()
             tgt = torch.from_numpy(targets[face][start:stop]).to(device)
             ok = tgt >= 0
             if bool(ok.any()):
-                at = signed.gather(1, tgt.clamp(min=0)[:, None])  # [c, 1]
-                rank = (signed > at).sum(dim=1)
+                at = logits.gather(1, tgt.clamp(min=0)[:, None])  # [c, 1]
+                rank = (logits > at).sum(dim=1, dtype=torch.int32).long()
                 res["rank"][start:stop] = torch.where(ok, rank, torch.full_like(rank, -1)).cpu().numpy()
-            del signed
         del logits
 
     out = {}

@@ -1,0 +1,338 @@
+"""§5 aggregation experiment on tiny models (ReLU OPT, GELU GPT-2, gated Llama): the captured states against
+plain forwards, constructed layers with known answers (composition; an FFN that cannot change the top token),
+and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import BOS_ARCHS, tiny_config
+from helpers import unit_coefficients
+
+import ffkv
+from ffkv.analysis.aggregation import (
+    EFFECTS,
+    _Lens,
+    aggregation_experiment,
+    capture_last_positions,
+    held_out_units,
+    sample_prefixes,
+)
+from ffkv.arch import get_path
+from ffkv.errors import FfkvError
+
+ARCHS = ["opt", "gpt2", "llama"]
+SCAN = dict(dtype="float64", top_k=5, max_tokens=200, max_length=64, batch_tokens=400, max_batch=16, value_top=8,
+            checkpoint_every=1e9)
+# the norm in front of each block's FFN: its input is the residual stream before the FFN (an independent r)
+FFN_PRE_NORM = {"opt": "final_layer_norm", "gpt2": "ln_2", "llama": "post_attention_layernorm"}
+A, B, C = 40, 41, 42  # token ids of the composition case
+
+
+def _build(arch: str, tokenizers, directory, edit=None, seed: int = 0, **config_overrides):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch)
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(directory)
+    tokenizers["bos" if arch in BOS_ARCHS else "plain"].save_pretrained(directory)
+    return ffkv.load_model(str(directory), dtype="float64")
+
+
+def _scan(loaded, corpus, out, **kw):
+    return ffkv.scan(loaded, str(corpus), out, ffkv.ScanConfig(**dict(SCAN, **kw)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def held_out_scan(tokenizers, corpus_txt, tmp_path_factory):
+    """arch -> (atlas, model): a tiny random model scanned over part of the corpus (the rest held out)."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"aggregation-{arch}")
+            loaded = _build(arch, tokenizers, root / "model", seed=3)
+            cache[arch] = (_scan(loaded, corpus_txt, root / "atlas"), loaded)
+        return cache[arch]
+
+    return get
+
+
+def _prefix(atlas, position: int) -> list[int]:
+    return atlas.store.prefix(int(position))[1]
+
+
+def test_sampled_prefixes_are_held_out_and_seeded(held_out_scan):
+    atlas, _ = held_out_scan("gpt2")
+    store = atlas.store
+    scanned = set(np.load(atlas.path / "scanned_units.npy").tolist())
+    held = held_out_units(atlas)
+    assert len(held) and not scanned & set(held.tolist())
+    for n in (len(held) // 2, len(held) * 3):  # one prefix per unit; several per unit
+        positions = sample_prefixes(atlas, n, seed=5)
+        assert len(positions) == len(set(positions.tolist())) == n
+        units = store.unit_of(positions)
+        assert not scanned & set(units.tolist())
+        assert (positions >= store.offset[units] + store.n_special[units]).all()
+        assert (positions < store.offset[units] + store.length[units]).all()
+        assert len(set(units.tolist())) == (n if n < len(held) else len(set(units.tolist())))
+        np.testing.assert_array_equal(positions, sample_prefixes(atlas, n, seed=5))
+    assert len(set(store.unit_of(sample_prefixes(atlas, len(held) * 3, seed=5)).tolist())) < len(held) * 3
+    grouped = sample_prefixes(atlas, 20, seed=5, per_unit=3)  # up to 3 per unit, units in random order
+    units = store.unit_of(grouped)
+    assert len(set(grouped.tolist())) == 20 and not scanned & set(units.tolist())
+    assert max(np.bincount(units)) <= 3 and len(set(units.tolist())) >= 7
+    assert not np.array_equal(sample_prefixes(atlas, 10, seed=1), sample_prefixes(atlas, 10, seed=2))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captured_states_match_plain_forwards(arch, held_out_scan):
+    atlas, loaded = held_out_scan(arch)
+    parts = loaded.parts
+    sequences = [_prefix(atlas, p) for p in sample_prefixes(atlas, 6, seed=0)]
+    assert len({len(s) for s in sequences}) > 1  # padding is exercised
+    got = capture_last_positions(loaded, sequences)
+    pre_norm_inputs: dict[int, torch.Tensor] = {}
+    handles = [get_path(parts.blocks[layer], FFN_PRE_NORM[arch]).register_forward_pre_hook(
+        lambda _m, args, layer=layer: pre_norm_inputs.__setitem__(layer, args[0])) for layer in range(parts.n_layers)]
+    try:
+        for row, seq in enumerate(sequences):
+            with torch.inference_mode():
+                logits = loaded.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+            # the final logits are the model's own logits
+            torch.testing.assert_close(got["final_logits"][row], logits, rtol=1e-9, atol=1e-9)
+            coefficients = unit_coefficients(loaded, seq, range(parts.n_layers))
+            for layer in range(parts.n_layers):
+                torch.testing.assert_close(got["m"][layer][row], coefficients[layer][-1], rtol=1e-9, atol=1e-9)
+                residual = pre_norm_inputs[layer].reshape(-1, parts.d_model)[len(seq) - 1]
+                torch.testing.assert_close(got["r"][layer][row], residual, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(got["r"][layer][row] + got["o"][layer][row], got["h"][layer][row])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _independent_block(atlas, loaded, positions, tau):
+    """The per-layer shares recomputed from lone full-model forwards (one prefix at a time), with the FFN
+    pre-norm's input as the residual r, the block output as h, o = h - r and the plain logit lens
+    final_norm(x) @ E.T."""
+    parts = loaded.parts
+    arch = atlas.manifest["model"]["architecture"]
+    n_layers = parts.n_layers
+    E = parts.unembedding.detach()
+    names = ("active", "positive", "no_match", "res_final", "res_prob") + EFFECTS
+    out = {name: np.zeros(n_layers) for name in names}
+    own_top = []
+    for layer in range(n_layers):
+        value_logits = parts.values(layer).detach() @ E.T
+        own_top.append((value_logits.argmax(dim=1), value_logits.argmin(dim=1)))
+    residual: dict[int, torch.Tensor] = {}
+    block_out: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in range(n_layers):
+        handles.append(get_path(parts.blocks[layer], FFN_PRE_NORM[arch]).register_forward_pre_hook(
+            lambda _m, args, layer=layer: residual.__setitem__(layer, args[0].reshape(-1, parts.d_model)[-1])))
+        handles.append(parts.blocks[layer].register_forward_hook(
+            lambda _m, _a, o, layer=layer: block_out.__setitem__(
+                layer, (o[0] if isinstance(o, tuple) else o).reshape(-1, parts.d_model)[-1])))
+    try:
+        for p in positions:
+            seq = _prefix(atlas, p)
+            coefficients = unit_coefficients(loaded, seq, range(n_layers))
+            with torch.inference_mode():
+                logits = loaded.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                final = int(logits.argmax())
+                for layer in range(n_layers):
+                    m = coefficients[layer][-1]
+                    on = m > 0 if tau == 0.0 else m.abs() > tau * m.abs().max()
+                    out["active"][layer] += float(on.double().mean())
+                    out["positive"][layer] += float((m > 0).double().mean())
+                    top = int((m @ parts.values(layer) @ E.T).argmax())
+                    own = torch.where(m > 0, *own_top[layer])
+                    out["no_match"][layer] += float(not bool((on & (own == top)).any()))
+                    r, h = residual[layer], block_out[layer]
+                    lens_r = parts.final_norm(r) @ E.T
+                    a, b, c = int(lens_r.argmax()), int((parts.final_norm(h - r) @ E.T).argmax()), \
+                        int((parts.final_norm(h) @ E.T).argmax())
+                    out["res_final"][layer] += float(a == final)
+                    out["res_prob"][layer] += float(lens_r.softmax(0)[final])
+                    kind = "agreement" if a == b == c else "residual" if c == a else "ffn" if c == b else "composition"
+                    out[kind][layer] += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: v / len(positions) for name, v in out.items()}
+
+
+@pytest.mark.parametrize("arch,per_unit", [("opt", 1), ("gpt2", 1), ("llama", 1), ("llama", 6)])
+def test_every_share_matches_lone_forwards(arch, per_unit, held_out_scan):
+    atlas, loaded = held_out_scan(arch)
+    n = 30 if per_unit == 1 else 40
+    block = aggregation_experiment(atlas, loaded, n_examples=n, seed=4, per_unit=per_unit, batch_tokens=150,
+                                   progress=False)
+    tau = 0.0 if arch == "opt" else 0.1
+    assert block["active_threshold"] == tau and block["n_examples"] == n
+    positions = sample_prefixes(atlas, n, seed=4, per_unit=per_unit)
+    if per_unit > 1:  # several prefixes per unit, each unit run once up to its last example
+        assert block["units_used"] < n and block["forward_tokens"] < sum(len(_prefix(atlas, p)) for p in positions)
+    expected = _independent_block(atlas, loaded, positions, tau)
+    np.testing.assert_allclose(block["active_fraction_mean"], expected["active"], rtol=1e-12)
+    np.testing.assert_allclose(block["active_fraction_positive_mean"], expected["positive"], rtol=1e-12)
+    np.testing.assert_allclose(block["no_single_memory_match"], expected["no_match"], rtol=1e-12)
+    np.testing.assert_allclose(block["residual_matches_final"], expected["res_final"], rtol=1e-12)
+    # Llama's RMSNorm normalises in float32 even in a float64 model: agreement to float32 precision only
+    np.testing.assert_allclose(block["residual_prob_of_final"], expected["res_prob"], rtol=1e-6)
+    for kind in EFFECTS:
+        np.testing.assert_allclose(block["ffn_effect"][kind], expected[kind], rtol=1e-12, err_msg=kind)
+    if arch == "opt":  # ReLU: active means m > 0
+        assert block["active_fraction_mean"] == block["active_fraction_positive_mean"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_logit_lens_equals_the_plain_one(arch):
+    """lens(x) = k(x) * (t(x) @ E.T) + beta @ E.T and t linear, with a non-trivial final norm gain and bias."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).double().eval()
+    parts = ffkv.arch.ModelParts(model)
+    with torch.no_grad():
+        norm = parts.final_norm
+        norm.weight.uniform_(0.5, 2.0)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.normal_(0, 0.5)
+    lens = _Lens(parts, torch.float64)
+    assert (lens.beta_logits is None) == (arch == "llama")
+    x, y = torch.randn(5, parts.d_model, dtype=torch.float64) * 3, torch.randn(5, parts.d_model, dtype=torch.float64)
+    with torch.inference_mode():
+        t_x, k_x = lens.split(x)
+        t_y, _ = lens.split(y)
+        _, k_xy = lens.split(x + y)
+        torch.testing.assert_close(lens.logits(t_x @ lens.unembed_t, k_x), lens.full(x))
+        torch.testing.assert_close(lens.logits((t_x + t_y) @ lens.unembed_t, k_xy), lens.full(x + y))
+        t0, k0 = lens.split(torch.zeros(1, parts.d_model, dtype=torch.float64))
+        torch.testing.assert_close(lens.logits(t0 @ lens.unembed_t, k0), lens.full(torch.zeros(1, parts.d_model,
+                                                                                              dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_shape_and_ffn_effect_sums_to_one(arch, held_out_scan):
+    atlas, loaded = held_out_scan(arch)
+    block = aggregation_experiment(atlas, loaded, n_examples=25, seed=0, active_threshold=0.2, progress=False)
+    n_layers = loaded.parts.n_layers
+    assert block["n_examples"] == 25
+    assert block["active_threshold"] == (0.0 if arch == "opt" else 0.2)
+    for name in ("active_fraction_mean", "active_fraction_positive_mean", "no_single_memory_match",
+                 "residual_matches_final", "residual_prob_of_final"):
+        assert len(block[name]) == n_layers
+        assert all(0.0 <= x <= 1.0 for x in block[name]), name
+    assert set(block["ffn_effect"]) == set(EFFECTS)
+    totals = np.sum([block["ffn_effect"][k] for k in EFFECTS], axis=0)
+    np.testing.assert_allclose(totals, 1.0, rtol=1e-12)
+    for layer in range(n_layers):
+        matches = block["n_matches"][layer]
+        assert matches == round((1 - block["no_single_memory_match"][layer]) * 25)
+        for name in ("match_is_stopword", "match_prefix_short"):
+            assert (block[name][layer] is None) == (matches == 0)
+    # the last layer's output is the model's output: its residual gives the final token no more often than 1
+    assert block["residual_matches_final"][-1] <= 1.0
+    assert "active" in block["definitions"]
+
+
+def _zero_ffn_output(layer: int):
+    def edit(model):
+        parts = ffkv.arch.ModelParts(model)
+        out = parts.ffn_out(layer)
+        out.weight.zero_()
+        if getattr(out, "bias", None) is not None:
+            out.bias.zero_()
+    return edit
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_ffn_that_adds_nothing_cannot_change_the_top_token(arch, tokenizers, corpus_txt, tmp_path):
+    loaded = _build(arch, tokenizers, tmp_path / "model", edit=_zero_ffn_output(1))
+    atlas = _scan(loaded, corpus_txt, tmp_path / "atlas")
+    block = aggregation_experiment(atlas, loaded, n_examples=30, progress=False)
+    effect = block["ffn_effect"]
+    assert effect["ffn"][1] == 0.0 and effect["composition"][1] == 0.0
+    assert effect["residual"][1] + effect["agreement"][1] == pytest.approx(1.0)
+
+
+def _composition_layer(arch: str, layer: int):
+    """Layer ``layer``: memories 0 and 1 always fire with the same positive coefficient, every other memory is
+    off; their values are e_A + 0.8 e_C and e_B + 0.8 e_C over an unembedding where tokens A, B, C are
+    orthonormal and every other token is tiny. Alone they predict A and B; together C."""
+
+    def edit(model):
+        parts = ffkv.arch.ModelParts(model)
+        d = parts.d_model
+        e = model.get_output_embeddings().weight
+        e.mul_(0.01)
+        e[[A, B, C]] = torch.eye(d)[:3]
+        block = parts.blocks[layer]
+        if arch == "opt":  # relu(fc1(x)): weight 0, bias +1 on (0, 1), -1 elsewhere
+            first, bias_on, bias_off = block.fc1, 1.0, -1.0
+        elif arch == "gpt2":  # gelu(c_fc(x)): gelu(3) ~ 3, gelu(-10) ~ 0
+            first, bias_on, bias_off = block.mlp.c_fc, 3.0, -10.0
+        else:  # silu(gate(x)) * up(x): up = 1 on (0, 1), 0 elsewhere
+            block.mlp.gate_proj.weight.zero_()
+            block.mlp.gate_proj.bias.fill_(3.0)
+            first, bias_on, bias_off = block.mlp.up_proj, 1.0, 0.0
+        first.weight.zero_()
+        first.bias.fill_(bias_off)
+        first.bias[:2] = bias_on
+        values = parts.values(layer)
+        values.zero_()
+        values[0] = e[A] + 0.8 * e[C]
+        values[1] = e[B] + 0.8 * e[C]
+        parts.ffn_out(layer).bias.zero_()
+
+    return edit
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_constructed_composition(arch, tokenizers, corpus_txt, tmp_path):
+    layer = 1
+    extra = {"mlp_bias": True} if arch == "llama" else {}
+    loaded = _build(arch, tokenizers, tmp_path / "model", edit=_composition_layer(arch, layer), **extra)
+    atlas = _scan(loaded, corpus_txt, tmp_path / "atlas")
+    # the memories' own predictions, as the atlas stores them
+    assert atlas.value_tokens(layer, 0, "pos")["top_token_ids"][0] == A
+    assert atlas.value_tokens(layer, 1, "pos")["top_token_ids"][0] == B
+    block = aggregation_experiment(atlas, loaded, n_examples=30, progress=False)
+    d_ff = loaded.parts.d_ff
+    assert block["active_fraction_mean"][layer] == pytest.approx(2 / d_ff)
+    assert block["no_single_memory_match"][layer] == 1.0
+    assert block["n_matches"][layer] == 0 and block["match_is_stopword"][layer] is None
+    # the layer's raw prediction is C on every example
+    sequences = [_prefix(atlas, p) for p in sample_prefixes(atlas, 30, seed=0)]
+    got = capture_last_positions(loaded, sequences)
+    with torch.inference_mode():
+        raw = got["m"][layer] @ loaded.parts.values(layer) @ loaded.parts.unembedding.T
+    assert (raw.argmax(dim=1) == C).all()
+
+
+def test_bad_input_is_a_clear_error(tokenizers, corpus_txt, tmp_path, held_out_scan):
+    loaded = _build("gpt2", tokenizers, tmp_path / "model")
+    whole = _scan(loaded, corpus_txt, tmp_path / "whole", max_tokens=None)
+    with pytest.raises(FfkvError, match="no held-out units"):
+        aggregation_experiment(whole, loaded, n_examples=10, progress=False)
+    atlas, loaded = held_out_scan("gpt2")
+    store = atlas.store
+    held = held_out_units(atlas)
+    available = int((store.length[held] - store.n_special[held]).sum())
+    with pytest.raises(FfkvError, match=f"asked for {available + 1} examples .* only {available} prefixes"):
+        aggregation_experiment(atlas, loaded, n_examples=available + 1, progress=False)
+    assert len(sample_prefixes(atlas, available)) == available  # exactly all of them is fine
+    with pytest.raises(FfkvError, match="positive"):
+        sample_prefixes(atlas, 0)
+    with pytest.raises(FfkvError, match="threshold"):
+        aggregation_experiment(atlas, loaded, n_examples=5, active_threshold=1.5, progress=False)
