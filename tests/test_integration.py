@@ -78,3 +78,36 @@ def test_default_corpus_loads_offline_from_the_cached_wheel():
     assert len(corpus.documents) > 10_000
     assert all(d.text.strip() for d in corpus.documents)
     assert sum(bool(d.title) for d in corpus.documents) > 0.99 * len(corpus.documents)
+
+
+def test_analyze_and_report_on_a_real_atlas(tmp_path):
+    """`ffkv analyze` + `ffkv report` end to end on a small atlas of the embedded model over the default
+    corpus (two layers, small sizes): the analysis.json contract and sane values."""
+    from ffkv.analysis.run import AnalyzeConfig, analyze
+    from ffkv.report import write_report
+
+    loaded = ffkv.load_model("default")
+    config = ffkv.ScanConfig(max_tokens=2500, layers="1,28", top_k=10, value_top=5)
+    atlas = ffkv.scan(loaded, "default", tmp_path / "atlas", config, progress=False)
+    result = analyze(atlas.path, AnalyzeConfig(keys_per_layer=3, triggers=10, removal_keys=2, removal_triggers=3,
+                                               examples=40), model=loaded, progress=False)
+    on_disk = json.loads((atlas.path / "analysis.json").read_text())
+    assert on_disk["layers"] == [1, 28] and on_disk["n_layers"] == 30
+    for block in ("patterns", "patterns_neg", "token_removal", "token_removal_neg", "values", "values_neg",
+                  "aggregation"):
+        assert block in on_disk, block
+    assert on_disk["missing"] == {}
+    for layer in (1, 28):
+        shares = [result["patterns"][k][layer] for k in ("shallow", "semantic", "both", "none")]
+        assert sum(shares) == pytest.approx(1.0)
+        assert 0 <= result["values"]["agreement_rate"][layer] <= 1
+        effect = result["aggregation"]["ffn_effect"]
+        assert sum(effect[k][layer] for k in ("residual", "ffn", "agreement", "composition")) == pytest.approx(1)
+        assert -1.5 < result["token_removal"]["last"][layer] < 1.5
+    assert result["patterns"]["shallow"][0] is None  # layer 0 was not scanned
+    assert result["aggregation"]["n_examples"] == 40
+    html = write_report(atlas.path).read_text()
+    from ffkv.report import FIGURE_IDS
+
+    for fig in FIGURE_IDS:  # every figure drawn from this real analysis, none reported missing
+        assert f'id="{fig}" data-figure="{fig}" data-state="drawn"' in html, fig
