@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                 page.locator(f'details.layer[data-layer="{off_layer}"] button.iv-off').first.click()
                 page.wait_for_selector("#status:has-text('ran in')")
                 page.wait_for_selector("#prediction-table th:has-text('Δ')")
+                page.evaluate("window.scrollTo(0, 0)")  # the prompt and the prediction table with its Δ column
                 page.screenshot(path=str(out / "debugger.png"), full_page=False)
             finally:
                 browser.close()
