@@ -64,11 +64,11 @@ def peak_rss_mb(model: str, budget: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--tokens", type=int, default=6000, help="tokens per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=20000, help="tokens per round (a whole scan from a cold state)")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--memory-budgets", default="2000,8000,32000",
+    ap.add_argument("--memory-budgets", default="2000,16000",
                     help="token budgets for the peak-memory check ('' to skip)")
     args = ap.parse_args()
 

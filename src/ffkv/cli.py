@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, defaults, text in (
         ("scan", cmd_scan, {}, "scan a corpus and write an atlas"),
         ("run", cmd_run, {"max_tokens": RUN_MAX_TOKENS}, "the `make run` job on the embedded defaults: "
-         "scan (then analyse and report as those stages exist) and print a summary"),
+         "scan, analyze and report, printing a summary"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         add_dataclass_arguments(p, ScanConfig, defaults)

@@ -112,19 +112,25 @@ def select_units(store: TokenStore, max_tokens: int | None, seed: int) -> np.nda
     return np.sort(chosen)
 
 
+def pack_sorted(lengths, batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Greedy batches over items sorted by ascending length: a batch closes when one more item would pad
+    it past ``batch_tokens`` (rows x longest) or ``max_batch`` rows. Returns lists of item indices."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i, length in enumerate(lengths):
+        if current and ((len(current) + 1) * int(length) > batch_tokens or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def plan_batches(store: TokenStore, units: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
     """Group units of similar length (sorted by length, then id) into batches of bounded padded size."""
     order = units[np.lexsort((units, store.length[units]))]
-    batches, current = [], []
-    for u in order:
-        longest = int(store.length[u])  # sorted ascending: the new unit is the longest so far
-        if current and (len(current) + 1) * longest > batch_tokens or len(current) >= max_batch:
-            batches.append(np.array(current))
-            current = []
-        current.append(int(u))
-    if current:
-        batches.append(np.array(current))
-    return batches
+    return [order[idx] for idx in pack_sorted(store.length[order], batch_tokens, max_batch)]
 
 
 class LayerState:

@@ -65,47 +65,55 @@ class TopK:
         self.threshold = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
 
     BLOCK = 16
-    """Positions per block in the candidate filter."""
-    DENSE_FRACTION = 0.05
-    """Above this share of candidate elements (a cold state), merge whole rows instead."""
+    """Positions per block in the candidate filter (fewer in batches of under 32k positions)."""
+    SPARSE_FRACTION = 0.05
+    """Up to this share of elements in passing blocks, only those blocks are read again; above it (a young
+    state), one comparison over the whole batch finds the candidates."""
 
     def add(self, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Merge a batch ``values [N, n_rows]`` at global ``positions [N]``; returns the batch's column
         max (column min for ``largest=False``), which the caller can reuse.
 
-        Candidate filter: the max (min) over blocks of BLOCK positions is compared with each row's current
-        k-th value; only elements of blocks that pass are looked at, and only those that pass themselves
-        (>=: an equal value can still win on position) are encoded and merged.
+        Candidate filter: nothing below a row's bar can enter its top-k, where the bar is the larger of its
+        current k-th value and the k-th largest of the batch's block maxima (k distinct elements of the batch
+        reach it). Blocks of BLOCK positions whose max is below the bar are skipped; of the rest, only the
+        elements >= the bar (an equal value can still win on position) are encoded and merged.
         """
         n, d = values.shape
         if n == 0:  # nothing to merge; the extreme of no values is -inf (+inf for the smallest)
             return torch.full((d,), float("-inf") if self.largest else float("inf"), dtype=values.dtype,
                               device=values.device)
-        sign = 1.0 if self.largest else -1.0
-        q = n // self.BLOCK
+        # smaller blocks for small batches, so that there are >= 2k of them and the batch's bar exists
+        block = max(1, min(self.BLOCK, n // (2 * self.k)))
+        q = n // block
         pieces = []
         if q:
-            head = values[: q * self.BLOCK].view(q, self.BLOCK, d)
+            head = values[: q * block].view(q, block, d)
             pieces.append(head.amax(1) if self.largest else head.amin(1))
-        if n % self.BLOCK:
-            tail = values[q * self.BLOCK:]
+        if n % block:
+            tail = values[q * block:]
             pieces.append(tail.amax(0, keepdim=True) if self.largest else tail.amin(0, keepdim=True))
-        block_extreme = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        block_extreme = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(torch.float32)
         column_extreme = block_extreme.amax(0) if self.largest else block_extreme.amin(0)
-        hit_block, hit_row = torch.nonzero(block_extreme * sign >= self.threshold, as_tuple=True)
+        signed_blocks = block_extreme if self.largest else -block_extreme  # [n_blocks, d], larger = better
+        bar = self.threshold
+        if signed_blocks.shape[0] >= self.k:
+            bar = torch.maximum(bar, signed_blocks.T.topk(self.k, dim=1, sorted=False).values.amin(dim=1))
+        hit_block, hit_row = torch.nonzero(signed_blocks >= bar, as_tuple=True)
         if hit_row.numel() == 0:
             return column_extreme
-        if hit_row.numel() * self.BLOCK > self.DENSE_FRACTION * n * d:
-            self._merge_rows(values, positions, torch.unique(hit_row))
-            return column_extreme
-        # element candidates inside the hit blocks
-        offsets = torch.arange(self.BLOCK, device=values.device)
-        pos_idx = (hit_block[:, None] * self.BLOCK + offsets).flatten()
-        row_idx = hit_row.repeat_interleave(self.BLOCK)
-        inside = pos_idx < n
-        pos_idx, row_idx = pos_idx[inside], row_idx[inside]
-        signed = values[pos_idx, row_idx].to(torch.float32) * sign
-        keep = signed >= self.threshold[row_idx]
+        if hit_row.numel() * block <= self.SPARSE_FRACTION * n * d:
+            offsets = torch.arange(block, device=values.device)
+            pos_idx = (hit_block[:, None] * block + offsets).flatten()
+            row_idx = hit_row.repeat_interleave(block)
+            inside = pos_idx < n
+            pos_idx, row_idx = pos_idx[inside], row_idx[inside]
+        else:
+            mask = values >= bar if self.largest else values <= -bar
+            pos_idx, row_idx = torch.nonzero(mask, as_tuple=True)
+        signed = values[pos_idx, row_idx].to(torch.float32)
+        signed = signed if self.largest else -signed
+        keep = signed >= bar[row_idx]
         pos_idx, row_idx, signed = pos_idx[keep], row_idx[keep], signed[keep]
         keys = encode(signed, positions[pos_idx])
         # lay the candidates out as a ragged [rows, max candidates] matrix padded with EMPTY_KEY
@@ -117,11 +125,6 @@ class TopK:
         dense[inverse, slot] = keys
         self._merge(rows, dense)
         return column_extreme
-
-    def _merge_rows(self, values: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
-        sub = values.index_select(1, rows).T.to(torch.float32)  # [r, N]
-        keys = encode(sub if self.largest else -sub, positions)
-        self._merge(rows, keys.topk(min(self.k, keys.shape[1]), dim=1).values)
 
     def _merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         merged = torch.cat([self.keys.index_select(0, rows), keys], dim=1).topk(self.k, dim=1).values

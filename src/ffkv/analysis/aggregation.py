@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..atlas import Atlas
 from ..errors import FfkvError
+from ..scan import pack_sorted
 
 SHORT_PREFIX = 5
 """Prefixes of at most this many tokens (special prefix excluded) count as short (the paper's 43 %)."""
@@ -137,15 +138,7 @@ def _plan(store, positions: np.ndarray, batch_tokens: int, max_batch: int):
         start = int(store.offset[u])
         rows.append((start, int(positions[idx].max()) - start + 1, idx))
     rows.sort(key=lambda r: (r[1], r[0]))
-    batches, current = [], []
-    for row in rows:
-        if current and ((len(current) + 1) * row[1] > batch_tokens or len(current) >= max_batch):
-            batches.append(current)
-            current = []
-        current.append(row)
-    if current:
-        batches.append(current)
-    return batches
+    return [[rows[i] for i in idx] for idx in pack_sorted([r[1] for r in rows], batch_tokens, max_batch)]
 
 
 class PositionCapture:
