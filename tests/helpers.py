@@ -91,3 +91,24 @@ def brute_force_topk(values: torch.Tensor, positions: torch.Tensor, k: int, larg
         out_v[row, :len(order)] = col[order]
         out_p[row, :len(order)] = pos[order]
     return torch.from_numpy(out_v), torch.from_numpy(out_p)
+
+
+def build_saved_model(arch: str, tokenizers, directory, edit=None, seed: int = 0, **config_overrides):
+    """Save a tiny random model (config overrides applied, optionally edited in place) with its test
+    tokenizer, and load it back through ``ffkv.load_model`` in float64."""
+    from conftest import BOS_ARCHS, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    import ffkv
+
+    config = tiny_config(arch)
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.save_pretrained(directory)
+    tokenizers["bos" if arch in BOS_ARCHS else "plain"].save_pretrained(directory)
+    return ffkv.load_model(str(directory), dtype="float64")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BOS_ARCHS, tiny_config
-from helpers import unit_coefficients
+from conftest import tiny_config
+from helpers import build_saved_model, unit_coefficients
 
 import ffkv
 from ffkv.analysis.aggregation import (
@@ -30,20 +30,7 @@ FFN_PRE_NORM = {"opt": "final_layer_norm", "gpt2": "ln_2", "llama": "post_attent
 A, B, C = 40, 41, 42  # token ids of the composition case
 
 
-def _build(arch: str, tokenizers, directory, edit=None, seed: int = 0, **config_overrides):
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(arch)
-    for k, v in config_overrides.items():
-        setattr(config, k, v)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    if edit is not None:
-        with torch.no_grad():
-            edit(model)
-    model.save_pretrained(directory)
-    tokenizers["bos" if arch in BOS_ARCHS else "plain"].save_pretrained(directory)
-    return ffkv.load_model(str(directory), dtype="float64")
+_build = build_saved_model
 
 
 def _scan(loaded, corpus, out, **kw):

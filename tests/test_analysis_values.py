@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BOS_ARCHS, tiny_config
+from helpers import build_saved_model
 
 import ffkv
 from ffkv.analysis.values import frequency_baseline, layer_values, next_token_ids, values_experiment
@@ -18,18 +18,7 @@ SCAN = dict(dtype="float64", top_k=5, max_length=64, batch_tokens=400, max_batch
             checkpoint_every=1e9)
 
 
-def _build(arch: str, tokenizers, directory, edit=None, seed: int = 0):
-    """Save a tiny random model (optionally edited in place first) and load it back through ffkv."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
-    if edit is not None:
-        with torch.no_grad():
-            edit(model)
-    model.save_pretrained(directory)
-    tokenizers["bos" if arch in BOS_ARCHS else "plain"].save_pretrained(directory)
-    return ffkv.load_model(str(directory), dtype="float64")
+_build = build_saved_model
 
 
 def _scan(loaded, corpus, out, **kw):
