@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--memory-budgets", default="2000,16000",
+    ap.add_argument("--memory-budgets", default="8000,32000",
                     help="token budgets for the peak-memory check ('' to skip)")
     args = ap.parse_args()
 
