@@ -123,7 +123,12 @@ def _print_analysis(result: dict) -> None:
 def cmd_analyze(args) -> int:
     from .analysis.run import AnalyzeConfig, analyze
 
-    result = analyze(args.atlas, config_from_args(AnalyzeConfig, args), progress=not args.quiet)
+    model = None
+    if args.model is not None:  # the atlas records how its model was named; this overrides it
+        from .models import load_model
+
+        model = load_model(args.model, dtype=args.dtype)
+    result = analyze(args.atlas, config_from_args(AnalyzeConfig, args), model=model, progress=not args.quiet)
     _print_analysis(result)
     print(f"wrote {Path(args.atlas) / 'analysis.json'}")
     return 0
@@ -207,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help=text, description=text)
     p.add_argument("atlas")
     add_dataclass_arguments(p, AnalyzeConfig)
+    p.add_argument("--model", default=None, help="the atlas's model, where it is not found by the name the "
+                   "atlas records (it must have the same weights)")
+    p.add_argument("--dtype", default="float32", help="dtype to load --model in (default: float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze)
 
