@@ -177,7 +177,7 @@ class Atlas:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path / "tokenizer")
         return self._tokenizer
 
-    def _check(self, layer: int, key: int | None = None, face: str = "pos") -> None:
+    def check(self, layer: int, key: int | None = None, face: str = "pos") -> None:
         if layer not in self.layers:
             scanned = self.layers
             span = f"{scanned[0]}-{scanned[-1]}" if scanned == list(range(scanned[0], scanned[-1] + 1)) \
@@ -189,7 +189,7 @@ class Atlas:
             raise FfkvError(f"face {face!r} not in this atlas (faces: {', '.join(self.faces)})")
 
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        self._check(layer)
+        self.check(layer)
         if layer not in self._layers:
             self._layers[layer] = load_file(self.path / "layers" / f"layer_{layer:03d}.safetensors")
         return self._layers[layer]
@@ -211,7 +211,7 @@ class Atlas:
 
     def triggers(self, layer: int, key: int, face: str = "pos", n: int | None = None) -> list[Trigger]:
         """The top trigger prefixes of one memory's face, best first (empty slots omitted)."""
-        self._check(layer, key, face)
+        self.check(layer, key, face)
         t = self.layer_tensors(layer)
         scores, positions = t[f"{face}_scores"][key], t[f"{face}_positions"][key]
         out = []
@@ -224,7 +224,7 @@ class Atlas:
     def value_tokens(self, layer: int, key: int, face: str = "pos", normed: bool = False,
                      n: int | None = None) -> dict:
         """Tokens the memory's value promotes on this face (raw v.E, or through the final norm)."""
-        self._check(layer, key)
+        self.check(layer, key)
         if face not in FACES:
             raise FfkvError(f"face must be one of {FACES}")
         t = self.layer_tensors(layer)

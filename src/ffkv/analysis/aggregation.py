@@ -34,20 +34,10 @@ from tqdm.auto import tqdm
 from ..atlas import Atlas
 from ..errors import FfkvError
 from ..scan import pack_sorted
+from .words import STOP_WORDS
 
 SHORT_PREFIX = 5
 """Prefixes of at most this many tokens (special prefix excluded) count as short (the paper's 43 %)."""
-
-# A small fixed list of English function words (lower case); a token counts as a stop word when its decoded
-# text, stripped and lower-cased, is in it.
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between
-both but by can could did do does doing down during each few for from further had has have having he her here
-hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
-off on once only or other our ours ourselves out over own same she should so some such than that the their
-theirs them themselves then there these they this those through to too under until up very was we were what
-when where which while who whom why will with would you your yours yourself yourselves
-""".split())
 
 EFFECTS = ("residual", "ffn", "agreement", "composition")
 

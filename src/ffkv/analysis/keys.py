@@ -29,17 +29,14 @@ import numpy as np
 
 from ..corpus import TokenStore
 from .forward import last_position_coefficients
+from .words import STOP_WORDS
 
-STOP_WORDS = frozenset("""
-a about above after again against all also am an and any are as at be because been before being below
-between both but by can could did do does doing down during each few for from further had has have having he
-her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor
-not now of off on once only or other our ours ourselves out over own same she should so some such than that
-the their theirs them themselves then there these they this those through to too under until up very was we
-were what when where which while who whom why will with would you your yours yourself yourselves one two
-also although however though within without since among including known called used many first well became
-become became later often such most much more other another several three four five part made make like
+# Frequent words that say nothing about a topic, on top of the function words.
+GENERIC_WORDS = frozenset("""
+one two three four five also although however though within without since among including known called used
+many much first well became become later often several part made make like another
 """.split())
+NOT_CONTENT = STOP_WORDS | GENERIC_WORDS
 
 MIN_TRIGGERS = 3
 MEANING_COSINE = 0.3
@@ -111,7 +108,7 @@ class Background:
 
     def is_content_word(self, token_id: int) -> bool:
         w = self.norm[token_id]
-        return len(w) >= 2 and w.isalpha() and w not in STOP_WORDS
+        return len(w) >= 2 and w.isalpha() and w not in NOT_CONTENT
 
     def alike(self, token_id: int, others: list[int]) -> tuple[list[bool], float]:
         """Which of ``others`` are close in meaning to ``token_id``, and the corpus share of such tokens."""
@@ -238,7 +235,7 @@ def classify(triggers: list[TriggerText], bg: Background, alpha: float = 0.01) -
                 titles.setdefault(t.title, []).append(r)
             for c in {bg.code(i) for i in t.ids[:-3]}:
                 w = text_of[c]
-                if len(w) >= 4 and w.isalpha() and w not in STOP_WORDS:
+                if len(w) >= 4 and w.isalpha() and w not in NOT_CONTENT:
                     words.setdefault(c, []).append(r)
         semantic = _test_family(
             {("topic", k): (v, bg.topic_share.get(k, 1.0)) for k, v in topics.items()}
