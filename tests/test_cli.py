@@ -271,3 +271,10 @@ def test_real_processes(model_dir, corpus_txt, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("ffkv: error: layer 1")
     assert proc.stdout == ""
+
+
+def test_thirds_summary_of_per_layer_arrays():
+    from ffkv.cli import thirds
+
+    assert thirds([1, 2, 3, 4, 5, 6]) == [1.5, 3.5, 5.5, 6]
+    assert thirds([None, 2.0, None, 4.0, 6.0, None]) == [2.0, 4.0, 6.0, None]

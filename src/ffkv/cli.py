@@ -85,39 +85,62 @@ def cmd_scan(args) -> int:
 
 def cmd_run(args) -> int:
     from .analysis.run import AnalyzeConfig, analyze
-    from .scan import scan
+    from .corpus import load_corpus
+    from .models import load_model
+    from .report import write_report
+    from .scan import resolve_device, scan
 
     config = config_from_args(ScanConfig, args)
     print(f"ffkv run: model {config.model}, corpus {config.corpus}, token budget {config.max_tokens} "
           f"(--max-tokens), atlas -> {args.out}", flush=True)
-    atlas = scan(out=args.out, config=config, resume=args.resume, force=args.force, progress=not args.quiet)
+    corpus = load_corpus(config.corpus)  # before the model: a bad corpus fails fast
+    model = load_model(config.model, device=resolve_device(config.device), dtype=config.dtype)  # once for all
+    atlas = scan(model, corpus, args.out, config, resume=args.resume, force=args.force, progress=not args.quiet)
     if atlas is None:
         return 0
     _print_summary(atlas)
     print(f"ffkv run: analyses with {RUN_ANALYZE} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
-    result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), progress=not args.quiet)
+    result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), model=model, progress=not args.quiet)
     _print_analysis(result)
-    from .report import write_report
-
     print(f"ffkv run: report -> {write_report(atlas.path)}")
     return 0
 
 
-def _fmt(values, fmt="{:.2f}") -> str:
-    return " ".join("-" if v is None else fmt.format(v) for v in values)
+def thirds(values: list) -> list[float | None]:
+    """Means over the lowest, middle and highest third of the layers (missing layers skipped), and the last
+    layer: how the README and the report compare a 30-layer model with the paper's 16."""
+    n = len(values)
+    parts = [values[: n // 3], values[n // 3: 2 * n // 3], values[2 * n // 3:], values[-1:]]
+    out = []
+    for part in parts:
+        present = [v for v in part if v is not None]
+        out.append(sum(present) / len(present) if present else None)
+    return out
 
 
 def _print_analysis(result: dict) -> None:
-    """A few per-layer rows of analysis.json, so the terminal shows the paper's trends at a glance."""
-    rows = [("keys with shallow pattern", result.get("patterns", {}).get("shallow")),
-            ("keys with semantic pattern", result.get("patterns", {}).get("semantic")),
-            ("last-token removal (rel.)", result.get("token_removal", {}).get("last")),
-            ("value agreement rate", result.get("values", {}).get("agreement_rate")),
-            ("residual top = final top", result.get("aggregation", {}).get("residual_matches_final"))]
-    print("per layer:")
-    for name, values in rows:
+    """The README's "paper beside ours" rows, from analysis.json: low / mid / high third of the layers, last."""
+    p, t, v, a = (result.get(k) or {} for k in ("patterns", "token_removal", "values", "aggregation"))
+    effect = a.get("ffn_effect") or {}
+    semantic = None
+    if p.get("semantic") and p.get("both"):
+        semantic = [None if x is None or y is None else x + y for x, y in zip(p["semantic"], p["both"])]
+    rows = [("Fig 2 keys with only shallow patterns", p.get("shallow"), "{:.2f}"),
+            ("Fig 2 keys with semantic (or both)", semantic, "{:.2f}"),
+            ("Fig 3 remove first token", t.get("first"), "{:+.0%}"),
+            ("Fig 3 remove last token", t.get("last"), "{:+.0%}"),
+            ("Fig 3 remove random token", t.get("random"), "{:+.0%}"),
+            ("Fig 4 value agreement rate", v.get("agreement_rate"), "{:.2%}"),
+            ("Fig 4 frequency-matched baseline", v.get("frequency_baseline"), "{:.2%}"),
+            ("Fig 7 active memories", a.get("active_fraction_mean"), "{:.0%}"),
+            ("Fig 8 no single memory matches", a.get("no_single_memory_match"), "{:.0%}"),
+            ("Fig 9 residual top = final top", a.get("residual_matches_final"), "{:.0%}"),
+            ("Fig 11 residual keeps its top", effect.get("residual"), "{:.0%}"),
+            ("Fig 11 FFN overrides it", effect.get("ffn"), "{:.0%}")]
+    print("per third of the layers (low / mid / high, last layer):")
+    for name, values, fmt in rows:
         if values:
-            print(f"  {name:<27} {_fmt(values)}")
+            print(f"  {name:<38} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values)))
 
 
 def cmd_analyze(args) -> int:
@@ -141,7 +164,7 @@ def cmd_show(args) -> int:
     if args.json:
         print(json.dumps(atlas.show(args.layer, args.key, args.face, args.n), ensure_ascii=False, indent=1))
     else:
-        atlas._check(args.layer, args.key, args.face)
+        atlas.check(args.layer, args.key, args.face)
         _print_show(atlas, args.layer, args.key, args.face, args.n)
     return 0
 
