@@ -319,14 +319,15 @@ def test_trigger_tokens_highlighted_and_escaped(full_report, tmp_path):
     assert split.parts(None) is None
 
 
-def test_module_entry_point(tmp_path, capsys):
-    from ffkv.report.__main__ import main
+def test_report_command(tmp_path, capsys):
+    from ffkv.cli import main
 
     atlas = make_atlas(tmp_path / "atlas", "partial")
-    assert main([str(atlas), "--out", str(tmp_path / "r.html")]) == 0
+    assert main(["report", str(atlas), "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").exists()
-    assert main([str(tmp_path / "missing")]) == 2
-    assert "ffkv: error:" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ffkv: error:") and err.count("\n") == 1
 
 
 def test_formatting():
