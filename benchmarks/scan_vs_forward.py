@@ -18,9 +18,11 @@ import time
 
 import torch
 
+from ffkv.capture import Capture
 from ffkv.corpus import build_token_store, load_corpus
 from ffkv.models import load_model
-from ffkv.scan import CoefficientHooks, LayerState, make_batch, plan_batches, select_units
+from ffkv.scan import Streamer, make_batch, plan_batches, select_units
+from ffkv.topk import LayerState
 
 
 def timed_rounds(model, store, batches, rounds: int, top_k: int, sync=lambda: None) -> tuple[float, float, int]:
@@ -42,9 +44,11 @@ def timed_rounds(model, store, batches, rounds: int, top_k: int, sync=lambda: No
                       for layer in range(parts.n_layers)}
             sync()
             t = time.perf_counter()
-            with CoefficientHooks(model, states) as hooks:
+            streamer = Streamer(states)
+            with Capture(parts, states, on_coefficients=streamer) as capture:
                 for ids, valid, positions, _ in inputs:
-                    hooks.run(ids, valid, positions)
+                    streamer.batch(positions)
+                    capture.run(ids, valid)
             sync()
             scan += time.perf_counter() - t
     return bare, scan, n_tokens

@@ -13,7 +13,6 @@ from helpers import build_saved_model, unit_coefficients
 import ffkv
 from ffkv.analysis.aggregation import (
     EFFECTS,
-    _Lens,
     aggregation_experiment,
     capture_last_positions,
     held_out_units,
@@ -21,6 +20,7 @@ from ffkv.analysis.aggregation import (
 )
 from ffkv.arch import get_path
 from ffkv.errors import FfkvError
+from ffkv.projection import ResidualLens
 
 ARCHS = ["opt", "gpt2", "llama"]
 SCAN = dict(dtype="float64", top_k=5, max_tokens=200, max_length=64, batch_tokens=400, max_batch=16, value_top=8,
@@ -195,7 +195,7 @@ def test_split_logit_lens_equals_the_plain_one(arch):
         norm.weight.uniform_(0.5, 2.0)
         if getattr(norm, "bias", None) is not None:
             norm.bias.normal_(0, 0.5)
-    lens = _Lens(parts, torch.float64)
+    lens = ResidualLens(parts, torch.float64)
     assert (lens.beta_logits is None) == (arch == "llama")
     x, y = torch.randn(5, parts.d_model, dtype=torch.float64) * 3, torch.randn(5, parts.d_model, dtype=torch.float64)
     with torch.inference_mode():

@@ -10,8 +10,9 @@ from helpers import ACTIVATIONS, activation_name, capture_coefficients, linear
 
 import ffkv
 from ffkv.arch import ARCHITECTURES, ModelParts, get_path
+from ffkv.capture import Capture
 from ffkv.errors import FfkvError
-from ffkv.scan import CoefficientHooks
+from ffkv.projection import logit_lens
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -72,9 +73,12 @@ def test_hooked_coefficients_equal_recomputation_from_weights(arch, tiny_model):
     recorders = {layer: Recorder() for layer in layers}
     positions = torch.arange(ids.numel())
     try:
-        with capture_coefficients(parts, layers) as raw, CoefficientHooks(loaded, recorders) as hooks, \
+        def stream(layer, m):  # what the scan hands to its accumulators
+            recorders[layer].add(m.to(torch.float32), positions)
+
+        with capture_coefficients(parts, layers) as raw, Capture(parts, layers, on_coefficients=stream) as hooks, \
                 torch.inference_mode():
-            hooks.run(ids, None, positions)
+            hooks.run(ids, None)
     finally:
         for h in handles:
             h.remove()
@@ -153,7 +157,7 @@ def test_final_norm_and_logit_lens(arch):
         h.remove()
     x = captured["x"]
     with torch.inference_mode():
-        torch.testing.assert_close(parts.logit_lens(x), logits, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(logit_lens(parts, x), logits, rtol=1e-9, atol=1e-9)
         normed = norm(x)
         bias = getattr(norm, "bias", None)
         if bias is not None:

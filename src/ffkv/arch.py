@@ -151,6 +151,20 @@ class ModelParts:
             vectors = vectors - vectors.mean(dim=-1, keepdim=True)
         return vectors * self.norm_gain().detach().to(vectors.dtype)
 
-    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Residual-stream states -> vocabulary logits through the final norm (the logit lens)."""
-        return self.final_norm(hidden) @ self.unembedding.T
+
+def check_memory(layer: int, key: int | None = None, face: str | None = None, *, layers, d_ff: int,
+                 faces=("pos", "neg"), of: str = "atlas") -> None:
+    """The one check of a (layer, key, face) address: FfkvError with a one-line message unless it is one of
+    ``layers`` x ``range(d_ff)`` x ``faces``. ``of`` names what ``layers`` are: the 'atlas' (the scanned
+    layers) or the 'model' (all of its layers)."""
+    layers = list(layers)
+    if layer not in layers:
+        contiguous = bool(layers) and layers == list(range(layers[0], layers[-1] + 1))
+        span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
+        if of == "model":
+            raise FfkvError(f"layer {layer} out of range: the model has layers {span}")
+        raise FfkvError(f"layer {layer} is not in this atlas (layers {span})")
+    if key is not None and not 0 <= key < d_ff:
+        raise FfkvError(f"key {key} out of range: layers have keys 0-{d_ff - 1}")
+    if face is not None and face not in faces:
+        raise FfkvError(f"face {face!r} not in this atlas (faces: {', '.join(faces)})")

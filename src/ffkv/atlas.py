@@ -31,11 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
+from .arch import check_memory
 from .corpus import TokenStore
 from .errors import FfkvError
 from .projection import project_values
-from .topk import SUM_SCALE, SUMSQ_SCALE
+from .topk import SUM_SCALE, SUMSQ_SCALE, LayerState, MemoryStats, TopK
+from .version import __version__
 
 FORMAT = "ffkv-atlas/1"
 FACES = ("pos", "neg")
@@ -47,7 +48,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_layer(out: Path, layer: int, state, values: dict[str, torch.Tensor]) -> None:
+def write_layer(out: Path, layer: int, state: LayerState, values: dict[str, torch.Tensor]) -> None:
     """One layer file (atomic): both faces' top-k, the statistics and the value projections."""
     tensors = {}
     faces = [("pos", state.pos)] + ([("neg", state.neg)] if state.neg is not None else [])
@@ -63,12 +64,23 @@ def write_layer(out: Path, layer: int, state, values: dict[str, torch.Tensor]) -
     os.replace(tmp, out / "layers" / f"layer_{layer:03d}.safetensors")
 
 
+def read_layer_state(t: dict[str, torch.Tensor]) -> LayerState:
+    """The scan state a layer file was written from (``write_layer``'s inverse, value lists aside)."""
+    d_ff, k = t["pos_scores"].shape
+    state = LayerState(d_ff, k, signed="neg_scores" in t)
+    state.pos = TopK.from_result(t["pos_scores"], t["pos_positions"], largest=True)
+    if "neg_scores" in t:
+        state.neg = TopK.from_result(t["neg_scores"], t["neg_positions"], largest=False)
+    state.stats.load_state_dict({name: t[f"stat_{name}"] for name in MemoryStats.FIELDS})
+    return state
+
+
 def write_manifest(out: Path, manifest: dict) -> None:
     """Written last: its presence is what marks an atlas finished."""
     _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
 
 
-def write_atlas(out: Path, model, store: TokenStore, states: dict, config, units: np.ndarray,
+def write_atlas(out: Path, model, store: TokenStore, states: dict[int, LayerState], config, units: np.ndarray,
                 shard: tuple[int, int], world: int, result: dict, progress: bool = True) -> None:
     parts = model.parts
     for layer, state in tqdm(states.items(), desc="write layers + value projections", disable=not progress,
@@ -94,6 +106,28 @@ def write_atlas(out: Path, model, store: TokenStore, states: dict, config, units
                      shard=list(shard), world_size=world),
         "result": result,
     })
+
+
+def read_manifest(path: Path) -> dict:
+    """An atlas's manifest, checked: the folder exists, the manifest is there (the scan finished), is JSON and
+    has this ffkv's format. Readers that need nothing else of the atlas (the report) use this alone."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FfkvError(f"atlas {path} does not exist")
+    mf = path / "manifest.json"
+    if not mf.exists():
+        hint = " (an unfinished scan: resume it with --resume)" if (path / "checkpoint").exists() else ""
+        raise FfkvError(f"{path} is not a finished ffkv atlas: no manifest.json{hint}")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FfkvError(f"{mf} is corrupt (not JSON)")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise FfkvError(f"{path} has atlas format {found!r}; this ffkv reads {FORMAT}")
+    if not isinstance(manifest.get("model"), dict):
+        raise FfkvError(f"{mf} has no 'model' section: not an ffkv atlas manifest")
+    return manifest
 
 
 @dataclass
@@ -128,18 +162,7 @@ class Atlas:
     def load(cls, path: str | Path, model=None) -> Atlas:
         """Open an atlas; with ``model`` (a LoadedModel), refuse one made with another model."""
         path = Path(path)
-        if not path.is_dir():
-            raise FfkvError(f"atlas {path} does not exist")
-        mf = path / "manifest.json"
-        if not mf.exists():
-            hint = " (an unfinished scan: resume it with --resume)" if (path / "checkpoint").exists() else ""
-            raise FfkvError(f"{path} is not a finished ffkv atlas: no manifest.json{hint}")
-        try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError:
-            raise FfkvError(f"{mf} is corrupt (not JSON)")
-        if manifest.get("format") != FORMAT:
-            raise FfkvError(f"{path} has atlas format {manifest.get('format')!r}; this ffkv reads {FORMAT}")
+        manifest = read_manifest(path)
         atlas = cls(path, manifest)
         if model is not None:
             atlas.check_model(model)
@@ -178,15 +201,8 @@ class Atlas:
         return self._tokenizer
 
     def check(self, layer: int, key: int | None = None, face: str = "pos") -> None:
-        if layer not in self.layers:
-            scanned = self.layers
-            span = f"{scanned[0]}-{scanned[-1]}" if scanned == list(range(scanned[0], scanned[-1] + 1)) \
-                else ",".join(map(str, scanned))
-            raise FfkvError(f"layer {layer} is not in this atlas (layers {span})")
-        if key is not None and not 0 <= key < self.d_ff:
-            raise FfkvError(f"key {key} out of range: layers have keys 0-{self.d_ff - 1}")
-        if face not in self.faces:
-            raise FfkvError(f"face {face!r} not in this atlas (faces: {', '.join(self.faces)})")
+        """FfkvError unless (layer, key, face) is a memory face of this atlas."""
+        check_memory(layer, key, face, layers=self.layers, d_ff=self.d_ff, faces=self.faces)
 
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         self.check(layer)
@@ -224,9 +240,8 @@ class Atlas:
     def value_tokens(self, layer: int, key: int, face: str = "pos", normed: bool = False,
                      n: int | None = None) -> dict:
         """Tokens the memory's value promotes on this face (raw v.E, or through the final norm)."""
-        self.check(layer, key)
-        if face not in FACES:
-            raise FfkvError(f"face must be one of {FACES}")
+        # a ReLU atlas has no negative face's top-k, but its values still have a bottom
+        check_memory(layer, key, face, layers=self.layers, d_ff=self.d_ff, faces=FACES)
         t = self.layer_tensors(layer)
         kind = "normed" if normed else "raw"
         ids = t[f"value_{kind}_{face}_ids"][key][:n].tolist()
@@ -245,13 +260,16 @@ class Atlas:
             "min": t["stat_min"].numpy(), "max": t["stat_max"].numpy(),
         }
 
-    def show(self, layer: int, key: int, face: str = "pos", n: int = 10) -> dict:
-        """The `ffkv show --json` document of one memory face."""
-        triggers = self.triggers(layer, key, face, n)
-        return {
-            "layer": layer, "key": key, "face": face,
-            "triggers": [{"rank": t.rank, "score": t.score, "unit": t.unit, "position": t.position,
-                          "input_ids": t.input_ids, "text": t.text, "next_token_id": t.next_token_id,
-                          "next_token": t.next_token} for t in triggers],
-            "value": self.value_tokens(layer, key, face, n=n),
-        }
+    def show(self, layer: int, key: int, face: str = "pos", n: int = 10, detail: bool = False) -> dict:
+        """The `ffkv show --json` document of one memory face; ``detail`` adds each trigger's token, context,
+        title and topic."""
+        triggers = []
+        for t in self.triggers(layer, key, face, n):
+            doc = {"rank": t.rank, "score": t.score, "unit": t.unit, "position": t.position,
+                   "input_ids": t.input_ids, "text": t.text, "next_token_id": t.next_token_id,
+                   "next_token": t.next_token}
+            if detail:
+                doc.update(trigger_token=t.trigger_token, context=t.context, title=t.title, topic=t.topic)
+            triggers.append(doc)
+        return {"layer": layer, "key": key, "face": face, "triggers": triggers,
+                "value": self.value_tokens(layer, key, face, n=n)}

@@ -8,28 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .atlas import Atlas, write_layer, write_manifest
+from .atlas import Atlas, read_layer_state, write_layer, write_manifest
 from .errors import FfkvError
-from .scan import LayerState
-from .topk import MemoryStats, TopK
 
 # Settings that may differ between shards without changing what is computed.
 _FREE = ("device", "checkpoint_every", "shard", "world_size", "model", "corpus")
-
-
-def layer_state_from_tensors(t: dict[str, torch.Tensor]) -> LayerState:
-    d_ff, k = t["pos_scores"].shape
-    state = LayerState(d_ff, k, signed="neg_scores" in t, device="cpu")
-    state.pos = TopK.from_result(t["pos_scores"], t["pos_positions"], largest=True)
-    if "neg_scores" in t:
-        state.neg = TopK.from_result(t["neg_scores"], t["neg_positions"], largest=False)
-    state.stats = MemoryStats(d_ff)
-    state.stats.load_state_dict({name: t[f"stat_{name}"] for name in MemoryStats.FIELDS})
-    return state
 
 
 def _check_compatible(atlases: list[Atlas]) -> tuple[int, list[int]]:
@@ -66,9 +52,9 @@ def merge_atlases(paths: list[str | Path], out: str | Path, force: bool = False,
     out.mkdir(parents=True)
     for layer in tqdm(layers, desc="merge layers", disable=not progress, dynamic_ncols=True):
         tensors = [load_file(a.path / "layers" / f"layer_{layer:03d}.safetensors") for a in atlases]
-        state = layer_state_from_tensors(tensors[0])
+        state = read_layer_state(tensors[0])
         for t in tensors[1:]:
-            state.merge(layer_state_from_tensors(t))
+            state.merge(read_layer_state(t))
         values = {k: v for k, v in tensors[0].items() if k.startswith("value_")}
         write_layer(out, layer, state, values)
     first = atlases[0].path

@@ -25,10 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .arch import check_memory
+from .atlas import Atlas, write_atlas
+from .capture import Capture, pack_sorted, pad_right
 from .corpus import TokenStore, build_token_store, load_corpus
 from .errors import FfkvError
 from .models import LoadedModel, load_model
-from .topk import MemoryStats, TopK
+from .topk import LayerState
 
 
 @dataclass
@@ -80,9 +83,8 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
                 layers.add(int(part))
     except ValueError:
         raise FfkvError(f"--layers {spec!r}: expected comma-separated layer numbers or ranges like 2-5")
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad:
-        raise FfkvError(f"layer {bad[0]} out of range: the model has layers 0-{n_layers - 1}")
+    for layer in sorted(layers):
+        check_memory(layer, layers=range(n_layers), d_ff=0, of="model")
     return sorted(layers)
 
 
@@ -112,137 +114,46 @@ def select_units(store: TokenStore, max_tokens: int | None, seed: int) -> np.nda
     return np.sort(chosen)
 
 
-def pack_sorted(lengths, batch_tokens: int, max_batch: int) -> list[list[int]]:
-    """Greedy batches over items sorted by ascending length: a batch closes when one more item would pad
-    it past ``batch_tokens`` (rows x longest) or ``max_batch`` rows. Returns lists of item indices."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i, length in enumerate(lengths):
-        if current and ((len(current) + 1) * int(length) > batch_tokens or len(current) >= max_batch):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def plan_batches(store: TokenStore, units: np.ndarray, batch_tokens: int, max_batch: int) -> list[np.ndarray]:
     """Group units of similar length (sorted by length, then id) into batches of bounded padded size."""
     order = units[np.lexsort((units, store.length[units]))]
     return [order[idx] for idx in pack_sorted(store.length[order], batch_tokens, max_batch)]
 
 
-class LayerState:
-    """What the scan keeps for one layer: the positive face, the negative face (signed FFNs), stats."""
-
-    def __init__(self, d_ff: int, k: int, signed: bool, device):
-        self.pos = TopK(d_ff, k, largest=True, device=device)
-        self.neg = TopK(d_ff, k, largest=False, device=device) if signed else None
-        self.stats = MemoryStats(d_ff, device=device)
-
-    def add(self, coefficients: torch.Tensor, positions: torch.Tensor) -> None:
-        high = self.pos.add(coefficients, positions)
-        low = self.neg.add(coefficients, positions) if self.neg is not None else coefficients.amin(dim=0)
-        self.stats.add(coefficients, low, high)
-
-    def merge(self, other: LayerState) -> None:
-        self.pos.merge(other.pos)
-        if self.neg is not None:
-            self.neg.merge(other.neg)
-        self.stats.merge(other.stats)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        d = {f"pos.{k}": v for k, v in self.pos.state_dict().items()}
-        if self.neg is not None:
-            d.update({f"neg.{k}": v for k, v in self.neg.state_dict().items()})
-        d.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
-        return d
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        def sub(prefix):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        self.pos.load_state_dict(sub("pos."))
-        if self.neg is not None:
-            self.neg.load_state_dict(sub("neg."))
-        self.stats.load_state_dict(sub("stats."))
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the last layer needed: the rest of the model is not run."""
-
-
-class CoefficientHooks:
-    """Forward pre-hooks on the FFN output projections that feed each batch's coefficients to the layer
-    states. Use as a context manager: the hooks are always removed."""
-
-    def __init__(self, loaded: LoadedModel, states: dict[int, LayerState]):
-        self.parts = loaded.parts
-        self.states = states
-        self.last = max(states)
-        self.valid: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self._copies: dict = {}
-        self.handles = []
-
-    def _on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The batch's index tensors on ``device`` (layers may sit on several GPUs with device_map)."""
-        if device not in self._copies:
-            self._copies[device] = (None if self.valid is None else self.valid.to(device),
-                                    self.positions.to(device))
-        return self._copies[device]
-
-    def _hook(self, layer: int):
-        def hook(module, args):
-            m = args[0]
-            valid, positions = self._on(m.device)
-            flat = m.reshape(-1, m.shape[-1])
-            coefficients = flat if valid is None else flat.index_select(0, valid)
-            self.states[layer].add(coefficients.to(torch.float32), positions)
-            if layer == self.last:
-                raise _StopForward
-        return hook
-
-    def __enter__(self):
-        try:
-            for layer in self.states:
-                self.handles.append(self.parts.ffn_out(layer).register_forward_pre_hook(self._hook(layer)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def run(self, input_ids: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor) -> None:
-        self.valid, self.positions, self._copies = valid, positions, {}
-        try:
-            self.parts.body(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
-
-
 def make_batch(store: TokenStore, units: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                       torch.Tensor, int]:
     """Right-padded input ids [B, T]; flat indices of the scored positions (None = all); their global
     positions; the number of scored positions. Special prefix tokens (BOS) are fed but not scored."""
-    lengths = store.length[units]
-    width = int(lengths.max())
-    ids = np.zeros((len(units), width), dtype=np.int64)
+    ids, lengths = pad_right([store.tokens[int(store.offset[u]): int(store.offset[u]) + int(store.length[u])]
+                              for u in units])
+    width = ids.shape[1]
     flat, positions = [], []
     for row, u in enumerate(units):
         start, length, skip = int(store.offset[u]), int(lengths[row]), int(store.n_special[u])
-        ids[row, :length] = store.tokens[start: start + length]
         flat.append(row * width + np.arange(skip, length))
         positions.append(start + np.arange(skip, length))
     flat_idx = np.concatenate(flat)
-    all_valid = len(flat_idx) == ids.size
-    return (torch.from_numpy(ids).to(device),
-            None if all_valid else torch.from_numpy(flat_idx).to(device),
+    all_valid = len(flat_idx) == ids.numel()
+    return (ids.to(device), None if all_valid else torch.from_numpy(flat_idx).to(device),
             torch.from_numpy(np.concatenate(positions)).to(device), len(flat_idx))
+
+
+class Streamer:
+    """Feeds each batch's coefficients, as soon as a layer's exist, to that layer's state (float32), with the
+    batch's global positions on the layer's device (layers may sit on several GPUs with device_map)."""
+
+    def __init__(self, states: dict[int, LayerState]):
+        self.states = states
+        self.positions: dict[torch.device, torch.Tensor] = {}
+
+    def batch(self, positions: torch.Tensor) -> None:
+        self.positions = {positions.device: positions}
+
+    def __call__(self, layer: int, coefficients: torch.Tensor) -> None:
+        device = coefficients.device
+        if device not in self.positions:
+            self.positions[device] = next(iter(self.positions.values())).to(device)
+        self.states[layer].add(coefficients.to(torch.float32), self.positions[device])
 
 
 def _dist_info() -> tuple[int, int]:
@@ -290,7 +201,7 @@ def estimate_memory(parts, config: ScanConfig, n_layers: int) -> dict[str, int]:
             "total": weight_bytes + activations + state}
 
 
-def _check_memory(parts, config: ScanConfig, n_layers: int, device: str, rank: int, progress: bool) -> None:
+def _check_fits(parts, config: ScanConfig, n_layers: int, device: str, rank: int, progress: bool) -> None:
     est = estimate_memory(parts, config, n_layers)
     gib = {k: v / 2**30 for k, v in est.items()}
     if rank == 0 and progress:
@@ -349,24 +260,23 @@ def _load_checkpoint(path: Path, states: dict[int, LayerState], plan_key: dict) 
     return int(meta["next_batch"]), meta
 
 
-def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = "atlas",
-         config: ScanConfig | None = None, resume: bool = False, force: bool = False,
-         progress: bool = True, stop_after_batches: int | None = None):
-    """Scan ``corpus`` with ``model`` and write an atlas to ``out``; returns the ``Atlas`` (on rank 0).
+@dataclass
+class ScanPlan:
+    """What a scan (or one rank or shard of it) covers: decided by the corpus and the settings alone."""
 
-    ``model``/``corpus`` may be loaded objects or the strings the CLI takes (default: from ``config``).
-    ``stop_after_batches`` stops early after a checkpoint, as a kill would (used to test resumption).
-    """
-    from .atlas import Atlas, write_atlas
+    layers: list[int]
+    units: np.ndarray
+    """Units scanned by the whole job (the rest of the store is held out)."""
+    batches: list[np.ndarray]
+    """Units of each forward batch, for the whole job."""
+    mine: list[int]
+    """Indices of the batches this process runs."""
+    n_positions: int
+    """Scored positions of the whole job."""
 
-    config = config or ScanConfig()
-    out = Path(out)
-    init_distributed(config.device)
-    rank, world = _dist_info()
-    device = resolve_device(config.device)
-    shard = parse_shard(config.shard)
-    if world > 1 and shard != (0, 1):
-        raise FfkvError("--shard and torchrun are two ways to split a scan; use one")
+
+def _prepare_out(out: Path, config: ScanConfig, resume: bool, force: bool, rank: int) -> None:
+    """Refuse to overwrite a finished atlas or an unfinished scan unless asked; with ``force``, clear them."""
     if (out / "manifest.json").exists() and not force:
         raise FfkvError(f"{out} already holds a finished atlas; use --force to overwrite it")
     ckpt_dir = out / "checkpoint"
@@ -378,12 +288,73 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         (out / "manifest.json").unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+
+def plan_scan(store: TokenStore, config: ScanConfig, n_layers: int, worker: int, n_workers: int) -> ScanPlan:
+    units = select_units(store, config.max_tokens, config.seed)
+    batches = plan_batches(store, units, config.batch_tokens, config.max_batch)
+    return ScanPlan(layers=parse_layers(config.layers, n_layers), units=units, batches=batches,
+                    mine=list(range(worker, len(batches), n_workers)),
+                    n_positions=int((store.length[units] - store.n_special[units]).sum()))
+
+
+def run_batches(model: LoadedModel, store: TokenStore, plan: ScanPlan, states: dict[int, LayerState], ckpt: Path,
+                meta: dict, start: int, checkpoint_every: float, progress: bool, label: str,
+                stop_after_batches: int | None = None) -> dict | None:
+    """Run this process's batches from ``start`` through the one capture pass, checkpointing every
+    ``checkpoint_every`` seconds. Returns the final ``meta`` (tokens, seconds), or None when stopped early."""
+    store_positions = store.length - store.n_special
+    my_positions = sum(int(store_positions[plan.batches[b]].sum()) for b in plan.mine)
+    bar = tqdm(total=my_positions, initial=meta["tokens"], unit="tok", unit_scale=True, smoothing=0.05, desc=label,
+               disable=not progress, dynamic_ncols=True)
+    began, last_ckpt = time.time(), time.time()
+    seconds_before, tokens = meta["seconds"], meta["tokens"]
+    streamer = Streamer(states)
+    try:
+        with Capture(model.parts, states, on_coefficients=streamer) as capture, torch.inference_mode():
+            for i in range(start, len(plan.mine)):
+                ids, valid, positions, n = make_batch(store, plan.batches[plan.mine[i]], model.device)
+                streamer.batch(positions)
+                capture.run(ids, valid)
+                tokens += n
+                bar.update(n)
+                done = i + 1
+                stop = stop_after_batches is not None and done - start >= stop_after_batches
+                if time.time() - last_ckpt >= checkpoint_every or (stop and done < len(plan.mine)):
+                    meta = dict(meta, seconds=seconds_before + time.time() - began, tokens=tokens)
+                    _save_checkpoint(ckpt, states, done, meta)
+                    last_ckpt = time.time()
+                if stop and done < len(plan.mine):
+                    return None
+    finally:
+        bar.close()
+    return dict(meta, seconds=seconds_before + time.time() - began, tokens=tokens)
+
+
+def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = "atlas",
+         config: ScanConfig | None = None, resume: bool = False, force: bool = False,
+         progress: bool = True, stop_after_batches: int | None = None) -> Atlas | None:
+    """Scan ``corpus`` with ``model`` and write an atlas to ``out``; returns the ``Atlas`` (on rank 0).
+
+    ``model``/``corpus`` may be loaded objects or the strings the CLI takes (default: from ``config``).
+    ``stop_after_batches`` stops early after a checkpoint, as a kill would (used to test resumption).
+    Stages: prepare the output, load, plan, run (resumable), gather the ranks, write.
+    """
+    config = config or ScanConfig()
+    out = Path(out)
+    init_distributed(config.device)
+    rank, world = _dist_info()
+    device = resolve_device(config.device)
+    shard = parse_shard(config.shard)
+    if world > 1 and shard != (0, 1):
+        raise FfkvError("--shard and torchrun are two ways to split a scan; use one")
+    _prepare_out(out, config, resume, force, rank)
+
     if corpus is None or isinstance(corpus, str):  # before the model: a bad corpus fails fast
         corpus = load_corpus(corpus or config.corpus)
     if model is None or isinstance(model, str):
         model = load_model(model or config.model, device=device, dtype=config.dtype)
     parts = model.parts
-    layers = parse_layers(config.layers, parts.n_layers)
+    parse_layers(config.layers, parts.n_layers)  # a bad --layers fails before the token store is built
 
     # Rank 0 builds the token store; the others wait for it and read the same files.
     if rank == 0:
@@ -392,68 +363,44 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         torch.distributed.barrier()
     if rank != 0:
         store = TokenStore(out / "store")
-    units = select_units(store, config.max_tokens, config.seed)
-    batches = plan_batches(store, units, config.batch_tokens, config.max_batch)
     worker, n_workers = (rank, world) if world > 1 else shard
-    mine = list(range(worker, len(batches), n_workers))
-    n_positions = int((store.length[units] - store.n_special[units]).sum())
+    plan = plan_scan(store, config, parts.n_layers, worker, n_workers)
 
-    device = model.device
-    _check_memory(parts, config, len(layers), str(device), rank, progress)
+    _check_fits(parts, config, len(plan.layers), str(model.device), rank, progress)
     # each layer's state lives where that layer runs (one device, or several with --device auto)
     states = {layer: LayerState(parts.d_ff, config.top_k, parts.signed, parts.ffn_out(layer).weight.device)
-              for layer in layers}
-    plan = config.plan_key()
-    meta = {"plan": plan, "seconds": 0.0, "tokens": 0}
+              for layer in plan.layers}
+    meta = {"plan": config.plan_key(), "seconds": 0.0, "tokens": 0}
     ckpt = _checkpoint_path(out, rank, world, shard)
     start = 0
     if resume and ckpt.exists():
-        start, meta = _load_checkpoint(ckpt, states, plan)
+        start, meta = _load_checkpoint(ckpt, states, meta["plan"])
     ckpt.parent.mkdir(parents=True, exist_ok=True)
+    label = f"scan {len(plan.layers)} layers" + (f" ({world} ranks, rank 0 shown)" if world > 1 else "")
+    meta = run_batches(model, store, plan, states, ckpt, meta, start, config.checkpoint_every,
+                       progress and rank == 0, label, stop_after_batches)
+    if meta is None:
+        return None
+    tokens, seconds = meta["tokens"], meta["seconds"]
+    my_units = sum(len(plan.batches[b]) for b in plan.mine)
 
-    my_positions = sum(int((store.length[batches[b]] - store.n_special[batches[b]]).sum()) for b in mine)
-    bar = tqdm(total=my_positions, initial=meta["tokens"], unit="tok", unit_scale=True, smoothing=0.05,
-               desc=f"scan {len(layers)} layers" + (f" ({world} ranks, rank 0 shown)" if world > 1 else ""),
-               disable=not progress or rank != 0, dynamic_ncols=True)
-    began, last_ckpt = time.time(), time.time()
-    seconds_before, tokens = meta["seconds"], meta["tokens"]
-    try:
-        with CoefficientHooks(model, states) as hooks, torch.inference_mode():
-            for i in range(start, len(mine)):
-                ids, valid, positions, n = make_batch(store, batches[mine[i]], device)
-                hooks.run(ids, valid, positions)
-                tokens += n
-                bar.update(n)
-                done = i + 1
-                stop = stop_after_batches is not None and done - start >= stop_after_batches
-                if time.time() - last_ckpt >= config.checkpoint_every or (stop and done < len(mine)):
-                    meta = {"plan": plan, "seconds": seconds_before + time.time() - began, "tokens": tokens}
-                    _save_checkpoint(ckpt, states, done, meta)
-                    last_ckpt = time.time()
-                if stop and done < len(mine):
-                    return None
-    finally:
-        bar.close()
-    seconds = seconds_before + time.time() - began
-
-    my_units = sum(len(batches[b]) for b in mine)
     if world > 1:
-        totals = torch.tensor([tokens, seconds, my_units], dtype=torch.float64, device=device)
+        totals = torch.tensor([tokens, seconds, my_units], dtype=torch.float64, device=model.device)
         torch.distributed.all_reduce(totals)
         _gather_merge(states, rank, world)
         tokens, seconds, my_units = int(totals[0]), float(totals[1]) / world, int(totals[2])
         if rank != 0:
             torch.distributed.barrier()
             return None
-    if config.top_k > n_positions:
-        print(f"ffkv: warning: --top-k {config.top_k} exceeds the {n_positions} positions scanned; "
+    if config.top_k > plan.n_positions:
+        print(f"ffkv: warning: --top-k {config.top_k} exceeds the {plan.n_positions} positions scanned; "
               "memories keep what there is (empty slots have position -1)")
-    write_atlas(out, model, store, states, config, units, shard=shard, world=world,
+    write_atlas(out, model, store, states, config, plan.units, shard=shard, world=world,
                 result={"units_scanned": my_units, "tokens_scanned": int(tokens),
-                        "positions_total": n_positions, "batches": len(batches), "seconds": round(seconds, 2),
-                        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
+                        "positions_total": plan.n_positions, "batches": len(plan.batches),
+                        "seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
                 progress=progress)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if world > 1:
         torch.distributed.barrier()
     return Atlas.load(out)

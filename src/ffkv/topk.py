@@ -210,3 +210,38 @@ class MemoryStats:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name in self.FIELDS:
             setattr(self, name, state[name].to(getattr(self, name).device).clone())
+
+
+class LayerState:
+    """What a scan keeps for one layer: the positive face, the negative face (signed FFNs only), statistics."""
+
+    def __init__(self, d_ff: int, k: int, signed: bool, device: torch.device | str = "cpu"):
+        self.pos = TopK(d_ff, k, largest=True, device=device)
+        self.neg = TopK(d_ff, k, largest=False, device=device) if signed else None
+        self.stats = MemoryStats(d_ff, device=device)
+
+    def add(self, coefficients: torch.Tensor, positions: torch.Tensor) -> None:
+        high = self.pos.add(coefficients, positions)
+        low = self.neg.add(coefficients, positions) if self.neg is not None else coefficients.amin(dim=0)
+        self.stats.add(coefficients, low, high)
+
+    def merge(self, other: LayerState) -> None:
+        self.pos.merge(other.pos)
+        if self.neg is not None:
+            self.neg.merge(other.neg)
+        self.stats.merge(other.stats)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        d = {f"pos.{k}": v for k, v in self.pos.state_dict().items()}
+        if self.neg is not None:
+            d.update({f"neg.{k}": v for k, v in self.neg.state_dict().items()})
+        d.update({f"stats.{k}": v for k, v in self.stats.state_dict().items()})
+        return d
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        def sub(prefix):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        self.pos.load_state_dict(sub("pos."))
+        if self.neg is not None:
+            self.neg.load_state_dict(sub("neg."))
+        self.stats.load_state_dict(sub("stats."))

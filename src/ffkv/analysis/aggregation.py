@@ -32,8 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atlas import Atlas
+from ..capture import Capture, last_positions, pack_sorted, pad_right
 from ..errors import FfkvError
-from ..scan import pack_sorted
+from ..projection import ResidualLens, value_extremes, work_dtype
 from .words import STOP_WORDS
 
 SHORT_PREFIX = 5
@@ -131,129 +132,29 @@ def _plan(store, positions: np.ndarray, batch_tokens: int, max_batch: int):
     return [[rows[i] for i in idx] for idx in pack_sorted([r[1] for r in rows], batch_tokens, max_batch)]
 
 
-class PositionCapture:
-    """Hooks that record, for every layer, m (input of the FFN output projection), o (output of the module
-    whose output the FFN adds to the residual) and h (block output) at chosen positions of a batch. A context
-    manager: the hooks are always removed."""
-
-    def __init__(self, model):
-        self.parts = model.parts
-        self.flat_index: torch.Tensor | None = None
-        self.m: dict[int, torch.Tensor] = {}
-        self.o: dict[int, torch.Tensor] = {}
-        self.h: dict[int, torch.Tensor] = {}
-        self.handles = []
-
-    def _pick(self, x: torch.Tensor) -> torch.Tensor:
-        # OPT hands its FFN a flattened [B * T, .]; others [B, T, .]: flat row b * T + t either way
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.flat_index)
-
-    def __enter__(self):
-        parts = self.parts
-        try:
-            for layer in range(parts.n_layers):
-                self.handles.append(parts.ffn_out(layer).register_forward_pre_hook(
-                    lambda _mod, args, layer=layer: self.m.__setitem__(layer, self._pick(args[0]))))
-                self.handles.append(parts.ffn_added(layer).register_forward_hook(
-                    lambda _mod, _args, out, layer=layer: self.o.__setitem__(layer, self._pick(out))))
-                self.handles.append(parts.blocks[layer].register_forward_hook(
-                    lambda _mod, _args, out, layer=layer: self.h.__setitem__(
-                        layer, self._pick(out[0] if isinstance(out, tuple) else out))))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """Forward the body on right-padded ``input_ids`` [B, T]; record (rows[j], positions[j]) as example j."""
-        self.flat_index = (rows * input_ids.shape[1] + positions).to(input_ids.device)
-        self.m.clear()
-        self.o.clear()
-        self.h.clear()
-        self.parts.body(input_ids=input_ids, use_cache=False)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.inference_mode()
 def capture_last_positions(model, sequences: list[list[int]]) -> dict:
     """Run right-padded ``sequences`` as one batch; per layer l: ``m[l]`` [B, d_ff], ``o[l]``, ``h[l]``,
     ``r[l]`` = h - o [B, d], and ``final_logits`` [B, vocab] (the logit lens of the last block's output),
     all at each sequence's last position. For notebooks and tests; the experiment streams instead."""
-    lengths = torch.tensor([len(s) for s in sequences])
-    ids = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, : len(s)] = torch.tensor(s)
-    with PositionCapture(model) as cap:
-        cap.run(ids.to(model.device), torch.arange(len(sequences)), lengths - 1)
-        out = {"m": dict(cap.m), "o": dict(cap.o), "h": dict(cap.h)}
-    out["r"] = {layer: out["h"][layer] - out["o"][layer] for layer in out["h"]}
-    last = out["h"][model.parts.n_layers - 1]
-    wd = _work_dtype(last.dtype)
-    out["final_logits"] = model.parts.final_norm(last).to(wd) @ model.parts.unembedding.detach().to(wd).T
+    parts = model.parts
+    ids, lengths = pad_right(sequences)
+    with Capture(parts, range(parts.n_layers), ffn_output=True, block_output=True) as cap:
+        cap.run(ids.to(model.device), last_positions(lengths, ids.shape[1]))
+    out = {"m": cap.m, "o": cap.o, "h": cap.h, "r": {layer: cap.residual(layer) for layer in cap.h}}
+    last = out["h"][parts.n_layers - 1]
+    out["final_logits"] = ResidualLens(parts, work_dtype(last.dtype)).full(last)
     return out
 
 
 @torch.inference_mode()
-def memory_predictions(atlas: Atlas, model, layer: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def memory_predictions(atlas: Atlas, model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each memory's own top token when it adds +v_i (argmax v_i.E) and when it adds -v_i (argmin): from the
-    atlas where the layer was scanned, else computed (chunked)."""
+    atlas where the layer was scanned, else computed."""
     if layer in atlas.layers:
         t = atlas.layer_tensors(layer)
         return t["value_raw_pos_ids"][:, 0].long(), t["value_raw_neg_ids"][:, 0].long()
-    values = model.parts.values(layer).detach()
-    wd = _work_dtype(values.dtype)
-    values, unembed = values.to(wd), model.parts.unembedding.detach().to(wd)
-    pos, neg = [], []
-    for start in range(0, values.shape[0], chunk):
-        logits = values[start: start + chunk] @ unembed.T
-        pos.append(logits.argmax(dim=1).cpu())
-        neg.append(logits.argmin(dim=1).cpu())
-    return torch.cat(pos), torch.cat(neg)
-
-
-class _Lens:
-    """The logit lens, split so that lens(r), lens(o) and lens(r + o) cost two vocabulary projections.
-
-    Every supported final norm is y = k(x) * t(x) + beta, with t linear (``parts.through_final_norm``: centring
-    for LayerNorm, times the gain), k(x) > 0 a per-vector scale and beta the norm's bias. So
-    lens(x) = k(x) * (t(x) @ E.T) + beta @ E.T, and t(r + o) @ E.T = t(r) @ E.T + t(o) @ E.T."""
-
-    def __init__(self, parts, dtype: torch.dtype):
-        self.parts = parts
-        self.dtype = dtype
-        self.unembed_t = parts.unembedding.detach().to(dtype).T  # [d, vocab]
-        zero = torch.zeros(1, parts.d_model, dtype=parts.unembedding.dtype, device=parts.unembedding.device)
-        self.beta = parts.final_norm(zero).to(dtype)[0]
-        self.beta_logits = self.beta @ self.unembed_t if bool(self.beta.any()) else None
-
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t(x) in the work dtype, k(x) [B, 1])."""
-        t = self.parts.through_final_norm(x.to(self.dtype))  # linear: in the work dtype (bf16 loses bits)
-        y = self.parts.final_norm(x).to(self.dtype) - self.beta  # the module itself, in the model's dtype
-        tt = (t * t).sum(dim=1, keepdim=True)
-        k = torch.where(tt > 0, (y * t).sum(dim=1, keepdim=True) / tt.clamp_min(torch.finfo(self.dtype).tiny),
-                        torch.zeros_like(tt))
-        return t, k
-
-    def logits(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        out = projected * k
-        return out if self.beta_logits is None else out + self.beta_logits
-
-    def top(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """argmax of the logits; without a norm bias the positive scale k cannot change it."""
-        return projected.argmax(dim=1) if self.beta_logits is None else self.logits(projected, k).argmax(dim=1)
-
-    def full(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parts.final_norm(x).to(self.dtype) @ self.unembed_t
+    return value_extremes(model.parts, layer)
 
 
 def _is_stop_word(text: str) -> bool:
@@ -281,8 +182,8 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     n_text = positions - store.offset[units] - store.n_special[units] + 1  # prefix tokens, special excluded
 
     device = model.device
-    wd = _work_dtype(parts.unembedding.dtype)
-    lens = _Lens(parts, wd)
+    wd = work_dtype(parts.unembedding.dtype)
+    lens = ResidualLens(parts, wd)
     values = {layer: parts.values(layer).detach().to(wd) for layer in range(n_layers)}
     preds = {}
     for layer in range(n_layers):
@@ -303,16 +204,14 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     bar = tqdm(total=len(positions), desc=f"aggregation ({len(positions)} held-out prefixes)", unit="ex",
                disable=not progress, dynamic_ncols=True)
     try:
-        with PositionCapture(model) as cap, torch.inference_mode():
+        with Capture(parts, range(n_layers), ffn_output=True, block_output=True) as cap, torch.inference_mode():
             for batch in batches:
-                ids = np.zeros((len(batch), max(row[1] for row in batch)), dtype=np.int64)
-                rows, cols, examples = [], [], []
-                for j, (start, length, idx) in enumerate(batch):
-                    ids[j, :length] = store.tokens[start: start + length]
-                    rows += [j] * len(idx)
-                    cols += (positions[idx] - start).tolist()
+                ids, _ = pad_right([store.tokens[start: start + length] for start, length, _ in batch])
+                flat, examples = [], []
+                for j, (start, _, idx) in enumerate(batch):
+                    flat += (j * ids.shape[1] + positions[idx] - start).tolist()
                     examples += idx.tolist()
-                cap.run(torch.from_numpy(ids).to(device), torch.tensor(rows), torch.tensor(cols))
+                cap.run(ids.to(device), torch.tensor(flat))
                 n = len(examples)
                 short = torch.from_numpy(n_text[examples] <= SHORT_PREFIX).to(device)
                 final_top = lens.full(cap.h[n_layers - 1]).argmax(dim=1)

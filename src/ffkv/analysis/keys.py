@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..capture import last_position_coefficients
 from ..corpus import TokenStore
-from .forward import last_position_coefficients
 from .words import STOP_WORDS
 
 # Frequent words that say nothing about a topic, on top of the function words.
@@ -349,7 +349,7 @@ def token_removal_experiment(atlas, model, face: str, keys_per_layer: int = 10, 
         for kind in ("first", "last", "random"):
             if not variants[kind]:
                 continue
-            m = last_position_coefficients(model, variants[kind], layer)
+            m = last_position_coefficients(model.parts, variants[kind], layer, device=model.device)
             keys_t = [k for k, _ in refs[kind]]
             new = m[range(len(keys_t)), keys_t].double().numpy()
             old = np.array([s for _, s in refs[kind]])

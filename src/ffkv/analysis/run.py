@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..atlas import Atlas
 from ..errors import FfkvError
+from ..version import __version__
 
 EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation")
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..atlas import Atlas
 from ..corpus import TokenStore
 from ..errors import FfkvError
+from ..projection import value_logits
 
 QUANTILES = {"q10": 0.10, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q90": 0.90}
 
@@ -107,30 +108,20 @@ class MemoryValues:
         return self.valid & (self.prediction_normed == self.target)
 
 
-def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
-
-
 @torch.inference_mode()
 def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None, precision_k: int | None = None,
                  chunk: int = 256) -> dict[str, MemoryValues]:
     """Per-memory value results of one scanned layer, for each face (one vocabulary projection for all)."""
     faces = list(atlas.faces if faces is None else faces)
     for face in faces:
-        if face not in atlas.faces:
-            raise FfkvError(f"face {face!r} not in this atlas (faces: {', '.join(atlas.faces)})")
+        atlas.check(layer, face=face)
     tensors = atlas.layer_tensors(layer)
     top_k = int(tensors["pos_positions"].shape[1])
     k = top_k if precision_k is None else int(precision_k)
     if not 1 <= k <= top_k:
         raise FfkvError(f"precision k {k} must be between 1 and the atlas's top-k {top_k}")
     parts = model.parts
-    values = parts.values(layer).detach()
-    dtype = _work_dtype(values)
-    values = values.to(dtype)
-    unembed = parts.unembedding.detach().to(dtype)
-    device = values.device
-    d_ff = values.shape[0]
+    d_ff = parts.d_ff
 
     positions = {f: tensors[f"{f}_positions"][:, :k].numpy() for f in faces}
     nexts = {f: next_token_ids(atlas.store, positions[f]) for f in faces}
@@ -138,9 +129,8 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
     # an empty top-1 slot means no trigger at all: next_token_ids already gives -1 there
     results = {f: {"prediction": np.empty(d_ff, np.int64), "rank": np.full(d_ff, -1, np.int64),
                    "max_prob": np.empty(d_ff, np.float64)} for f in faces}
-    for start in range(0, d_ff, chunk):
-        stop = min(start + chunk, d_ff)
-        logits = values[start:stop] @ unembed.T  # [c, vocab], the positive face's logits
+    for start, logits in value_logits(parts, layer, chunk=chunk):  # [c, vocab], the positive face's logits
+        stop = start + logits.shape[0]
         for face in sorted(faces, key=lambda f: f != "pos"):  # pos first: the neg face negates in place
             if face == "neg":
                 logits.neg_()
@@ -149,7 +139,7 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
             res = results[face]
             res["prediction"][start:stop] = pred.cpu().numpy()
             res["max_prob"][start:stop] = torch.exp(best - lse).double().cpu().numpy()
-            tgt = torch.from_numpy(targets[face][start:stop]).to(device)
+            tgt = torch.from_numpy(targets[face][start:stop]).to(logits.device)
             ok = tgt >= 0
             if bool(ok.any()):
                 at = logits.gather(1, tgt.clamp(min=0)[:, None])  # [c, 1]
@@ -164,9 +154,8 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
             pred_normed = tensors[key][:, 0].to(torch.int64).numpy()
         else:  # an atlas without stored projections: compute the argmax through the final norm
             sign = 1.0 if face == "pos" else -1.0
-            pred_normed = np.concatenate([
-                (sign * (parts.through_final_norm(values[s: s + chunk]) @ unembed.T)).argmax(dim=1).cpu().numpy()
-                for s in range(0, d_ff, chunk)])
+            pred_normed = np.concatenate([(sign * logits).argmax(dim=1).cpu().numpy()
+                                          for _, logits in value_logits(parts, layer, normed=True, chunk=chunk)])
         res = results[face]
         filled = positions[face] >= 0
         hits = (nexts[face] == res["prediction"][:, None]) & (nexts[face] >= 0)
@@ -226,8 +215,8 @@ def values_experiment(atlas: Atlas, model, face: str = "pos", *, precision_k: in
     by precision (only those with precision > 0); ``n_trigger_texts``: trigger texts shown per listed memory;
     ``n_permutations``/``seed``: the frequency baseline; ``n_bins``: log-spaced max-probability bins (Fig 6).
     """
-    if face not in atlas.faces:
-        raise FfkvError(f"face {face!r} not in this atlas (faces: {', '.join(atlas.faces)})")
+    if face not in atlas.faces:  # the atlas's own check, on any of its layers
+        atlas.check(atlas.layers[0], face=face)
     if top_n < 0 or n_bins < 1 or n_permutations < 1:
         raise FfkvError("top_n must be >= 0, n_bins and n_permutations >= 1")
     n_layers = atlas.n_layers

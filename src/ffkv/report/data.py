@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from ..atlas import read_manifest
 from ..errors import FfkvError
 
 PAPER_LAYERS = 16
@@ -165,17 +166,7 @@ class ReportInputs:
 def load_inputs(atlas_path: str | Path) -> ReportInputs:
     """Read ``ATLAS/manifest.json`` (required) and ``ATLAS/analysis.json`` (optional)."""
     path = Path(atlas_path)
-    if not path.is_dir():
-        raise FfkvError(f"atlas {path} does not exist")
-    mf = path / "manifest.json"
-    if not mf.exists():
-        raise FfkvError(f"{path} is not a finished ffkv atlas: no manifest.json")
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise FfkvError(f"{mf} is corrupt (not JSON)")
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict):
-        raise FfkvError(f"{mf} has no 'model' section: not an ffkv atlas manifest")
+    manifest = read_manifest(path)
     af = path / "analysis.json"
     analysis, note = None, None
     if not af.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import html
 import json
@@ -9,7 +10,9 @@ import math
 import re
 from collections.abc import Callable
 
-from .. import __version__
+from ..analysis.run import AnalyzeConfig
+from ..scan import ScanConfig
+from ..version import __version__
 from .compare import STATUS_BADGE, layer_ranges, pct
 from .data import FACE_LABEL, PAPER_LAYERS, ReportInputs
 from .figures import Figure
@@ -88,9 +91,9 @@ class TriggerSplitter:
             self._tried = True
             path = self.inp.atlas_path / "tokenizer"
             if path.is_dir():
-                try:
-                    from transformers import AutoTokenizer
+                from transformers import AutoTokenizer
 
+                try:
                     self._tok = AutoTokenizer.from_pretrained(path)
                 except Exception:  # the report must not depend on a loadable tokenizer
                     self._tok = None
@@ -294,14 +297,7 @@ def _fmt_int(x) -> str:
 def reproduce_command(inp: ReportInputs, atlas_arg: str) -> str:
     """The commands that remake this report: scan flags that differ from their defaults, then analyze and report."""
     scan = inp.manifest.get("scan") or {}
-    try:
-        import dataclasses
-
-        from ..scan import ScanConfig
-
-        fields = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
-    except Exception:  # keep the report independent of the scan module
-        fields = {k: None for k in scan}
+    fields = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
     skip = {"checkpoint_every", "shard", "layers", "device", "batch_tokens", "max_batch"}
     args = []
     for name, default in fields.items():
@@ -325,14 +321,7 @@ def _analyze_flags(inp: ReportInputs) -> list[str]:
     cfg = (inp.analysis or {}).get("config")
     if not isinstance(cfg, dict):
         return []
-    try:
-        import dataclasses
-
-        from ..analysis.run import AnalyzeConfig
-
-        defaults = {f.name: f.default for f in dataclasses.fields(AnalyzeConfig)}
-    except Exception:  # an analysis module of another shape: name no flags rather than wrong ones
-        return []
+    defaults = {f.name: f.default for f in dataclasses.fields(AnalyzeConfig)}
     return [f"--{k.replace('_', '-')} {_shell(v)}" for k, v in cfg.items()
             if k in defaults and k != "only" and v is not None and v != defaults[k]]
 

@@ -35,13 +35,13 @@ from tqdm.auto import tqdm
 from ..atlas import FACES
 from ..embedded import ffkv_home
 from ..errors import FfkvError
+from ..projection import KINDS, MEMORY_CHUNK, top_both_faces, unembedding, value_vectors
 
 INDEX_FORMAT = "ffkv-search/2"
 INDEX_NAME = "search.sqlite"
 PROMOTE_DEPTH = 50
 """How many top tokens of each value face's projection the promotes index keeps (exact ranks 0..DEPTH-1)."""
-PROJECTIONS = ("raw", "normed")
-_CHUNK = 512
+PROJECTIONS = KINDS
 _WORD = re.compile(r"[^\W_]+")
 """A word as FTS5's unicode61 tokenizer sees it: a run of letters and digits (the underscore separates)."""
 MAX_PHRASE_WORDS = 16
@@ -93,7 +93,7 @@ def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndar
     layer. For the projection through the final norm the atlas's stored top ``value_top`` tokens are used as they
     are (they are the exact top of the same full projection); so is the raw one when the atlas stores at least
     PROMOTE_DEPTH tokens. This keeps the one-time build to one matmul per layer."""
-    unembed = parts.unembedding.detach().to(torch.float32)
+    unembed = unembedding(parts, torch.float32)
     vocab = unembed.shape[0]
     depth = min(PROMOTE_DEPTH, vocab)
     stored = int(atlas.manifest["scan"].get("value_top", 0))
@@ -120,14 +120,13 @@ def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndar
                     add(projection, li, 0, fi, t[f"value_{projection}_{face}_ids"].numpy(),
                         t[f"value_{projection}_{face}_logits"].numpy())
                 continue
-            values = parts.values(layer).detach().to(torch.float32)
-            for start in range(0, d_ff, _CHUNK):
-                logits = values[start: start + _CHUNK] @ unembed.T
-                for fi, _ in faces:
-                    top = logits.topk(depth, dim=1, largest=(fi == 0))
-                    # the logit the face adds: v.E for +v, -(v.E) for -v (the atlas's convention too)
-                    add(projection, li, start, fi, top.indices.cpu().numpy(),
-                        (top.values if fi == 0 else -top.values).cpu().numpy())
+            values = value_vectors(parts, layer, dtype=torch.float32)
+            for start in range(0, d_ff, MEMORY_CHUNK):
+                # the logit each face adds: v.E for +v, -(v.E) for -v (the atlas's convention too)
+                tops = top_both_faces(values[start: start + MEMORY_CHUNK], unembed, depth)
+                for fi, face in faces:
+                    ids, logits = tops[face]
+                    add(projection, li, start, fi, ids.cpu().numpy(), logits.cpu().numpy())
     out = {}
     for projection, a in acc.items():
         tok = np.concatenate(a["tok"])

@@ -20,6 +20,7 @@ import torch
 from ..atlas import Atlas
 from ..errors import FfkvError
 from ..models import LoadedModel, load_model
+from ..projection import face_top_tokens
 from . import debugger
 from .debugger import Intervention
 from .index import PROJECTIONS, SearchIndex
@@ -219,23 +220,18 @@ class Service:
 
     # -- memories ------------------------------------------------------------------------------------------
     def check_memory(self, layer: int, key: int) -> None:
-        if layer not in self.layers:
-            raise NotFound(f"layer {layer} is not in this atlas (layers {self.layers[0]}-{self.layers[-1]})"
-                           if self.layers == list(range(self.layers[0], self.layers[-1] + 1))
-                           else f"layer {layer} is not in this atlas")
-        if not 0 <= key < self.d_ff:
-            raise NotFound(f"key {key} out of range: layers have keys 0-{self.d_ff - 1}")
+        try:
+            self.atlas.check(layer, key)
+        except FfkvError as exc:
+            raise NotFound(str(exc))
 
     def value_tokens(self, layer: int, key: int, face: str, n: int = MEMORY_TOKENS) -> list[str]:
         """Top tokens of one value face (raw v.E): stored in the atlas, or computed for an unscanned layer."""
         if layer in self.layers:
             ids = self.atlas.layer_tensors(layer)[f"value_raw_{face}_ids"][key][:n].tolist()
             return [self.token_texts[i] for i in ids]
-        with torch.inference_mode():
-            v = self.parts.values(layer)[key].detach().float()
-            logits = self.parts.unembedding.detach().float() @ v
-            ids = (logits if face == "pos" else -logits).topk(n).indices.tolist()
-        return [self.token_texts[i] for i in ids]
+        ids, _ = face_top_tokens(self.parts, layer, [key], face, n)
+        return [self.token_texts[i] for i in ids[0].tolist()]
 
     def _normalised_values(self, layer: int) -> torch.Tensor:
         u = self._unit_values.get(layer)
@@ -274,10 +270,9 @@ class Service:
         n = max(1, min(n, self.top_k))
         faces = {}
         for face in self.atlas.faces:
-            doc = self.atlas.show(layer, key, face, n)
-            for t, full in zip(doc["triggers"], self.atlas.triggers(layer, key, face, n)):
-                t.update(score=finite(t["score"]), trigger_token=full.trigger_token, context=full.context,
-                         title=full.title, topic=full.topic)
+            doc = self.atlas.show(layer, key, face, n, detail=True)
+            for t in doc["triggers"]:
+                t["score"] = finite(t["score"])
             doc["value_normed"] = self.atlas.value_tokens(layer, key, face, normed=True, n=n)
             faces[face] = doc
         s = self.stats[layer]
@@ -348,7 +343,7 @@ class Service:
             raise BadRequest(f"at most {MAX_INTERVENTIONS} interventions")
         try:
             debugger.check_interventions(self.parts, interventions, MAX_SET_VALUE)
-        except ValueError as exc:
+        except FfkvError as exc:
             raise BadRequest(str(exc))
 
     def _memory_info(self, layer: int, key: int, coefficient: float) -> dict:

@@ -1,0 +1,235 @@
+"""The one forward pass with hooks. Every part of ffkv that runs the model and reads or edits its FFN memories
+(the scan, token removal, the aggregation experiment, the prompt debugger) goes through ``Capture``; nothing else
+registers a hook.
+
+What is read, per hooked layer l, at the selected positions of a batch:
+
+* ``m[l]``: the coefficients, the input of the FFN output projection ``parts.ffn_out(l)`` (after interventions);
+* ``o[l]``: what the FFN adds to the residual stream, the output of ``parts.ffn_added(l)``;
+* ``h[l]``: the block's output, the residual stream after the block; the residual *before* the FFN is
+  ``r[l] = h[l] - o[l]`` for sequential and parallel blocks alike.
+
+Batches are right-padded and run without an attention mask: with causal attention a position never sees the
+padding after it, so every real position gets exactly its prefix's values. Positions are selected as flat indices
+``row * T + column`` of the [B, T] batch, which also addresses OPT's FFN, whose input is flattened to [B * T, .].
+The forward stops right after the last hook it needs (nothing of the model above it runs). Hooks are removed in
+``finally``: nothing persists after the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .arch import ModelParts, check_memory
+from .errors import FfkvError
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Set the coefficient of memory ``key`` of ``layer`` at every position: ``off`` sets it to 0, ``set`` to
+    ``value``."""
+
+    layer: int
+    key: int
+    mode: str  # "off" | "set"
+    value: float | None = None
+
+    @property
+    def coefficient(self) -> float:
+        return 0.0 if self.mode == "off" else float(self.value)
+
+
+def check_interventions(parts: ModelParts, interventions: Sequence[Intervention], max_abs: float) -> None:
+    """Raise FfkvError with a readable message for an intervention the model cannot take."""
+    for i, iv in enumerate(interventions):
+        where = f"interventions[{i}]"
+        try:
+            check_memory(iv.layer, iv.key, layers=range(parts.n_layers), d_ff=parts.d_ff, of="model")
+        except FfkvError as exc:
+            raise FfkvError(f"{where}: {exc}") from None
+        if iv.mode not in ("off", "set"):
+            raise FfkvError(f"{where}: mode must be 'off' or 'set'")
+        if iv.mode == "set":
+            if iv.value is None or not math.isfinite(iv.value) or abs(iv.value) > max_abs:
+                raise FfkvError(f"{where}: mode 'set' needs a finite value with |value| <= {max_abs:g}")
+
+
+class StopForward(Exception):
+    """Raised by the last hook a capture needs: the rest of the model is not run."""
+
+
+def pad_right(rows: Sequence[Sequence[int] | np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+    """Right-padded input ids [B, T] (pad id 0: causal attention never lets a real position see it) and the
+    lengths of the rows."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : lengths[i]] = r
+    return torch.from_numpy(ids), lengths
+
+
+def last_positions(lengths: np.ndarray, width: int) -> torch.Tensor:
+    """Flat indices (row * width + column) of each row's last real position."""
+    return torch.from_numpy(np.arange(len(lengths)) * width + lengths - 1)
+
+
+def pack_sorted(lengths, batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Greedy batches over items sorted by ascending length: a batch closes when one more item would pad
+    it past ``batch_tokens`` (rows x longest) or ``max_batch`` rows. Returns lists of item indices."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i, length in enumerate(lengths):
+        if current and ((len(current) + 1) * int(length) > batch_tokens or len(current) >= max_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _edits_by_layer(interventions: Iterable[Intervention]) -> dict[int, dict[int, float]]:
+    edits: dict[int, dict[int, float]] = {}
+    for iv in interventions:  # a later intervention on the same memory wins
+        edits.setdefault(iv.layer, {})[iv.key] = iv.coefficient
+    return edits
+
+
+class Capture:
+    """Hooks on the FFNs of ``layers``: a context manager; ``run`` does one body forward with early exit.
+
+    ``coefficients``/``ffn_output``/``block_output`` choose what is kept (``m``, ``o``, ``h``, each
+    [selected positions, width] in the model's dtype). With ``on_coefficients(layer, m)`` the coefficients go
+    to that callback as soon as they exist instead of being kept (the scan streams them into its statistics).
+    ``interventions`` edit coefficients at every position of every forward run inside the block, including
+    forwards the caller runs itself (full model, generation); pass ``stop=False`` for those."""
+
+    def __init__(self, parts: ModelParts, layers: Iterable[int] = (), *, coefficients: bool = True,
+                 ffn_output: bool = False, block_output: bool = False,
+                 on_coefficients: Callable[[int, torch.Tensor], None] | None = None,
+                 interventions: Iterable[Intervention] = (), stop: bool = True):
+        self.parts = parts
+        self.layers = sorted(set(layers))
+        self.want_m = coefficients or on_coefficients is not None
+        self.want_o = ffn_output
+        self.want_h = block_output
+        self.on_coefficients = on_coefficients
+        self.edits = _edits_by_layer(interventions)
+        last = self.layers[-1] if self.layers and stop else None
+        # the hook that runs last in the last layer ends the forward
+        self._stop_at = (last, "h" if block_output else "o" if ffn_output else "m") if last is not None else None
+        self.m: dict[int, torch.Tensor] = {}
+        self.o: dict[int, torch.Tensor] = {}
+        self.h: dict[int, torch.Tensor] = {}
+        self._select: torch.Tensor | None = None
+        self._select_on: dict[torch.device, torch.Tensor] = {}
+        self._handles: list = []
+
+    # -- selection ---------------------------------------------------------------------------------------
+    def select(self, flat_index: torch.Tensor | None) -> None:
+        """Keep only these flat positions (row * T + column) of the next forwards; None keeps all."""
+        self._select = flat_index
+        self._select_on = {}
+
+    def _pick(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self._select is None:
+            return flat
+        index = self._select_on.get(flat.device)
+        if index is None:  # layers may sit on several GPUs (device_map)
+            index = self._select_on[flat.device] = self._select.to(flat.device)
+        return flat.index_select(0, index)
+
+    # -- hooks -------------------------------------------------------------------------------------------
+    def _coefficient_hook(self, layer: int):
+        edits = self.edits.get(layer)
+        keys = torch.tensor(sorted(edits)) if edits else None
+        values = torch.tensor([edits[k] for k in sorted(edits)]) if edits else None
+        read = self.want_m and layer in self.layers
+        stop = self._stop_at == (layer, "m")
+
+        def hook(module, args):
+            m = args[0]
+            if keys is not None:
+                m = m.clone()
+                m[..., keys.to(m.device)] = values.to(device=m.device, dtype=m.dtype)
+            if read:
+                picked = self._pick(m)
+                if self.on_coefficients is not None:
+                    self.on_coefficients(layer, picked)
+                else:
+                    self.m[layer] = picked
+            if stop:
+                raise StopForward
+            return (m, *args[1:]) if keys is not None else None
+        return hook
+
+    def _output_hook(self, name: str, layer: int, stop: bool):
+        def hook(module, args, output):  # looks ``self.o`` / ``self.h`` up per call: ``run`` renews them
+            getattr(self, name)[layer] = self._pick(output[0] if isinstance(output, (tuple, list)) else output)
+            if stop:
+                raise StopForward
+        return hook
+
+    def __enter__(self) -> Capture:
+        parts = self.parts
+        try:
+            for layer in sorted(set(self.layers) | set(self.edits)):
+                if self.want_m and layer in self.layers or layer in self.edits:
+                    self._handles.append(parts.ffn_out(layer).register_forward_pre_hook(
+                        self._coefficient_hook(layer)))
+                if layer not in self.layers:
+                    continue
+                if self.want_o:
+                    self._handles.append(parts.ffn_added(layer).register_forward_hook(
+                        self._output_hook("o", layer, self._stop_at == (layer, "o"))))
+                if self.want_h:
+                    self._handles.append(parts.blocks[layer].register_forward_hook(
+                        self._output_hook("h", layer, self._stop_at == (layer, "h"))))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- running -----------------------------------------------------------------------------------------
+    def run(self, input_ids: torch.Tensor, select: torch.Tensor | None = None) -> Capture:
+        """One forward of the model body on right-padded ``input_ids`` [B, T], stopping after the last hook
+        needed; keeps the flat positions ``select`` (None = all). Returns self (read ``m``, ``o``, ``h``)."""
+        self.select(select)
+        self.m, self.o, self.h = {}, {}, {}
+        try:
+            self.parts.body(input_ids=input_ids, use_cache=False)
+        except StopForward:
+            pass
+        return self
+
+    def residual(self, layer: int) -> torch.Tensor:
+        """r = h - o: the residual stream just before the FFN output is added."""
+        return self.h[layer] - self.o[layer]
+
+
+@torch.inference_mode()
+def last_position_coefficients(parts: ModelParts, sequences: Sequence[Sequence[int]], layer: int,
+                               batch_size: int = 64, device=None) -> torch.Tensor:
+    """[len(sequences), d_ff] float32: the FFN coefficients of ``layer`` at the last token of each sequence,
+    in batches of ``batch_size`` sequences of similar length."""
+    out = torch.empty(len(sequences), parts.d_ff, dtype=torch.float32)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    device = device if device is not None else parts.unembedding.device
+    with Capture(parts, [layer]) as cap:
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            ids, lengths = pad_right([sequences[i] for i in idx])
+            cap.run(ids.to(device), last_positions(lengths, ids.shape[1]))
+            out[torch.tensor(idx)] = cap.m[layer].float().cpu()
+    return out
