@@ -21,6 +21,7 @@ Ties between equal coefficients are broken by the smaller global position.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -174,6 +175,12 @@ class Atlas:
                 model.tokenizer_fingerprint() != m["tokenizer_fingerprint"]:
             raise FfkvError(f"atlas {self.path} was made with model {m['name']} ({m['architecture']}, weights "
                             f"{m['weights_fingerprint']}), not with {model.name} (weights {model.fingerprint()})")
+
+    @property
+    def scan_id(self) -> str:
+        """Identifies this scan: a hash of its manifest (written once, last, by the scan or merge). Every file
+        derived from the atlas (analysis.json, report, search index) records it and is refused when it differs."""
+        return hashlib.sha256((self.path / "manifest.json").read_bytes()).hexdigest()[:16]
 
     # -- shape -----------------------------------------------------------------------------------------
     @property
