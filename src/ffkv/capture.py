@@ -5,9 +5,10 @@ registers a hook.
 What is read, per hooked layer l, at the selected positions of a batch:
 
 * ``m[l]``: the coefficients, the input of the FFN output projection ``parts.ffn_out(l)`` (after interventions);
-* ``o[l]``: what the FFN adds to the residual stream, the output of ``parts.ffn_added(l)``;
+* ``o[l]``: what the FFN adds to the residual stream, the output of ``parts.ffn_added(l)``: the MLP module (bias
+  included), OPT's fc2, or the norm that post-normalises the FFN output (Gemma 3's ``post_feedforward_layernorm``);
 * ``h[l]``: the block's output, the residual stream after the block; the residual *before* the FFN is
-  ``r[l] = h[l] - o[l]`` for sequential and parallel blocks alike.
+  ``r[l] = h[l] - o[l]`` (for parallel blocks, GPT-J and GPT-NeoX: the block input plus the attention output).
 
 Batches are right-padded and run without an attention mask: with causal attention a position never sees the
 padding after it, so every real position gets exactly its prefix's values. Positions are selected as flat indices

@@ -2,14 +2,8 @@
 (Figs 7-11), on held-out prefixes (units the scan did not use).
 
 Each example is a prefix ``tokens[unit.offset : position + 1]`` of a held-out unit (at least one token after
-the special prefix). One forward of the model body per batch (right-padded, no attention mask: with causal
-attention a position never sees the padding after it) records, at each example's last position and for every
-layer l:
-
-* m: the coefficients, the input of the FFN output projection (forward pre-hook);
-* o: what the FFN adds to the residual stream (the output of ``parts.ffn_added(l)``);
-* h: the block's output; the residual *before* the FFN is r = h - o (sequential and parallel blocks alike).
-
+the special prefix). One capture pass per batch records, at each example's last position and for every layer, the
+coefficients m, the FFN output o, the block output h and the residual before the FFN r = h - o (see ``capture``).
 The model's prediction is the logit lens of the last block's output (final norm, then E), which is exactly
 the model's own logits. Per layer:
 

@@ -1,23 +1,11 @@
 """The prompt debugger of `ffkv serve`: one forward pass with every layer's memories exposed, interventions on
 memory coefficients, and greedy generation under the same interventions.
 
-Definitions, the same for every architecture (all at the last prompt position):
-
-* coefficient m_i: the input of the FFN output projection ``parts.ffn_out(layer)``, after interventions;
-  contribution of memory i: |m_i| * ||v_i||, the norm of what it adds to the FFN output.
-* FFN output o: what the FFN adds to the residual stream -- the output of ``parts.ffn_added(layer)``: the MLP
-  module (its output projection, bias included), OPT's fc2, or, for blocks that normalise the FFN output before
-  adding it (Gemma 3's ``post_feedforward_layernorm``), the output of that norm.
-* block output h: the hidden state the decoder block returns, i.e. the residual stream after the block.
-* residual r = h - o: the residual stream just before the FFN output is added (for blocks with parallel
-  attention, GPT-J and GPT-NeoX, that is the block input plus the attention output).
-
-Each of r, o and h is read through the logit lens: the final norm, then the unembedding (``projection.logit_lens``).
-h of the last layer therefore gives the model's own next-token ranking.
-
-An intervention sets the coefficient of one memory at every position of the sequence: ``off`` sets it to 0,
-``set`` to a given value. It is a forward pre-hook on the output projection that edits a copy of its input;
-every hook is removed in ``finally``, so nothing persists after the call. Callers serialise calls (one model).
+At the last prompt position, per layer: the coefficients m, the FFN output o, the block output h and the residual
+before the FFN r = h - o, as ``capture`` defines them; the contribution of memory i is |m_i| * ||v_i||, the norm of
+what it adds to the FFN output. r, o and h are read through the logit lens (``projection.logit_lens``), so h of the
+last layer gives the model's own next-token ranking. Interventions are ``capture.Intervention``s; callers serialise
+calls (one model).
 """
 
 from __future__ import annotations
