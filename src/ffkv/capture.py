@@ -94,33 +94,26 @@ def pack_sorted(lengths, batch_tokens: int, max_batch: int) -> list[list[int]]:
     return batches
 
 
-def _edits_by_layer(interventions: Iterable[Intervention]) -> dict[int, dict[int, float]]:
-    edits: dict[int, dict[int, float]] = {}
-    for iv in interventions:  # a later intervention on the same memory wins
-        edits.setdefault(iv.layer, {})[iv.key] = iv.coefficient
-    return edits
-
-
 class Capture:
     """Hooks on the FFNs of ``layers``: a context manager; ``run`` does one body forward with early exit.
 
-    ``coefficients``/``ffn_output``/``block_output`` choose what is kept (``m``, ``o``, ``h``, each
-    [selected positions, width] in the model's dtype). With ``on_coefficients(layer, m)`` the coefficients go
-    to that callback as soon as they exist instead of being kept (the scan streams them into its statistics).
+    Kept per layer, [selected positions, width] in the model's dtype: ``m``, and ``o`` / ``h`` with ``ffn_output`` /
+    ``block_output``. With ``on_coefficients(layer, m)`` the coefficients go to that callback as soon as they exist
+    instead of being kept (the scan streams them into its statistics).
     ``interventions`` edit coefficients at every position of every forward run inside the block, including
     forwards the caller runs itself (full model, generation); pass ``stop=False`` for those."""
 
-    def __init__(self, parts: ModelParts, layers: Iterable[int] = (), *, coefficients: bool = True,
-                 ffn_output: bool = False, block_output: bool = False,
+    def __init__(self, parts: ModelParts, layers: Iterable[int] = (), *, ffn_output: bool = False,
+                 block_output: bool = False,
                  on_coefficients: Callable[[int, torch.Tensor], None] | None = None,
                  interventions: Iterable[Intervention] = (), stop: bool = True):
         self.parts = parts
         self.layers = sorted(set(layers))
-        self.want_m = coefficients or on_coefficients is not None
-        self.want_o = ffn_output
-        self.want_h = block_output
+        self.want_o, self.want_h = ffn_output, block_output
         self.on_coefficients = on_coefficients
-        self.edits = _edits_by_layer(interventions)
+        self.edits: dict[int, dict[int, float]] = {}
+        for iv in interventions:  # a later intervention on the same memory wins
+            self.edits.setdefault(iv.layer, {})[iv.key] = iv.coefficient
         last = self.layers[-1] if self.layers and stop else None
         # the hook that runs last in the last layer ends the forward
         self._stop_at = (last, "h" if block_output else "o" if ffn_output else "m") if last is not None else None
@@ -151,7 +144,7 @@ class Capture:
         edits = self.edits.get(layer)
         keys = torch.tensor(sorted(edits)) if edits else None
         values = torch.tensor([edits[k] for k in sorted(edits)]) if edits else None
-        read = self.want_m and layer in self.layers
+        read = layer in self.layers
         stop = self._stop_at == (layer, "m")
 
         def hook(module, args):
@@ -181,7 +174,7 @@ class Capture:
         parts = self.parts
         try:
             for layer in sorted(set(self.layers) | set(self.edits)):
-                if self.want_m and layer in self.layers or layer in self.edits:
+                if layer in self.layers or layer in self.edits:
                     self._handles.append(parts.ffn_out(layer).register_forward_pre_hook(
                         self._coefficient_hook(layer)))
                 if layer not in self.layers:

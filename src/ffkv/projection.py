@@ -1,16 +1,10 @@
 """Where a value or a residual vector meets the vocabulary: the one place that multiplies by the unembedding E.
 
-Values. The positive face of memory i adds +v_i (m_i > 0) and promotes the top of v_i.E; the negative face adds
--v_i (m_i < 0) and promotes the top of -v_i.E, i.e. the bottom of v_i.E. Two projections: ``raw`` is the paper's
-v.E; ``normed`` passes v through the final norm's gain (and centring, for LayerNorm) first, v.diag(gamma).E,
-which is what the model does to a direction before the unembedding.
-
-Residuals. The logit lens of a residual-stream state x is final_norm(x).E (``logit_lens``); ``ResidualLens``
-splits it so that lens(r), lens(o) and lens(r + o) cost two vocabulary products.
-
-Products are done in chunks of memories (``MEMORY_CHUNK`` rows) and, for top-token lists, in chunks of the
-vocabulary (``VOCAB_CHUNK`` columns, with a running merge), so no [d_ff, vocab] matrix is ever held. Work is in
-float32, or float64 for a float64 model (bfloat16/float16 weights are widened first: they lose bits otherwise).
+Values: the positive face of memory i adds +v_i and promotes the top of v_i.E; the negative face adds -v_i and
+promotes the bottom. ``raw`` is the paper's v.E; ``normed`` is v.diag(gamma).E, v through the final norm's gain (and
+centring, for LayerNorm), what the model does to a direction before the unembedding. Residuals: the logit lens
+final_norm(x).E. Products go in chunks of memories and, for top-token lists, of the vocabulary; work is in float32
+(float64 for a float64 model; 16-bit weights are widened first).
 """
 
 from __future__ import annotations

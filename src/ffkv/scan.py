@@ -265,14 +265,10 @@ class ScanPlan:
     """What a scan (or one rank or shard of it) covers: decided by the corpus and the settings alone."""
 
     layers: list[int]
-    units: np.ndarray
-    """Units scanned by the whole job (the rest of the store is held out)."""
-    batches: list[np.ndarray]
-    """Units of each forward batch, for the whole job."""
-    mine: list[int]
-    """Indices of the batches this process runs."""
-    n_positions: int
-    """Scored positions of the whole job."""
+    units: np.ndarray  # units scanned by the whole job (the rest of the store is held out)
+    batches: list[np.ndarray]  # units of each forward batch, for the whole job
+    mine: list[int]  # indices of the batches this process runs
+    n_positions: int  # scored positions of the whole job
 
 
 def _prepare_out(out: Path, config: ScanConfig, resume: bool, force: bool, rank: int) -> None:

@@ -97,6 +97,7 @@ class Plot:
         self.data: list[dict] = []
         self._legend: set[str] = set()
         self.annotations: list[dict] = []
+        self.missing_faces: list[tuple[str, str]] = []
 
     def axes(self, p: int) -> dict:
         return {"xaxis": "x", "yaxis": "y"} if p == 0 else {"xaxis": f"x{p + 1}", "yaxis": f"y{p + 1}"}
@@ -197,7 +198,9 @@ class Plot:
             "meta": {"role": "paper", "approx": False, "face": "pos"}, **self.axes(p),
         })
 
-    def no_data(self, p, reason):
+    def no_data(self, p, reason, face="pos"):
+        """Panel ``p`` (face ``face``) has nothing to draw: a note on it, and under the figure."""
+        self.missing_faces.append((face, reason))
         ax = self.axes(p)
         self.annotations.append({"text": "no data: " + reason, "xref": f"{ax['xaxis']} domain",
                                  "yref": f"{ax['yaxis']} domain", "x": 0.5, "y": 0.5, "showarrow": False,
@@ -267,15 +270,15 @@ class Plot:
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-def _gap_note(inp: ReportInputs, label: str, values) -> str | None:
-    """Which scanned layers have no value in a series we draw."""
+def _note_gaps(fig: Figure, inp: ReportInputs, label: str, values) -> None:
+    """Note under the figure which scanned layers have no value in a series we draw."""
     if values is None:
-        return None
+        return
     scanned = set(inp.scanned_layers)
     gaps = [i for i, v in enumerate(values) if v is None and i in scanned]
-    if not gaps:
-        return None
-    return f"{label}: no value at layer{'s' if len(gaps) > 1 else ''} {layer_ranges(gaps)} (null in analysis.json)"
+    if gaps:
+        fig.notes.append(f"{label}: no value at layer{'s' if len(gaps) > 1 else ''} {layer_ranges(gaps)} (null in "
+                         "analysis.json)")
 
 
 def _why(inp: ReportInputs, block: str, face: str, b: dict | None, what: str) -> str:
@@ -296,14 +299,13 @@ def _face_clause(face_label: str, text: str) -> str:
     return f"; on the {face_label} {text}"
 
 
-def _finish(fig: Figure, inp: ReportInputs, plot: Plot, drawn: bool, missing_faces: list[tuple[str, str]],
-            block: str, **spec_kw) -> Figure:
+def _finish(fig: Figure, inp: ReportInputs, plot: Plot, drawn: bool, block: str, **spec_kw) -> Figure:
     if not drawn:
         fig.missing = inp.missing_reason(block) if inp.block(block) is None else \
             f"analysis.json '{block}' has no per-layer numbers for this figure"
         fig.spec = None
         return fig
-    for face, reason in missing_faces:
+    for face, reason in plot.missing_faces:
         fig.notes.append(f"{FACE_LABEL[face]}: {reason}")
     note = _unscanned_note(inp)
     if note:
@@ -323,25 +325,21 @@ def fig2(inp: ReportInputs) -> Figure:
                  "The paper's experts labelled trigger examples, so its bars are shares of triggers.")
     ref = inp.paper["fig2_patterns"]
     plot = Plot(inp, inp.faces)
-    drawn, missing_faces, summary = False, [], {}
+    summary = {}
     for p, face in enumerate(inp.faces):
         b = inp.block("patterns", face)
         parts = {k: inp.series(b, k) for k in ("shallow", "both", "semantic", "none")}
         cov = inp.series(b, "coverage")
         if b is None or (all(v is None for v in parts.values()) and cov is None):
-            missing_faces.append((face, _why(inp, "patterns", face, b, "per-layer shares")))
-            plot.no_data(p, missing_faces[-1][1])
+            plot.no_data(p, _why(inp, "patterns", face, b, "per-layer shares"), face)
             continue
-        drawn = True
         for k, label in (("shallow", "shallow"), ("both", "shallow + semantic"), ("semantic", "semantic"),
                          ("none", "no pattern")):
             if parts[k] is not None:
                 plot.bars(p, f"ours: {label}", parts[k], COLORS[k], face=face)
         if cov is not None:
             plot.ours(p, "ours: covered by a pattern", cov, COLORS["coverage"], face=face)
-            g = _gap_note(inp, f"{FACE_LABEL[face]} coverage", cov)
-            if g:
-                fig.notes.append(g)
+            _note_gaps(fig, inp, f"{FACE_LABEL[face]} coverage", cov)
         lo, hi = ref["coverage_range"]
         plot.paper_hline(p, f"{lo:.0%}–{hi:.0%} of triggers covered", lo, COLORS["coverage"])
         plot.paper_hline(p, f"{lo:.0%}–{hi:.0%} of triggers covered", hi, COLORS["coverage"])
@@ -350,9 +348,9 @@ def fig2(inp: ReportInputs) -> Figure:
                          COLORS["semantic"])
         ppk = inp.series(b, "patterns_per_key")
         summary[face] = _fig2_summary(parts, cov, ppk)
-    if drawn:
+    if summary:
         fig.verdict = _fig2_verdict(inp, summary)
-    return _finish(fig, inp, plot, drawn, missing_faces, "patterns",
+    return _finish(fig, inp, plot, bool(summary), "patterns",
                    ytitle="share of keys / of triggers covered (%)", yrange=[0, 1.02], barmode="stack")
 
 
@@ -403,23 +401,19 @@ def fig3(inp: ReportInputs) -> Figure:
                  "removed; the plot shows the mean relative change of the coefficient (−50% = halved).")
     ref = inp.paper["fig3_token_removal"]
     plot = Plot(inp, inp.faces)
-    drawn, missing_faces, per_face = False, [], {}
+    per_face = {}
     for p, face in enumerate(inp.faces):
         b = inp.block("token_removal", face)
         s = {k: inp.series(b, k) for k in ("last", "first", "random")}
         if b is None or all(v is None for v in s.values()):
-            missing_faces.append((face, _why(inp, "token_removal", face, b, "per-layer changes")))
-            plot.no_data(p, missing_faces[-1][1])
+            plot.no_data(p, _why(inp, "token_removal", face, b, "per-layer changes"), face)
             continue
-        drawn = True
         for k, label in (("last", "last token removed"), ("first", "first token removed"),
                          ("random", "random token removed")):
             if s[k] is not None:
                 plot.ours(p, f"ours: {label}", s[k], COLORS[k], spct, face=face)
             plot.paper(p, label, ref[f"{k}_approx"], COLORS[k], spct)
-        g = _gap_note(inp, f"{FACE_LABEL[face]}, last token", s["last"])
-        if g:
-            fig.notes.append(g)
+        _note_gaps(fig, inp, f"{FACE_LABEL[face]}, last token", s["last"])
         nk, sk = inp.series(b, "n_keys"), inp.series(b, "skipped")
         if nk or sk:
             bits = []
@@ -431,9 +425,9 @@ def fig3(inp: ReportInputs) -> Figure:
                             "undefined removal)")
             fig.notes.append(f"{FACE_LABEL[face]}: " + ", ".join(bits))
         per_face[face] = {k: points(v) for k, v in s.items()}
-    if drawn:
+    if per_face:
         fig.verdict = _fig3_verdict(inp, per_face)
-    return _finish(fig, inp, plot, drawn, missing_faces, "token_removal", ytitle="relative change of coefficient (%)",
+    return _finish(fig, inp, plot, bool(per_face), "token_removal", ytitle="relative change of coefficient (%)",
                    yformat=".0%")
 
 
@@ -476,15 +470,13 @@ def fig4(inp: ReportInputs) -> Figure:
                  "axis.")
     ref = inp.paper["fig4_agreement_rate"]
     plot = Plot(inp, inp.faces)
-    drawn, missing_faces, per_face = False, [], {}
+    per_face = {}
     for p, face in enumerate(inp.faces):
         b = inp.block("values", face)
         ag = inp.series(b, "agreement_rate")
         if b is None or ag is None:
-            missing_faces.append((face, _why(inp, "values", face, b, "agreement_rate")))
-            plot.no_data(p, missing_faces[-1][1])
+            plot.no_data(p, _why(inp, "values", face, b, "agreement_rate"), face)
             continue
-        drawn = True
         normed, freq, rnd = (inp.series(b, k) for k in ("agreement_rate_normed", "frequency_baseline",
                                                        "random_baseline"))
         plot.ours(p, "ours: agreement (v·E)", ag, COLORS["main"], face=face, positive_only=True)
@@ -504,13 +496,11 @@ def fig4(inp: ReportInputs) -> Figure:
         if zeros:
             fig.notes.append(f"{FACE_LABEL[face]}: agreement is 0 at layer{'s' if len(zeros) > 1 else ''} "
                              f"{layer_ranges(zeros)} (not drawn on the log axis)")
-        g = _gap_note(inp, FACE_LABEL[face], ag)
-        if g:
-            fig.notes.append(g)
+        _note_gaps(fig, inp, FACE_LABEL[face], ag)
         per_face[face] = {"ag": points(ag), "freq": points(freq), "rnd": points(rnd)}
-    if drawn:
+    if per_face:
         fig.verdict = _fig4_verdict(inp, per_face)
-    return _finish(fig, inp, plot, drawn, missing_faces, "values", ytitle="agreement rate (%, log scale)", ylog=True,
+    return _finish(fig, inp, plot, bool(per_face), "values", ytitle="agreement rate (%, log scale)", ylog=True,
                    ylog_percent=True)
 
 
@@ -555,16 +545,14 @@ def fig5(inp: ReportInputs) -> Figure:
     if offset:
         fig.caption += " The analysis counts ranks from 0; they are drawn from 1 (+1) for the log axis."
     plot = Plot(inp, inp.faces)
-    drawn, missing_faces, per_face = False, [], {}
+    per_face = {}
     for p, face in enumerate(inp.faces):
         b = inp.block("values", face)
         q = {k: _plus(inp.series(b, "rank_quantiles", k), offset) for k in ("q10", "q25", "q50", "q75", "q90")}
         med = _plus(inp.series(b, "next_token_rank_median"), offset) or q["q50"]
         if b is None or (med is None and all(v is None for v in q.values())):
-            missing_faces.append((face, _why(inp, "values", face, b, "rank numbers")))
-            plot.no_data(p, missing_faces[-1][1])
+            plot.no_data(p, _why(inp, "values", face, b, "rank numbers"), face)
             continue
-        drawn = True
         if q["q10"] is not None and q["q90"] is not None:
             plot.band(p, "ours: 10–90% of memories", q["q10"], q["q90"], "rgba(37,99,168,0.12)", _rank, face)
         if q["q25"] is not None and q["q75"] is not None:
@@ -575,13 +563,11 @@ def fig5(inp: ReportInputs) -> Figure:
             plot.ours(p, "ours: random value (median ≈ |V|/2)", [vocab / 2] * inp.n_layers, COLORS["uniform"],
                       _rank, face=face, baseline=True)
         plot.paper(p, "median rank", ref["median_approx"], COLORS["main"], _rank)
-        g = _gap_note(inp, FACE_LABEL[face], med)
-        if g:
-            fig.notes.append(g)
+        _note_gaps(fig, inp, FACE_LABEL[face], med)
         per_face[face] = points(med)
-    if drawn:
+    if per_face:
         fig.verdict = _fig5_verdict(inp, per_face)
-    return _finish(fig, inp, plot, drawn, missing_faces, "values", ytitle="rank of the next token (1 = top, log scale)",
+    return _finish(fig, inp, plot, bool(per_face), "values", ytitle="rank of the next token (1 = top, log scale)",
                    ylog=True, ylog_decades=True)
 
 
@@ -626,16 +612,14 @@ def fig6(inp: ReportInputs) -> Figure:
                  "the number of memories per bin.")
     ref = inp.paper["fig6_agreement_vs_max_prob"]
     plot = Plot(inp, inp.faces)
-    drawn, missing_faces, per_face = False, [], {}
+    per_face = {}
     for p, face in enumerate(inp.faces):
         b = inp.block("values", face)
         d = (b or {}).get("max_prob_vs_agreement")
         bins = _bins(d)
         if not bins:
-            missing_faces.append((face, _why(inp, "values", face, b, "usable max_prob_vs_agreement")))
-            plot.no_data(p, missing_faces[-1][1])
+            plot.no_data(p, _why(inp, "values", face, b, "usable max_prob_vs_agreement"), face)
             continue
-        drawn = True
         name = "ours: agreement per max-probability bin"
         plot.data.append({
             "type": "scatter", "mode": "lines+markers", "name": name, "x": [c for c, *_ in bins],
@@ -649,9 +633,9 @@ def fig6(inp: ReportInputs) -> Figure:
         plot.paper_point(p, f"≈95% in its highest bin (max p ≈ {ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)",
                          ref["bins_max_prob"][-1], 0.95, COLORS["main"])
         per_face[face] = bins
-    if drawn:
+    if per_face:
         fig.verdict = _fig6_verdict(inp, per_face)
-    return _finish(fig, inp, plot, drawn, missing_faces, "values", ytitle="agreement rate (%)", yrange=[0, 1.02],
+    return _finish(fig, inp, plot, bool(per_face), "values", ytitle="agreement rate (%)", yrange=[0, 1.02],
                    xtitle="maximal probability of the value's distribution (log scale)", xlog=True)
 
 
@@ -716,9 +700,7 @@ def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
     if s is not None:
         plot.ours(0, f"ours: {label}", s, COLORS["main"])
         plot.paper(0, paper_label, paper_arr, COLORS["main"])
-        g = _gap_note(inp, label, s)
-        if g:
-            fig.notes.append(g)
+        _note_gaps(fig, inp, label, s)
         _agg_note(inp, fig)
     return plot, s
 
@@ -738,7 +720,7 @@ def fig7(inp: ReportInputs) -> Figure:
     drawn = s is not None or pos is not None
     if drawn:
         fig.verdict = _fig7_verdict(inp, points(s) if s is not None else points(pos), pos)
-    return _finish(fig, inp, plot, drawn, [], "aggregation", ytitle="active memories (% of the layer)",
+    return _finish(fig, inp, plot, drawn, "aggregation", ytitle="active memories (% of the layer)",
                    yrange=[0, 1.02])
 
 
@@ -796,7 +778,7 @@ def fig8(inp: ReportInputs) -> Figure:
         paper = (f"≥{pct(min(ref['approx']))} in every layer; {pct(ref['stop_word_share_when_matched'])} stop words, "
                  f"{pct(ref['short_prefix_share_when_matched'])} short prefixes")
         fig.verdict = verdict(inp, status, claim, paper, ("gated", "instruct"))
-    return _finish(fig, inp, plot, s is not None or sw is not None or sh is not None, [], "aggregation",
+    return _finish(fig, inp, plot, s is not None or sw is not None or sh is not None, "aggregation",
                    ytitle="share of prefixes (%)", yrange=[0, 1.02])
 
 
@@ -828,7 +810,7 @@ def fig9(inp: ReportInputs) -> Figure:
                                  "residual top = final top")
     if s is not None:
         fig.verdict = _rise_verdict(inp, s, ref["approx"], "the match", 0.8, 0.5, ("depth", "instruct", "quantised"))
-    return _finish(fig, inp, plot, s is not None, [], "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02])
+    return _finish(fig, inp, plot, s is not None, "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02])
 
 
 def _stat_word(inp: ReportInputs, key: str) -> str:
@@ -850,7 +832,7 @@ def fig10(inp: ReportInputs) -> Figure:
     if s is not None:
         fig.verdict = _rise_verdict(inp, s, ref["median_approx"], "the probability", 0.5, 0.15,
                                     ("depth", "instruct", "quantised"))
-    return _finish(fig, inp, plot, s is not None, [], "aggregation", ytitle="probability (%)", yrange=[0, 1.02])
+    return _finish(fig, inp, plot, s is not None, "aggregation", ytitle="probability (%)", yrange=[0, 1.02])
 
 
 def fig11(inp: ReportInputs) -> Figure:
@@ -870,12 +852,10 @@ def fig11(inp: ReportInputs) -> Figure:
         lo, hi = ref["residual_range"]
         plot.paper_hline(0, f"residual in {lo:.0%}–{hi:.0%} of examples", lo, COLORS["residual"])
         plot.paper_hline(0, f"residual in {lo:.0%}–{hi:.0%} of examples", hi, COLORS["residual"])
-        g = _gap_note(inp, "residual", parts["residual"])
-        if g:
-            fig.notes.append(g)
+        _note_gaps(fig, inp, "residual", parts["residual"])
         _agg_note(inp, fig)
         fig.verdict = _fig11_verdict(inp, parts)
-    return _finish(fig, inp, plot, drawn, [], "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02],
+    return _finish(fig, inp, plot, drawn, "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02],
                    barmode="stack")
 
 
