@@ -114,89 +114,65 @@ class Plot:
         return [None if v is None else f"<b>{name}</b><br>layer {i} of {self.L} (depth {(i + 1) / self.L:.2f})"
                 f"<br>{fmt(v)}" for i, v in enumerate(values)]
 
+    def _add(self, p, name, text, *, role="ours", face="pos", approx=False, rank=None, legend=True, **fields):
+        """Append one trace with the keys every trace shares (hover text, legend entry, meta, panel axes)."""
+        trace = {"name": name, **fields, "text": text, "hovertemplate": "%{text}<extra></extra>", "legendgroup": name,
+                 "legendrank": rank or (300 if role == "paper" else 100),
+                 "showlegend": legend and self._show(name), "meta": {"role": role, "approx": approx, "face": face},
+                 **self.axes(p)}
+        self.data.append(trace)
+        return trace
+
     def ours(self, p, name, values, color, fmt=pct, *, baseline=False, face="pos", positive_only=False,
              legend=True):
         if positive_only:
             values = [v if v is not None and v > 0 else None for v in values]
-        trace = {
-            "type": "scatter", "mode": "lines" if baseline else "lines+markers", "name": name,
-            "x": self._xs(), "y": values, "text": self._text(name, values, fmt),
-            "hovertemplate": "%{text}<extra></extra>", "connectgaps": False,
-            "line": {"color": color, "width": 1.5 if baseline else 2.4},
-            "legendgroup": name, "showlegend": legend and self._show(name), "legendrank": 200 if baseline else 100,
-            "meta": {"role": "baseline" if baseline else "ours", "approx": False, "face": face}, **self.axes(p),
-        }
-        if not baseline:
-            trace["marker"] = {"size": 5, "color": color}
-        self.data.append(trace)
-        return trace
+        extra = {} if baseline else {"marker": {"size": 5, "color": color}}
+        return self._add(p, name, self._text(name, values, fmt), role="baseline" if baseline else "ours", face=face,
+                         rank=200 if baseline else 100, legend=legend, type="scatter",
+                         mode="lines" if baseline else "lines+markers", x=self._xs(), y=values, connectgaps=False,
+                         line={"color": color, "width": 1.5 if baseline else 2.4}, **extra)
 
     def band(self, p, name, lower, upper, color, fmt, face="pos"):
         """A shaded band between two of our series (e.g. quantiles)."""
-        xs = self._xs()
-        common = {"type": "scatter", "mode": "lines", "x": xs, "line": {"width": 0, "color": color},
-                  "connectgaps": False, "legendgroup": name, "legendrank": 100, **self.axes(p)}
-        self.data.append({**common, "name": name + " (upper)", "y": upper, "showlegend": False,
-                          "text": self._text(name + " upper", upper, fmt), "hovertemplate": "%{text}<extra></extra>",
-                          "meta": {"role": "ours", "approx": False, "face": face, "band": "upper"}})
-        self.data.append({**common, "name": name, "y": lower, "fill": "tonexty", "fillcolor": color,
-                          "showlegend": self._show(name), "text": self._text(name + " lower", lower, fmt),
-                          "hovertemplate": "%{text}<extra></extra>",
-                          "meta": {"role": "ours", "approx": False, "face": face, "band": "lower"}})
+        common = {"type": "scatter", "mode": "lines", "x": self._xs(), "line": {"width": 0, "color": color},
+                  "connectgaps": False}
+        self._add(p, name, self._text(name + " upper", upper, fmt), face=face, legend=False, **common, y=upper)
+        self.data[-1].update(name=name + " (upper)", meta=dict(self.data[-1]["meta"], band="upper"))
+        self._add(p, name, self._text(name + " lower", lower, fmt), face=face, **common, y=lower, fill="tonexty",
+                  fillcolor=color)
+        self.data[-1]["meta"]["band"] = "lower"
 
     def bars(self, p, name, values, color, fmt=pct, face="pos"):
-        self.data.append({
-            "type": "bar", "name": name, "x": self._xs(), "y": values, "width": 0.8 / self.L,
-            "marker": {"color": color, "line": {"width": 0}}, "text": self._text(name, values, fmt),
-            "textposition": "none", "hovertemplate": "%{text}<extra></extra>", "legendgroup": name, "legendrank": 100,
-            "showlegend": self._show(name), "meta": {"role": "ours", "approx": False, "face": face},
-            **self.axes(p),
-        })
+        self._add(p, name, self._text(name, values, fmt), face=face, type="bar", x=self._xs(), y=values,
+                  width=0.8 / self.L, marker={"color": color, "line": {"width": 0}}, textposition="none")
 
     def paper(self, p, what, arr, color, fmt=pct, approx=True):
         """A per-layer array of the paper, on its own relative depth (layer+1)/16."""
         name = f"paper (approx.): {what}" if approx else f"paper: {what}"
         n = len(arr)
         xs = [round((i + 1) / n, 6) for i in range(n)]
-        self.data.append({
-            "type": "scatter", "mode": "lines", "name": name, "x": xs, "y": list(arr),
-            "text": [f"<b>{name}</b><br>paper layer {i + 1} of {n} (depth {x:.2f})<br>{fmt(v)}"
-                     for i, (x, v) in enumerate(zip(xs, arr))], "hovertemplate": "%{text}<extra></extra>",
-            "line": {"color": color, "width": 2, "dash": "dash" if approx else "dot"}, "opacity": 0.85,
-            "legendgroup": name, "showlegend": self._show(name), "legendrank": 300,
-            "meta": {"role": "paper", "approx": approx, "face": "pos"}, **self.axes(p),
-        })
+        self._add(p, name, [f"<b>{name}</b><br>paper layer {i + 1} of {n} (depth {x:.2f})<br>{fmt(v)}"
+                            for i, (x, v) in enumerate(zip(xs, arr))], role="paper", approx=approx, type="scatter",
+                  mode="lines", x=xs, y=list(arr), opacity=0.85,
+                  line={"color": color, "width": 2, "dash": "dash" if approx else "dot"})
+
+    def _paper_line(self, p, what, xs, ys, label, color):
+        name = f"paper: {what}"
+        self._add(p, name, [f"<b>{name}</b><br>{label}"] * 2, role="paper", type="scatter", mode="lines", x=xs, y=ys,
+                  line={"color": color, "width": 1.8, "dash": "dot"})
 
     def paper_hline(self, p, what, y, color, fmt=pct, x0=0.0, x1=1.0):
         """A number stated in the paper's text, drawn as a dotted horizontal line across depth."""
-        name = f"paper: {what}"
-        self.data.append({
-            "type": "scatter", "mode": "lines", "name": name, "x": [x0, x1], "y": [y, y],
-            "text": [f"<b>{name}</b><br>{fmt(y)}"] * 2, "hovertemplate": "%{text}<extra></extra>",
-            "line": {"color": color, "width": 1.8, "dash": "dot"}, "legendgroup": name, "legendrank": 300,
-            "showlegend": self._show(name), "meta": {"role": "paper", "approx": False, "face": "pos"},
-            **self.axes(p),
-        })
+        self._paper_line(p, what, [x0, x1], [y, y], fmt(y), color)
 
     def paper_vline(self, p, what, x, y0, y1, color):
-        name = f"paper: {what}"
-        self.data.append({
-            "type": "scatter", "mode": "lines", "name": name, "x": [x, x], "y": [y0, y1],
-            "text": [f"<b>{name}</b><br>depth {x:.2f}"] * 2, "hovertemplate": "%{text}<extra></extra>",
-            "line": {"color": color, "width": 1.8, "dash": "dot"}, "legendgroup": name, "legendrank": 300,
-            "showlegend": self._show(name), "meta": {"role": "paper", "approx": False, "face": "pos"},
-            **self.axes(p),
-        })
+        self._paper_line(p, what, [x, x], [y0, y1], f"depth {x:.2f}", color)
 
     def paper_point(self, p, what, x, y, color, fmt=pct):
         name = f"paper: {what}"
-        self.data.append({
-            "type": "scatter", "mode": "markers", "name": name, "x": [x], "y": [y],
-            "text": [f"<b>{name}</b><br>{fmt(y)}"], "hovertemplate": "%{text}<extra></extra>",
-            "marker": {"symbol": "diamond-open", "size": 12, "color": color, "line": {"width": 2, "color": color}},
-            "legendgroup": name, "showlegend": self._show(name), "legendrank": 300,
-            "meta": {"role": "paper", "approx": False, "face": "pos"}, **self.axes(p),
-        })
+        self._add(p, name, [f"<b>{name}</b><br>{fmt(y)}"], role="paper", type="scatter", mode="markers", x=[x], y=[y],
+                  marker={"symbol": "diamond-open", "size": 12, "color": color, "line": {"width": 2, "color": color}})
 
     def no_data(self, p, reason, face="pos"):
         """Panel ``p`` (face ``face``) has nothing to draw: a note on it, and under the figure."""
@@ -621,15 +597,10 @@ def fig6(inp: ReportInputs) -> Figure:
             plot.no_data(p, _why(inp, "values", face, b, "usable max_prob_vs_agreement"), face)
             continue
         name = "ours: agreement per max-probability bin"
-        plot.data.append({
-            "type": "scatter", "mode": "lines+markers", "name": name, "x": [c for c, *_ in bins],
-            "y": [a for _, _, _, a, _ in bins],
-            "text": [f"<b>{name}</b><br>max p in [{lo:.3g}, {hi:.3g})<br>agreement {pct(a)}<br>{n:,.0f} memories"
-                     for _, lo, hi, a, n in bins], "hovertemplate": "%{text}<extra></extra>",
-            "line": {"color": COLORS["main"], "width": 2.4}, "marker": {"size": 7, "color": COLORS["main"]},
-            "legendgroup": name, "showlegend": plot._show(name),
-            "meta": {"role": "ours", "approx": False, "face": face}, **plot.axes(p),
-        })
+        plot._add(p, name, [f"<b>{name}</b><br>max p in [{lo:.3g}, {hi:.3g})<br>agreement {pct(a)}<br>{n:,.0f} "
+                            "memories" for _, lo, hi, a, n in bins], face=face, type="scatter", mode="lines+markers",
+                  x=[c for c, *_ in bins], y=[a for _, _, _, a, _ in bins],
+                  line={"color": COLORS["main"], "width": 2.4}, marker={"size": 7, "color": COLORS["main"]})
         plot.paper_point(p, f"≈95% in its highest bin (max p ≈ {ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)",
                          ref["bins_max_prob"][-1], 0.95, COLORS["main"])
         per_face[face] = bins
