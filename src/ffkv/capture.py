@@ -117,9 +117,7 @@ class Capture:
         last = self.layers[-1] if self.layers and stop else None
         # the hook that runs last in the last layer ends the forward
         self._stop_at = (last, "h" if block_output else "o" if ffn_output else "m") if last is not None else None
-        self.m: dict[int, torch.Tensor] = {}
-        self.o: dict[int, torch.Tensor] = {}
-        self.h: dict[int, torch.Tensor] = {}
+        self.m, self.o, self.h = {}, {}, {}  # layer -> tensor, renewed by every run
         self._select: torch.Tensor | None = None
         self._select_on: dict[torch.device, torch.Tensor] = {}
         self._handles: list = []
@@ -174,9 +172,7 @@ class Capture:
         parts = self.parts
         try:
             for layer in sorted(set(self.layers) | set(self.edits)):
-                if layer in self.layers or layer in self.edits:
-                    self._handles.append(parts.ffn_out(layer).register_forward_pre_hook(
-                        self._coefficient_hook(layer)))
+                self._handles.append(parts.ffn_out(layer).register_forward_pre_hook(self._coefficient_hook(layer)))
                 if layer not in self.layers:
                     continue
                 if self.want_o:

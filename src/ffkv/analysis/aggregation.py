@@ -21,6 +21,8 @@ the model's own logits. Per layer:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -151,10 +153,6 @@ def memory_predictions(atlas: Atlas, model, layer: int) -> tuple[torch.Tensor, t
     return value_extremes(model.parts, layer)
 
 
-def _is_stop_word(text: str) -> bool:
-    return text.strip().lower() in STOP_WORDS
-
-
 def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, active_threshold: float = 0.1,
                            seed: int = 0, per_unit: int = 1, batch_tokens: int = 2048, max_batch: int = 64,
                            progress: bool = True) -> dict:
@@ -183,12 +181,10 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     for layer in range(n_layers):
         pos, neg = memory_predictions(atlas, model, layer)
         preds[layer] = (pos.to(device), neg.to(device))
-    decoded: dict[int, bool] = {}
 
+    @functools.cache
     def stop_word(token: int) -> bool:
-        if token not in decoded:
-            decoded[token] = _is_stop_word(atlas.decode([token]))
-        return decoded[token]
+        return atlas.decode([token]).strip().lower() in STOP_WORDS
 
     acc = {name: np.zeros(n_layers) for name in (
         "active", "positive", "no_match", "match", "match_stop", "match_short", "res_final", "res_prob")}
