@@ -160,6 +160,58 @@ def test_merge_refuses_other_model(setup, tmp_path):
         merge_atlases([a, b], tmp_path / "m", progress=False)
 
 
+@pytest.fixture(scope="module")
+def halves(setup):
+    """Two shard atlases (0/2, 1/2) side by side in one folder, scanned in-process."""
+    from ffkv.cli import main
+
+    root = setup[0] / "halves"
+    parts = [root / "h0", root / "h1"]
+    for i, p in enumerate(parts):
+        assert main(_scan_args(setup, p, "--shard", f"{i}/2")) == 0
+    return parts
+
+
+def _snapshot(paths: list[Path]) -> dict:
+    return {str(f): f.read_bytes() for p in paths for f in sorted(p.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("where", ["input", "parent", "inside"])
+def test_merge_force_never_deletes_an_input(halves, where, capsys):
+    from ffkv.cli import main
+    from ffkv.errors import FfkvError
+    from ffkv.merge import merge_atlases
+
+    a, b = halves
+    out = {"input": b, "parent": a.parent, "inside": a / "merged"}[where]
+    needle = {"input": "is the input", "parent": "contains the input", "inside": "lies inside the input"}[where]
+    before = _snapshot(halves)
+    assert any(k.endswith("manifest.json") for k in before)
+    with pytest.raises(FfkvError, match=needle):
+        merge_atlases([a, b], out, force=True, progress=False)
+    assert _snapshot(halves) == before
+    capsys.readouterr()
+    # the same through the command line: one line on stderr, exit code 2, nothing deleted or created
+    via = Path(os.path.relpath(out)) if where == "parent" else out  # another spelling of the same folder
+    assert main(["merge", str(a), str(b), "--out", str(via), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ffkv: error: ") and needle in err[0]
+    assert _snapshot(halves) == before
+    assert not (a / "merged").exists()
+
+
+def test_merge_next_to_the_inputs_still_works(halves, single):
+    from ffkv.merge import merge_atlases
+
+    a, b = halves
+    out = a.parent / "h0-merged"  # a sibling whose name starts like an input's: not inside it
+    out.mkdir()
+    (out / "old.txt").write_text("replaced by --force")
+    merged = merge_atlases([a, b], out, force=True, progress=False)
+    assert not (out / "old.txt").exists()
+    assert_same_atlas(single, merged.path)
+
+
 WRAPPER = """
 import importlib, os, sys
 from ffkv.cli import main

@@ -40,14 +40,28 @@ def _check_compatible(atlases: list[Atlas]) -> tuple[int, list[int]]:
     return n, list(first["scan"]["layers"])
 
 
+def _check_output_apart(paths: list[Path], out: Path) -> None:
+    """The output folder, which --force deletes, must be neither an input nor contain one nor lie in one."""
+    target = out.resolve()
+    for p in paths:
+        source = p.resolve()
+        if target == source:
+            raise FfkvError(f"--out {out} is the input {p}: give a new directory for the merged atlas")
+        if source.is_relative_to(target):
+            raise FfkvError(f"--out {out} contains the input {p}: give a directory apart from the inputs")
+        if target.is_relative_to(source):
+            raise FfkvError(f"--out {out} lies inside the input {p}: give a directory apart from the inputs")
+
+
 def merge_atlases(paths: list[str | Path], out: str | Path, force: bool = False, progress: bool = True) -> Atlas:
+    """Merge the shard atlases ``paths`` into a new atlas ``out`` (``force``: replace an existing ``out``, which
+    must not be, contain or lie inside an input)."""
     out = Path(out)
+    _check_output_apart([Path(p) for p in paths], out)
     atlases = [Atlas.load(p) for p in paths]
     n, layers = _check_compatible(atlases)
     if out.exists() and not force:
         raise FfkvError(f"{out} exists; use --force to overwrite it")
-    if any(out.resolve() == a.path.resolve() for a in atlases):
-        raise FfkvError("the output must be a new directory, not one of the inputs")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for layer in tqdm(layers, desc="merge layers", disable=not progress, dynamic_ncols=True):
