@@ -61,7 +61,7 @@ def check_interventions(parts: ModelParts, interventions: Sequence[Intervention]
 
 
 class StopForward(Exception):
-    """Raised by the last hook a capture needs: the rest of the model is not run."""
+    """Raised by the last hook a capture needs, so that the rest of the model does not run."""
 
 
 def pad_right(rows: Sequence[Sequence[int] | np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
@@ -202,10 +202,6 @@ class Capture:
         except StopForward:
             pass
         return self
-
-    def residual(self, layer: int) -> torch.Tensor:
-        """r = h - o: the residual stream just before the FFN output is added."""
-        return self.h[layer] - self.o[layer]
 
 
 @torch.inference_mode()

@@ -42,11 +42,11 @@ def value_vectors(parts: ModelParts, layer: int, keys: torch.Tensor | list[int] 
     return parts.through_final_norm(v) if normed else v
 
 
-def value_logits(parts: ModelParts, layer: int, *, normed: bool = False, chunk: int = MEMORY_CHUNK,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def value_logits(parts: ModelParts, layer: int, *, normed: bool = False,
+                 chunk: int = MEMORY_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
     """(first key of the chunk, v.E [chunk, vocab]) over all memories of a layer: the positive face's logits
     (the negative face's are their negation)."""
-    values = value_vectors(parts, layer, dtype=dtype)
+    values = value_vectors(parts, layer)
     e = unembedding(parts, values.dtype)
     for start in range(0, values.shape[0], chunk):
         v = values[start: start + chunk]
@@ -67,13 +67,10 @@ def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int,
             top = signed.topk(min(n, signed.shape[1]), dim=1)
             found[face].append((top.indices + start, top.values))
     out = {}
-    for face, parts in found.items():
-        if len(parts) == 1:
-            out[face] = parts[0]
-            continue
-        ids, vals = torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-        top = vals.topk(n, dim=1)
-        out[face] = (ids.gather(1, top.indices), top.values)
+    for face, chunks in found.items():  # several vocabulary chunks: the top n of their top n
+        ids, vals = (torch.cat(x, dim=1) for x in zip(*chunks))
+        top = vals.topk(n, dim=1) if len(chunks) > 1 else None
+        out[face] = (ids, vals) if top is None else (ids.gather(1, top.indices), top.values)
     return out
 
 

@@ -137,7 +137,7 @@ def capture_last_positions(model, sequences: list[list[int]]) -> dict:
     ids, lengths = pad_right(sequences)
     with Capture(parts, range(parts.n_layers), ffn_output=True, block_output=True) as cap:
         cap.run(ids.to(model.device), last_positions(lengths, ids.shape[1]))
-    out = {"m": cap.m, "o": cap.o, "h": cap.h, "r": {layer: cap.residual(layer) for layer in cap.h}}
+    out = {"m": cap.m, "o": cap.o, "h": cap.h, "r": {layer: cap.h[layer] - cap.o[layer] for layer in cap.h}}
     last = out["h"][parts.n_layers - 1]
     out["final_logits"] = ResidualLens(parts, work_dtype(last.dtype)).full(last)
     return out
