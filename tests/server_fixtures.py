@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 CORPUS = [
@@ -36,10 +41,47 @@ TOKENIZER_VOCAB = 420
 SPECIAL = "<|endoftext|>"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(atlas: Path, *args: str, host: str = "127.0.0.1", log: Path | None = None,
+                   ready_headers: dict | None = None, timeout: float = 120):
+    """`ffkv serve ATLAS --host HOST --port P ARGS...` in a subprocess; yields (base URL, log path) once
+    /api/health answers 200; stops it afterwards."""
+    import httpx
+
+    port = free_port(host)
+    log = log or Path(atlas).parent / f"serve-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ffkv", "serve", str(atlas), "--host", host, "--port",
+                                 str(port), *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://{host}:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ffkv serve exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(base + "/api/health", headers=ready_headers, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"ffkv serve did not answer in {timeout:.0f} s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def build_tiny_model(directory: Path) -> Path:

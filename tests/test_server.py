@@ -432,6 +432,69 @@ def test_foreign_host_header_is_refused(client):
     assert client.get("/api/health", headers={"host": "[::1]:8000"}).status_code == 200
 
 
+@pytest.mark.parametrize("host,status", [
+    ("127.0.0.1:8000", 200), ("127.0.0.2:8000", 200), ("127.255.255.254", 200), ("LocalHost:1", 200),
+    ("localhost.", 200), ("[::1]", 200), ("ffkv.example:8000", 200), ("FFKV.Example.", 200), ("10.1.2.3:80", 200),
+    ("attacker.example", 400), ("128.0.0.1:8000", 400), ("localhost.attacker.example", 400), ("", 400),
+    ("127.0.0.1.attacker.example", 400), ("ffkv.example.attacker.example", 400), ("10.1.2.4", 400),
+])
+def test_host_guard_accepts_loopback_and_the_allowed_names_only(service, host, status):
+    with TestClient(create_app(service, allowed_hosts=["ffkv.example", "10.1.2.3"]),
+                    base_url="http://127.0.0.1") as c:
+        r = c.get("/api/health", headers={"host": host})
+    assert r.status_code == status
+    if status == 400:
+        assert "Host" in r.json()["error"] and "\n" not in r.json()["error"]
+    assert r.headers["x-frame-options"] == "DENY" and "default-src 'none'" in r.headers["content-security-policy"]
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    """`ffkv serve ...` up to the point where uvicorn would start: returns (exit code, the app, uvicorn's
+    arguments). Nothing listens."""
+    import uvicorn
+
+    import ffkv.server.app as server_app
+
+    seen = {}
+    monkeypatch.setattr(server_app, "_check_port", lambda host, port: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+
+    def run(*argv):
+        rc = main(["serve", *argv])
+        return rc, seen.get("app"), seen
+    return run
+
+
+def test_allow_remote_keeps_the_host_guard(tiny, fake_serve):
+    rc, app, seen = fake_serve(str(tiny[1]), "--allow-remote", "--allowed-host", "ffkv.example")
+    assert rc == 0 and seen["host"] == "127.0.0.1"
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        assert c.get("/api/health", headers={"host": "attacker.example:8000"}).status_code == 400
+        assert c.get("/api/health", headers={"host": "ffkv.example:8000"}).status_code == 200
+        assert c.get("/api/health", headers={"host": "127.0.0.1:8000"}).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["ffkv.example:8000", "*.example.org", "http://ffkv.example", "a b", "-x.org", ""])
+def test_serve_refuses_a_bad_allowed_host(tiny, fake_serve, capsys, name):
+    rc, app, _ = fake_serve(str(tiny[1]), f"--allowed-host={name}")
+    assert rc == 2 and app is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allowed-host" in err
+
+
+def test_serve_on_another_loopback_address_answers(tiny, tmp_path):
+    """127.0.0.0/8 is loopback: a server bound to 127.0.0.2 answers requests addressed to it."""
+    import httpx
+    from server_fixtures import running_server
+
+    with running_server(tiny[1], host="127.0.0.2", log=tmp_path / "serve.log") as (base, log):
+        assert base.startswith("http://127.0.0.2:")
+        r = httpx.get(base + "/api/overview", timeout=30)
+        assert r.status_code == 200 and r.json()["d_ff"] == 64
+        assert httpx.get(base + "/api/health", headers={"host": "attacker.example"}, timeout=30).status_code == 400
+
+
 # -- command line --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.com", "::"])
 def test_serve_refuses_a_remote_host(tiny, capsys, host):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -184,28 +185,36 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _is_loopback(host: str) -> bool:
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _check_allowed_host(name: str) -> str:
+    """A name for the Host header check: a DNS name or an IP address, without scheme, port or wildcard."""
     import ipaddress
 
-    if host.lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return str(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
-        return False
+        pass
+    if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+        raise FfkvError(f"--allowed-host {name!r}: expected a host name or an IP address, without scheme, port "
+                        "or wildcard (e.g. --allowed-host myhost.example.org)")
+    return name
 
 
 def cmd_serve(args) -> int:
-    if not _is_loopback(args.host) and not args.allow_remote:
+    try:
+        from .server import serve
+        from .server.app import is_loopback
+    except ImportError as exc:
+        raise FfkvError(f"`ffkv serve` needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn")
+    if not is_loopback(args.host) and not args.allow_remote:
         raise FfkvError(f"refusing to serve on non-loopback host {args.host!r}: the app runs the model for anyone "
                         "who can reach it; add --allow-remote to do it anyway")
     if not 1 <= args.port <= 65535:
         raise FfkvError(f"--port {args.port}: expected 1-65535")
-    try:
-        from .server import serve
-    except ImportError as exc:
-        raise FfkvError(f"`ffkv serve` needs fastapi and uvicorn ({exc.name} is missing): pip install fastapi uvicorn")
-    serve(args.atlas, host=args.host.strip("[]"), port=args.port, allow_remote=args.allow_remote, model=args.model,
+    allowed = [_check_allowed_host(name) for name in args.allowed_host]
+    serve(args.atlas, host=args.host.strip("[]"), port=args.port, allowed_hosts=allowed, model=args.model,
           device=args.device)
     return 0
 
@@ -271,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (anyone who can reach "
                    "it can run the model)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable); loopback names and the --host "
+                   "address are always accepted, any other name is refused (DNS-rebinding guard)")
     p.add_argument("--model", default=None, help="load the model from here instead of the name in the atlas "
                    "manifest (must be the same weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

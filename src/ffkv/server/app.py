@@ -3,14 +3,17 @@ the package) and the JSON API they use.
 
 Safety: the app never reads a path from a request (static files come from the package's own folder, by a
 fixed mount); every parameter is validated (unknown layer/key -> 404, malformed -> 422, both as JSON
-``{"error": ...}``); the Host header must name a loopback address unless remote access was allowed (this stops
-DNS-rebinding pages from reaching a local server); pages get a Content-Security-Policy that allows nothing
-but this server (no CDN, no inline script).
+``{"error": ...}``); the Host header must always name a loopback address (localhost, 127.0.0.0/8, ::1), the
+address the server is bound to or a name added with `--allowed-host` (this stops DNS-rebinding pages from
+reaching the server, remote or not); pages get a Content-Security-Policy that allows nothing but this server
+(no CDN, no inline script).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FfkvError
@@ -26,11 +30,12 @@ from .debugger import Intervention
 from .service import MAX_INTERVENTIONS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, BadRequest, NotFound, Service
 
 STATIC = Path(__file__).parent / "static"
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_LIMIT = 200
 MAX_QUERY_CHARS = 200
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 PAGES = {"overview": "Overview", "memory": "Memory", "search": "Search", "debug": "Prompt debugger",
          "notfound": "Not found"}
 
@@ -67,26 +72,78 @@ def _host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+def normal_host(name: str) -> str:
+    """A host name or address as the Host check compares it: lower case, without brackets or a trailing dot; an
+    IP address in its canonical form ('::0001' -> '::1')."""
+    name = name.strip().strip("[]").rstrip(".").lower()
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, ::1 and the whole of 127.0.0.0/8."""
+    name = normal_host(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or :: (every interface)."""
+    try:
+        return ipaddress.ip_address(normal_host(host)).is_unspecified
+    except ValueError:
+        return False
+
+
 def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-def create_app(service: Service, allow_any_host: bool = False) -> FastAPI:
-    """The app around a loaded ``Service``. ``allow_any_host``: accept any Host header (`--allow-remote`)."""
+class Guard:
+    """The outermost layer of the app (plain ASGI): refuses a request whose Host header names neither a loopback
+    address nor an accepted name (400), and adds the security headers to every response."""
+
+    def __init__(self, app, allowed_hosts: Iterable[str] = ()):
+        self.app = app
+        self.allowed = {normal_host(h) for h in allowed_hosts if h}
+
+    def host_ok(self, header: str) -> bool:
+        name = normal_host(_host_name(header))
+        return bool(name) and (is_loopback(name) or name in self.allowed)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        headers = Headers(scope=scope)
+        if not self.host_ok(headers.get("host", "")):
+            await _error(400, "this server only answers requests addressed to localhost or a name it was given "
+                              "(Host header; `ffkv serve --allowed-host NAME` adds one)")(scope, receive, send_secured)
+            return
+        await self.app(scope, receive, send_secured)
+
+
+def create_app(service: Service, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    """The app around a loaded ``Service``. ``allowed_hosts``: names (or addresses) accepted in the Host header
+    besides the loopback ones."""
     app = FastAPI(title="ffkv", docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages use a CDN
     app.state.service = service
+    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts))
     shell = (STATIC / "shell.html").read_text()
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if not allow_any_host and _host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
-            return _error(400, "this server only answers requests addressed to localhost (Host header)")
-        response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["X-Frame-Options"] = "DENY"
-        return response
 
     def page(name: str, status: int = 200) -> HTMLResponse:
         html = shell.replace("__PAGE__", name).replace("__TITLE__", PAGES[name])
@@ -201,15 +258,19 @@ def _check_port(host: str, port: int) -> None:
             raise FfkvError(f"cannot listen on {host} port {port}: {exc.strerror or exc}")
 
 
-def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,
+def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allowed_hosts: Iterable[str] = (),
           model: str | None = None, device: str = "cpu") -> None:
-    """Load the atlas and its model, build the search index if needed, and serve until interrupted."""
+    """Load the atlas and its model, build the search index if needed, and serve until interrupted. The Host
+    header must name a loopback address, ``host`` itself (unless it is 0.0.0.0 or ::) or one of ``allowed_hosts``."""
     import uvicorn
 
     _check_port(host, port)  # before the model loads: a busy port is a one-line error, not a traceback later
     service = Service(atlas, model=model, device=device, progress=True)
-    app = create_app(service, allow_any_host=allow_remote)
+    accepted = list(allowed_hosts) + ([] if is_unspecified(host) or is_loopback(host) else [host])
+    app = create_app(service, allowed_hosts=accepted)
     shown = f"[{host}]" if ":" in host else host
     print(f"ffkv: serving {service.atlas.path} on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    if is_unspecified(host) and not accepted:
+        print("ffkv: only requests addressed to a loopback name are answered; add --allowed-host NAME for each "
+              "name or address clients use to reach this machine", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
-
