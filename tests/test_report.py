@@ -334,3 +334,28 @@ def test_formatting():
     assert pct(0.035) == "3.5%" and pct(4e-6) == "0.0004%" and pct(0.675) == "68%" and pct(-0.2) == "−20%"
     assert pct(None) == "n/a" and pct(0) == "0%"
     assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
+
+
+def test_analysis_of_another_scan_is_refused(tmp_path):
+    from ffkv.report.data import scan_id
+
+    atlas = make_atlas(tmp_path / "atlas", None)
+    sid = scan_id(atlas)
+    assert re.fullmatch(r"[0-9a-f]{16}", sid)
+    a = make_analysis()
+    for recorded in (sid, None):  # this scan's id, or none (an analysis.json older than scan ids)
+        if recorded is None:
+            a.pop("scan_id")
+        else:
+            a["scan_id"] = recorded
+        (atlas / "analysis.json").write_text(json.dumps(a))
+        text = write_report(atlas).read_text()
+        assert f'<meta name="ffkv-scan-id" content="{sid}">' in text
+        assert specs(text)  # the analysis was read
+    a["scan_id"] = "feedfacefeedface"
+    (atlas / "analysis.json").write_text(json.dumps(a))
+    with pytest.raises(FfkvError, match=r"feedfacefeedface.*rerun `ffkv analyze"):
+        load_inputs(atlas)
+    # a rewritten manifest (a new scan into the folder) is another scan id
+    (atlas / "manifest.json").write_text(json.dumps(make_manifest(), indent=2))
+    assert scan_id(atlas) != sid

@@ -10,7 +10,7 @@ plain data (dataclasses / dicts of lists), so notebooks can call them one by one
 relative change, -0.65 meaning -65 %). Keys with the suffix ``_neg`` hold the same arrays for the negative
 face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent for ReLU models.
 
-    {"ffkv_version", "atlas": {...manifest summary...}, "config": {...sizes and seeds used...},
+    {"ffkv_version", "scan_id", "atlas": {...manifest summary...}, "config": {...sizes and seeds used...},
      "definitions": {"memory", "face", "active", "agreement", ...: one sentence each},
      "n_layers": int, "layers": [scanned layers],
      "patterns":  {"shallow", "semantic", "both", "none", "patterns_per_key", "coverage": [L],
@@ -27,4 +27,11 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
                      "ffn_effect": {"residual", "ffn", "agreement", "composition"}: [L]},
      "patterns_neg", "token_removal_neg", "values_neg": same shapes as above (signed models only),
      "missing": {experiment: reason}}
+
+``scan_id`` is the analysed atlas's ``Atlas.scan_id`` (a hash of its manifest.json, so a new scan into the same
+folder has another). ``ffkv report`` refuses an analysis.json whose ``scan_id`` differs from the atlas's (rerun
+``ffkv analyze ATLAS``); files written before the key existed have none and are still read. ``ffkv analyze
+--only X`` keeps the other blocks of an existing analysis.json only when it is of the same scan (same
+``scan_id``, or for older files the same recorded atlas summary); otherwise it starts afresh, and ``missing``
+says the other experiments were not run on this scan.
 """

@@ -68,8 +68,29 @@ def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> None:
         raise FfkvError("--examples must be positive")
 
 
+def _read_previous(path: Path) -> dict:
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise FfkvError(f"{path} is corrupt (not a JSON object): run `ffkv analyze` without --only to rewrite it")
+    return previous
+
+
+def _same_scan(previous: dict, scan_id: str, summary: dict) -> bool:
+    """Whether an existing analysis.json is of this very scan: its scan_id, or (files written before scan ids)
+    the atlas summary it recorded, which includes the scan's timing."""
+    if "scan_id" in previous:
+        return previous["scan_id"] == scan_id
+    return previous.get("atlas") == json.loads(json.dumps(summary))
+
+
 def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=None, progress: bool = True) -> dict:
-    """Run the experiments and write ``analysis.json`` next to the atlas; returns its content."""
+    """Run the experiments and write ``analysis.json`` next to the atlas; returns its content.
+
+    With ``config.only``, the other experiments' blocks are kept from an existing analysis.json of the same scan
+    (same ``scan_id``); one of an earlier scan of the folder (``scan --force``) is discarded, not merged."""
     from ..models import load_model
     from .aggregation import aggregation_experiment
     from .keys import Background, patterns_experiment, token_removal_experiment
@@ -83,7 +104,17 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
     if unknown:
         raise FfkvError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
     out_path = atlas.path / "analysis.json"
-    result = json.loads(out_path.read_text()) if out_path.exists() and cfg.only else {}
+    m = atlas.manifest
+    summary = {"model": m["model"], "corpus": m["corpus"], "scan": {k: m["scan"][k] for k in
+               ("top_k", "unit", "max_tokens", "layers", "faces", "dtype")}, "result": m["result"]}
+    result, not_run = {}, "not run (use --only to add it)"
+    if cfg.only and out_path.exists():
+        previous = _read_previous(out_path)
+        if _same_scan(previous, atlas.scan_id, summary):
+            result = previous
+        else:
+            not_run = ("not run on this scan (analysis.json held an earlier scan's results, which --only "
+                       "discarded; use --only to add it)")
     if model is None:
         model = load_model(atlas.manifest["model"]["name"], dtype=atlas.manifest["scan"]["dtype"])
     atlas.check_model(model)
@@ -121,12 +152,11 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
                                                        progress=progress)
         timings["aggregation"] = round(time.time() - t, 1)
 
-    m = atlas.manifest
     result.update({
         "ffkv_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "atlas": {"model": m["model"], "corpus": m["corpus"], "scan": {k: m["scan"][k] for k in
-                  ("top_k", "unit", "max_tokens", "layers", "faces", "dtype")}, "result": m["result"]},
+        "scan_id": atlas.scan_id,
+        "atlas": summary,
         "config": dict(result.get("config", {}), **asdict(cfg)),
         "definitions": dict(result.get("definitions", {}), **DEFINITIONS),
         "n_layers": atlas.n_layers,
@@ -137,7 +167,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         defs = (result.get(block) or {}).get("definitions")
         if defs:
             result["definitions"].update(defs)
-    result["missing"] = {x: "not run (use --only to add it)" for x in EXPERIMENTS if x not in result}
+    result["missing"] = {x: not_run for x in EXPERIMENTS if x not in result}
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=float))
     os.replace(tmp, out_path)

@@ -53,8 +53,10 @@ def write_report(atlas_path: str | Path, out: str | Path | None = None) -> Path:
     """Write the HTML report of an atlas to ``out`` (default ``ATLAS/report.html``) and return its path.
 
     Raises :class:`ffkv.FfkvError` (one line, for exit code 2) when the atlas does not exist, has no manifest, or
-    its manifest / analysis.json is not valid JSON. A missing or partial analysis.json is not an error: the report
-    shows what exists and says what is missing."""
+    its manifest / analysis.json is not valid JSON, or when analysis.json records another scan id than the atlas's
+    (the folder was scanned again since `ffkv analyze`). A missing or partial analysis.json is not an error: the
+    report shows what exists and says what is missing. The page records the atlas's scan id in a
+    ``<meta name="ffkv-scan-id">`` tag."""
     text = build_report(atlas_path)
     out = Path(out) if out is not None else Path(atlas_path) / "report.html"
     if out.is_dir():

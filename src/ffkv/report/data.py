@@ -6,6 +6,7 @@ report says so, instead of failing. Nothing here needs the model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -43,6 +44,8 @@ class ReportInputs:
     analysis: dict | None
     analysis_note: str | None = None
     """Why there is no analysis (no file), shown in every figure's missing note."""
+    scan_id: str | None = None
+    """The atlas's scan id (``Atlas.scan_id``), recorded in the page."""
     paper: dict = field(default_factory=load_paper_reference)
 
     # -- shape -----------------------------------------------------------------------------------------
@@ -163,10 +166,19 @@ class ReportInputs:
         }
 
 
+def scan_id(atlas_path: str | Path) -> str:
+    """``Atlas.scan_id`` without opening the atlas's token store (the report reads the manifest alone): the same
+    hash of manifest.json, kept equal by a test."""
+    return hashlib.sha256((Path(atlas_path) / "manifest.json").read_bytes()).hexdigest()[:16]
+
+
 def load_inputs(atlas_path: str | Path) -> ReportInputs:
-    """Read ``ATLAS/manifest.json`` (required) and ``ATLAS/analysis.json`` (optional)."""
+    """Read ``ATLAS/manifest.json`` (required) and ``ATLAS/analysis.json`` (optional). An analysis.json of an
+    earlier scan of the folder (its ``scan_id`` differs from the atlas's) is refused; one without ``scan_id``
+    (written before the key existed) is read."""
     path = Path(atlas_path)
     manifest = read_manifest(path)
+    sid = scan_id(path)
     af = path / "analysis.json"
     analysis, note = None, None
     if not af.exists():
@@ -178,6 +190,10 @@ def load_inputs(atlas_path: str | Path) -> ReportInputs:
             raise FfkvError(f"{af} is corrupt (not JSON): rerun `ffkv analyze {path}`")
         if not isinstance(analysis, dict):
             raise FfkvError(f"{af} is not a JSON object: rerun `ffkv analyze {path}`")
-    inputs = ReportInputs(atlas_path=path, manifest=manifest, analysis=analysis, analysis_note=note)
+        recorded = analysis.get("scan_id")
+        if recorded is not None and recorded != sid:
+            raise FfkvError(f"{af} is of an earlier scan (scan id {recorded}; the atlas is now scan {sid}): "
+                            f"rerun `ffkv analyze {path}`")
+    inputs = ReportInputs(atlas_path=path, manifest=manifest, analysis=analysis, analysis_note=note, scan_id=sid)
     inputs.n_layers  # noqa: B018 - fail early with a clear message
     return inputs

@@ -370,6 +370,7 @@ def header(inp: ReportInputs, atlas_arg: str) -> str:
     versions = _dl([
         ("scanned with", esc(f"ffkv {inp.manifest.get('ffkv_version', '?')}")),
         ("scan date", esc(inp.manifest.get("created", "?"))),
+        ("scan id", f"<code>{esc(inp.scan_id)}</code>" if inp.scan_id else None),
         ("analysed with", esc(f"ffkv {a['ffkv_version']}") if a.get("ffkv_version") else "not analysed"),
         ("report", esc(f"ffkv {__version__}, "
                        f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")),
@@ -512,7 +513,7 @@ def page(inp: ReportInputs, figures: list[Figure], atlas_arg: str, plotly_js: st
                      f"{t['display_name']}: {inp.n_layers} layers × {inp.model.get('d_ff', '?')} memories"),
         banner=banner, toc="".join(toc_items), header=header(inp, atlas_arg), summary=summary_table(figures),
         style_key=style_key(), body="".join(body), definitions=definitions_html(inp), about=about,
-        plotly=plotly_js, js=JS)
+        plotly=plotly_js, js=JS, scan_id=esc(inp.scan_id or ""))
 
 
 CSS = """
@@ -607,6 +608,7 @@ border-right:0;border-bottom:1px solid var(--line)}main{padding:18px}}
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="ffkv-scan-id" content="{scan_id}">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; \
 style-src 'unsafe-inline'; img-src data: blob:; font-src data:">
 <title>{title}</title>
