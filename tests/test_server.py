@@ -570,3 +570,102 @@ def test_debugger_on_every_architecture(tiny_model, arch):
     assert new == seq[ids.shape[1]:]
     for i in range(parts.n_layers):
         assert not parts.ffn_out(i)._forward_pre_hooks and not parts.blocks[i]._forward_hooks
+
+
+# -- token ---------------------------------------------------------------------------------------------------
+TOKEN = "k3Y-" + "a" * 20
+
+
+@pytest.fixture(scope="module")
+def token_client(service):
+    with TestClient(create_app(service, token=TOKEN), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def _assert_unauthorized(r):
+    assert r.status_code == 401, (r.request.url, r.status_code)
+    assert r.headers["www-authenticate"] == "Bearer"
+    error = r.json()["error"]
+    assert "token" in error and "\n" not in error and TOKEN not in error
+
+
+@pytest.mark.parametrize("path,status", [
+    ("/", 200), ("/search", 200), ("/memory/1/3", 200), ("/static/app.js", 200), ("/favicon.ico", 200),
+    ("/api/health", 200), ("/api/overview", 200), ("/api/memory/1/3", 200), ("/api/search?text=river", 200),
+    ("/api/nothing", 404), ("/no/such/page", 404),
+])
+def test_a_token_is_needed_for_every_page_and_api_call(token_client, path, status):
+    token_client.cookies.clear()
+    _assert_unauthorized(token_client.get(path))
+    _assert_unauthorized(token_client.get(path, headers={"authorization": "Bearer " + TOKEN[:-1] + "b"}))
+    _assert_unauthorized(token_client.get(path, headers={"authorization": "Basic " + TOKEN}))
+    _assert_unauthorized(token_client.get(path, headers={"cookie": f"ffkv_token={TOKEN}"}))  # not its cookie's name
+    assert token_client.get(path, headers={"authorization": "Bearer " + TOKEN}).status_code == status
+
+
+def test_a_token_is_needed_to_run_the_model(token_client):
+    token_client.cookies.clear()
+    _assert_unauthorized(token_client.post("/api/run", json={"prompt": PROMPT}))
+    _assert_unauthorized(token_client.post(f"/api/run?token={TOKEN}", json={"prompt": PROMPT}))
+    _assert_unauthorized(token_client.post("/api/generate", json={"prompt": PROMPT}))
+    r = token_client.post("/api/run", json={"prompt": PROMPT}, headers={"authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["next_token_top"]
+
+
+def test_a_token_in_the_first_page_address_sets_a_cookie(token_client):
+    token_client.cookies.clear()
+    _assert_unauthorized(token_client.get("/search?text=river&token=wrong-token-0123456789"))
+    _assert_unauthorized(token_client.get(f"/api/overview?token={TOKEN}"))  # the query token is for pages only
+    r = token_client.get(f"/search?text=river&token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/search?text=river"  # the token leaves the address
+    cookie = r.headers["set-cookie"]
+    assert TOKEN in cookie and "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
+    # the browser UI keeps working with the cookie alone: pages, static files, API calls, model runs
+    for path in ("/search?text=river", "/static/app.js", "/api/overview", "/api/search?text=river"):
+        assert token_client.get(path).status_code == 200, path
+    assert token_client.post("/api/run", json={"prompt": PROMPT}).status_code == 200
+    token_client.cookies.clear()
+    _assert_unauthorized(token_client.get("/api/overview"))
+
+
+def test_loopback_serve_needs_no_token(tiny, fake_serve, capsys):
+    rc, app, seen = fake_serve(str(tiny[1]))
+    assert rc == 0
+    assert "token" not in capsys.readouterr().out
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        assert c.get("/api/overview").status_code == 200
+        assert c.get("/").status_code == 200
+
+
+def test_remote_serve_makes_and_prints_a_token(tiny, fake_serve, capsys):
+    rc, app, seen = fake_serve(str(tiny[1]), "--host", "192.0.2.10", "--allow-remote")
+    assert rc == 0 and seen["host"] == "192.0.2.10"
+    out = capsys.readouterr().out
+    token = re.search(r"\?token=([A-Za-z0-9_-]+)", out).group(1)
+    assert len(token) >= 32
+    with TestClient(app, base_url="http://192.0.2.10:8000") as c:  # in-process: nothing is sent anywhere
+        _assert_unauthorized(c.get("/api/overview"))
+        assert c.get("/api/overview", headers={"authorization": f"Bearer {token}"}).status_code == 200
+        assert c.get(f"/?token={token}").status_code == 200  # redirected, then answered with the cookie
+        assert c.get("/api/memory/1/3").status_code == 200
+        r = c.get("/api/overview", headers={"host": "attacker.example", "authorization": f"Bearer {token}"})
+        assert r.status_code == 400
+    rc, app2, _ = fake_serve(str(tiny[1]), "--host", "192.0.2.10", "--allow-remote")
+    assert re.search(r"\?token=([A-Za-z0-9_-]+)", capsys.readouterr().out).group(1) != token  # a new one each time
+
+
+def test_remote_serve_with_a_given_token(tiny, fake_serve, capsys):
+    rc, app, _ = fake_serve(str(tiny[1]), "--host", "0.0.0.0", "--allow-remote", "--token", TOKEN,
+                            "--allowed-host", "ffkv.example")
+    assert rc == 0 and TOKEN in capsys.readouterr().out
+    with TestClient(app, base_url="http://ffkv.example") as c:
+        _assert_unauthorized(c.get("/api/overview"))
+        assert c.get("/api/overview", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+@pytest.mark.parametrize("token", ["short", "x" * 257, "has space in it 0123", "semi;colon0123456789", ""])
+def test_serve_refuses_a_bad_token(tiny, fake_serve, capsys, token):
+    rc, app, _ = fake_serve(str(tiny[1]), f"--token={token}")
+    assert rc == 2 and app is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--token" in err

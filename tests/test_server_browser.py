@@ -141,3 +141,33 @@ def test_browse_search_and_debug_in_chromium(server, tmp_path):
     assert (tmp_path / "debugger.png").stat().st_size > 10_000
     assert not console_errors, console_errors
     assert not failed, failed
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (make install-test installs it)")
+def test_a_server_with_a_token_works_in_chromium_after_the_first_page(tmp_path_factory, tmp_path):
+    """Opened once with ?token=, the browser keeps the cookie: the pages' own API calls and a model run work."""
+    from server_fixtures import running_server
+
+    _, atlas_dir = build_tiny_atlas(tmp_path_factory.getbasetemp() / "ffkv_server_tiny")
+    token = "browser-token-0123456789"
+    bad: list[str] = []
+    with running_server(atlas_dir, "--token", token, log=tmp_path / "serve.log",
+                        ready_headers={"authorization": f"Bearer {token}"}) as (base, _log):
+        assert httpx.get(base + "/", timeout=30).status_code == 401
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(30_000)
+                page.on("response", lambda r: bad.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+                page.goto(f"{base}/search?text=river&token={token}")
+                assert page.url == f"{base}/search?text=river"  # the token left the address bar
+                page.wait_for_selector("#search-results table.results tbody tr")
+                page.goto(base + "/debug")
+                page.fill("#prompt", "The river flows through the old")
+                page.click("#run")
+                page.wait_for_selector("#status:has-text('ran in')")
+                assert len(_probabilities(page)) == 10
+            finally:
+                browser.close()
+    assert not bad, bad

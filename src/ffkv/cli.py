@@ -147,12 +147,13 @@ def _print_analysis(result: dict) -> None:
 def cmd_analyze(args) -> int:
     from .analysis.run import AnalyzeConfig, analyze
 
+    config = config_from_args(AnalyzeConfig, args)  # checks the settings before a model is loaded
     model = None
     if args.model is not None:  # the atlas records how its model was named; this overrides it
         from .models import load_model
 
-        model = load_model(args.model, dtype=args.dtype)
-    result = analyze(args.atlas, config_from_args(AnalyzeConfig, args), model=model, progress=not args.quiet)
+        model = load_model(args.model, dtype=config.dtype)
+    result = analyze(args.atlas, config, model=model, progress=not args.quiet)
     _print_analysis(result)
     print(f"wrote {Path(args.atlas) / 'analysis.json'}")
     return 0
@@ -185,6 +186,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -214,8 +216,10 @@ def cmd_serve(args) -> int:
     if not 1 <= args.port <= 65535:
         raise FfkvError(f"--port {args.port}: expected 1-65535")
     allowed = [_check_allowed_host(name) for name in args.allowed_host]
-    serve(args.atlas, host=args.host.strip("[]"), port=args.port, allowed_hosts=allowed, model=args.model,
-          device=args.device)
+    if args.token is not None and not _TOKEN.fullmatch(args.token):
+        raise FfkvError("--token: expected 16-256 letters, digits or - _ . ~ (it travels in URLs and cookies)")
+    serve(args.atlas, host=args.host.strip("[]"), port=args.port, allowed_hosts=allowed, token=args.token,
+          model=args.model, device=args.device)
     return 0
 
 
@@ -246,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, AnalyzeConfig)
     p.add_argument("--model", default=None, help="the atlas's model, where it is not found by the name the "
                    "atlas records (it must have the same weights)")
-    p.add_argument("--dtype", default="float32", help="dtype to load --model in (default: float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze)
 
@@ -283,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header is NAME (repeatable); loopback names and the --host "
                    "address are always accepted, any other name is refused (DNS-rebinding guard)")
+    p.add_argument("--token", default=None, help="the token every request must carry (Authorization: Bearer "
+                   "TOKEN, or a page opened once with ?token=TOKEN, which sets a cookie); on a non-loopback --host a "
+                   "random one is made and printed when this is not given; loopback needs none")
     p.add_argument("--model", default=None, help="load the model from here instead of the name in the atlas "
                    "manifest (must be the same weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

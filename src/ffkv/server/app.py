@@ -11,19 +11,24 @@ reaching the server, remote or not); pages get a Content-Security-Policy that al
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import secrets
 import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import cookie_parser
 
 from ..errors import FfkvError
 from .debugger import Intervention
@@ -105,13 +110,48 @@ def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
 class Guard:
     """The outermost layer of the app (plain ASGI): refuses a request whose Host header names neither a loopback
-    address nor an accepted name (400), and adds the security headers to every response."""
+    address nor an accepted name (400); with a token, one that does not carry it (401); adds the security headers
+    to every response."""
 
-    def __init__(self, app, allowed_hosts: Iterable[str] = ()):
+    def __init__(self, app, allowed_hosts: Iterable[str] = (), token: str | None = None):
         self.app = app
         self.allowed = {normal_host(h) for h in allowed_hosts if h}
+        self.token = token.encode() if token else None
+        # named by the token, so that two servers on one host (cookies ignore the port) keep their own
+        self.cookie = "ffkv_token_" + hashlib.sha256(self.token).hexdigest()[:12] if token else None
+
+    def _matches(self, candidate: str | None) -> bool:
+        return candidate is not None and hmac.compare_digest(candidate.encode("utf-8", "replace"), self.token)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self._matches(credentials.strip()):
+            return True
+        return self._matches(cookie_parser(headers.get("cookie", "")).get(self.cookie))
+
+    def _token_response(self, scope, headers: Headers):
+        """None when the request may go on; else the response: a page opened with the right ?token= is
+        redirected to the same address without it, setting the cookie; anything else unauthorized is 401."""
+        query = QueryParams(scope.get("query_string", b""))
+        given = query.get("token")
+        is_page = scope["method"] in ("GET", "HEAD") and not scope["path"].startswith("/api/")
+        if given is not None and is_page and self._matches(given):
+            rest = urlencode([(k, v) for k, v in query.multi_items() if k != "token"])
+            response = RedirectResponse(quote(scope["path"]) + ("?" + rest if rest else ""), status_code=303)
+            response.set_cookie(self.cookie, self.token.decode(), httponly=True, samesite="lax", path="/")
+            return response
+        if self._authorized(headers):
+            return None
+        response = _error(401, "this server needs its token: send `Authorization: Bearer TOKEN`, or open a page "
+                               "once with ?token=TOKEN (the token is printed when `ffkv serve` starts)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     def host_ok(self, header: str) -> bool:
         name = normal_host(_host_name(header))
@@ -134,15 +174,20 @@ class Guard:
             await _error(400, "this server only answers requests addressed to localhost or a name it was given "
                               "(Host header; `ffkv serve --allowed-host NAME` adds one)")(scope, receive, send_secured)
             return
+        if self.token is not None:
+            refused = self._token_response(scope, headers)
+            if refused is not None:
+                await refused(scope, receive, send_secured)
+                return
         await self.app(scope, receive, send_secured)
 
 
-def create_app(service: Service, allowed_hosts: Iterable[str] = ()) -> FastAPI:
+def create_app(service: Service, allowed_hosts: Iterable[str] = (), token: str | None = None) -> FastAPI:
     """The app around a loaded ``Service``. ``allowed_hosts``: names (or addresses) accepted in the Host header
-    besides the loopback ones."""
+    besides the loopback ones; ``token``: required on every request (pages, static files and API) when given."""
     app = FastAPI(title="ffkv", docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages use a CDN
     app.state.service = service
-    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts))
+    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts), token=token)
     shell = (STATIC / "shell.html").read_text()
 
     def page(name: str, status: int = 200) -> HTMLResponse:
@@ -259,17 +304,23 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allowed_hosts: Iterable[str] = (),
-          model: str | None = None, device: str = "cpu") -> None:
+          token: str | None = None, model: str | None = None, device: str = "cpu") -> None:
     """Load the atlas and its model, build the search index if needed, and serve until interrupted. The Host
-    header must name a loopback address, ``host`` itself (unless it is 0.0.0.0 or ::) or one of ``allowed_hosts``."""
+    header must name a loopback address, ``host`` itself (unless it is 0.0.0.0 or ::) or one of ``allowed_hosts``.
+    On a non-loopback ``host`` every request needs ``token`` (a new random one, printed, when not given)."""
     import uvicorn
 
     _check_port(host, port)  # before the model loads: a busy port is a one-line error, not a traceback later
     service = Service(atlas, model=model, device=device, progress=True)
+    if token is None and not is_loopback(host):
+        token = new_token()
     accepted = list(allowed_hosts) + ([] if is_unspecified(host) or is_loopback(host) else [host])
-    app = create_app(service, allowed_hosts=accepted)
+    app = create_app(service, allowed_hosts=accepted, token=token)
     shown = f"[{host}]" if ":" in host else host
     print(f"ffkv: serving {service.atlas.path} on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    if token is not None:
+        print(f"ffkv: every request needs the token {token}: open http://{shown}:{port}/?token={token} once "
+              "in a browser, or send `Authorization: Bearer TOKEN`", flush=True)
     if is_unspecified(host) and not accepted:
         print("ffkv: only requests addressed to a loopback name are answered; add --allowed-host NAME for each "
               "name or address clients use to reach this machine", flush=True)
