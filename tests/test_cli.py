@@ -278,3 +278,78 @@ def test_thirds_summary_of_per_layer_arrays():
 
     assert thirds([1, 2, 3, 4, 5, 6]) == [1.5, 3.5, 5.5, 6]
     assert thirds([None, 2.0, None, 4.0, 6.0, None]) == [2.0, 4.0, 6.0, None]
+
+
+@pytest.fixture
+def analyzable(cli_atlas, tmp_path, monkeypatch):
+    """A copy of the CLI atlas to analyse, and the dtypes of the models the analysis loads."""
+    import shutil
+
+    import ffkv.models
+
+    out = tmp_path / "atlas"
+    shutil.copytree(cli_atlas[0], out)
+    loaded = []
+    original = ffkv.models.load_model
+
+    def load_model(*args, **kwargs):
+        model = original(*args, **kwargs)
+        loaded.append(next(model.model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(ffkv.models, "load_model", load_model)
+    return out, loaded
+
+
+ANALYZE_SMALL = ["--only", "patterns", "--keys-per-layer", "2", "--triggers", "4", "--removal-triggers", "4", "--quiet"]
+
+
+@pytest.mark.parametrize("flags,dtype", [([], "float32"), (["--dtype", "float64"], "float64")])
+def test_analyze_dtype(flags, dtype, analyzable, capsys):
+    import torch
+
+    out, loaded = analyzable
+    assert main(["analyze", str(out), *ANALYZE_SMALL, *flags]) == 0
+    assert loaded == [getattr(torch, dtype)]  # the atlas was scanned in float64: the flag decides, not the scan
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["config"]["dtype"] == dtype and "patterns" in result
+
+
+def test_analyze_dtype_of_model_flag(analyzable, model_dir, capsys):
+    import torch
+
+    out, loaded = analyzable
+    assert main(["analyze", str(out), *ANALYZE_SMALL, "--model", model_dir, "--dtype", "float64"]) == 0
+    assert loaded == [torch.float64]
+    assert json.loads((out / "analysis.json").read_text())["config"]["dtype"] == "float64"
+
+
+def test_analyze_in_bfloat16(corpus_jsonl, tmp_path, monkeypatch, capsys):
+    """A model whose weights bfloat16 holds exactly (as checkpoints saved in bfloat16 are): scanned in float32,
+    analysed in bfloat16."""
+    import torch
+    from conftest import build_tiny_model, train_tokenizer
+
+    import ffkv.models
+
+    model_path = tmp_path / "model"
+    build_tiny_model(ARCH).to(torch.bfloat16).to(torch.float32).save_pretrained(model_path)
+    train_tokenizer(bos=True).save_pretrained(model_path)
+    out = tmp_path / "atlas"
+    assert main(["scan", "--model", str(model_path), "--corpus", str(corpus_jsonl), "--out", str(out),
+                 "--max-length", "64", "--top-k", "5", "--quiet"]) == 0
+    loaded = []
+    original = ffkv.models.load_model
+    monkeypatch.setattr(ffkv.models, "load_model",
+                        lambda *a, **k: loaded.append(k.get("dtype")) or original(*a, **k))
+    assert main(["analyze", str(out), *ANALYZE_SMALL, "--dtype", "bfloat16"]) == 0
+    assert loaded == ["bfloat16"]
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["config"]["dtype"] == "bfloat16" and "patterns" in result
+
+
+def test_analyze_bad_dtype(analyzable, capsys):
+    out, loaded = analyzable
+    _assert_one_line_error(main(["analyze", str(out), *ANALYZE_SMALL, "--dtype", "int8"]), capsys, "--dtype int8",
+                           "float32")
+    assert loaded == [] and not (out / "analysis.json").exists()

@@ -16,6 +16,7 @@ from ..errors import FfkvError
 from ..version import __version__
 
 EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -37,6 +38,12 @@ class AnalyzeConfig:
     seed: int = field(default=0, metadata={"help": "seed of every sample"})
     only: str | None = field(default=None, metadata={"help": "comma-separated subset of "
                              f"{','.join(EXPERIMENTS)} (others kept from an existing analysis.json)"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in for the experiments: "
+                       f"{', '.join(DTYPES)}"})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise FfkvError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
 
 
 DEFINITIONS = {
@@ -116,8 +123,10 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
             not_run = ("not run on this scan (analysis.json held an earlier scan's results, which --only "
                        "discarded; use --only to add it)")
     if model is None:
-        model = load_model(atlas.manifest["model"]["name"], dtype=atlas.manifest["scan"]["dtype"])
+        model = load_model(atlas.manifest["model"]["name"], dtype=cfg.dtype)
     atlas.check_model(model)
+    # the dtype the experiments ran in: a model passed in (`ffkv run`, `analyze --model`) may have another
+    dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
     faces = atlas.faces
     timings = result.get("timings", {})
 
@@ -157,7 +166,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "scan_id": atlas.scan_id,
         "atlas": summary,
-        "config": dict(result.get("config", {}), **asdict(cfg)),
+        "config": dict(result.get("config", {}), **dict(asdict(cfg), dtype=dtype)),
         "definitions": dict(result.get("definitions", {}), **DEFINITIONS),
         "n_layers": atlas.n_layers,
         "layers": atlas.layers,
