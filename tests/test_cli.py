@@ -304,24 +304,27 @@ def analyzable(cli_atlas, tmp_path, monkeypatch):
 ANALYZE_SMALL = ["--only", "patterns", "--keys-per-layer", "2", "--triggers", "4", "--removal-triggers", "4", "--quiet"]
 
 
-@pytest.mark.parametrize("flags,dtype", [([], "float32"), (["--dtype", "float64"], "float64")])
+@pytest.mark.parametrize("flags,dtype", [([], "float64"), (["--dtype", "float32"], "float32"),
+                                         (["--dtype", "float64"], "float64")])
 def test_analyze_dtype(flags, dtype, analyzable, capsys):
+    """The atlas was scanned in float64: that is the default; --dtype decides otherwise."""
     import torch
 
     out, loaded = analyzable
     assert main(["analyze", str(out), *ANALYZE_SMALL, *flags]) == 0
-    assert loaded == [getattr(torch, dtype)]  # the atlas was scanned in float64: the flag decides, not the scan
+    assert loaded == [getattr(torch, dtype)]
     result = json.loads((out / "analysis.json").read_text())
     assert result["config"]["dtype"] == dtype and "patterns" in result
 
 
-def test_analyze_dtype_of_model_flag(analyzable, model_dir, capsys):
+@pytest.mark.parametrize("flags,dtype", [([], "float64"), (["--dtype", "float32"], "float32")])
+def test_analyze_dtype_of_model_flag(flags, dtype, analyzable, model_dir, capsys):
     import torch
 
     out, loaded = analyzable
-    assert main(["analyze", str(out), *ANALYZE_SMALL, "--model", model_dir, "--dtype", "float64"]) == 0
-    assert loaded == [torch.float64]
-    assert json.loads((out / "analysis.json").read_text())["config"]["dtype"] == "float64"
+    assert main(["analyze", str(out), *ANALYZE_SMALL, "--model", model_dir, *flags]) == 0
+    assert loaded == [getattr(torch, dtype)]
+    assert json.loads((out / "analysis.json").read_text())["config"]["dtype"] == dtype
 
 
 def test_analyze_in_bfloat16(corpus_jsonl, tmp_path, monkeypatch, capsys):
@@ -346,6 +349,23 @@ def test_analyze_in_bfloat16(corpus_jsonl, tmp_path, monkeypatch, capsys):
     assert loaded == ["bfloat16"]
     result = json.loads((out / "analysis.json").read_text())
     assert result["config"]["dtype"] == "bfloat16" and "patterns" in result
+
+
+def test_analyze_defaults_to_the_scan_dtype(model_dir, corpus_jsonl, tmp_path, monkeypatch, capsys):
+    """A float32 checkpoint scanned in bfloat16: its weight fingerprint is the bfloat16 copy's, so the analysis
+    loads the model in bfloat16 unless told otherwise."""
+    import ffkv.models
+
+    out = tmp_path / "atlas"
+    assert main(["scan", "--model", model_dir, "--corpus", str(corpus_jsonl), "--out", str(out),
+                 "--max-length", "64", "--top-k", "5", "--quiet", "--dtype", "bfloat16"]) == 0
+    loaded = []
+    original = ffkv.models.load_model
+    monkeypatch.setattr(ffkv.models, "load_model",
+                        lambda *a, **k: loaded.append(k.get("dtype")) or original(*a, **k))
+    assert main(["analyze", str(out), *ANALYZE_SMALL]) == 0
+    assert loaded == ["bfloat16"]
+    assert json.loads((out / "analysis.json").read_text())["config"]["dtype"] == "bfloat16"
 
 
 def test_analyze_bad_dtype(analyzable, capsys):

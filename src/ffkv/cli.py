@@ -150,9 +150,10 @@ def cmd_analyze(args) -> int:
     config = config_from_args(AnalyzeConfig, args)  # checks the settings before a model is loaded
     model = None
     if args.model is not None:  # the atlas records how its model was named; this overrides it
+        from .atlas import read_manifest
         from .models import load_model
 
-        model = load_model(args.model, dtype=config.dtype)
+        model = load_model(args.model, dtype=config.model_dtype(read_manifest(Path(args.atlas))))
     result = analyze(args.atlas, config, model=model, progress=not args.quiet)
     _print_analysis(result)
     print(f"wrote {Path(args.atlas) / 'analysis.json'}")

@@ -38,12 +38,17 @@ class AnalyzeConfig:
     seed: int = field(default=0, metadata={"help": "seed of every sample"})
     only: str | None = field(default=None, metadata={"help": "comma-separated subset of "
                              f"{','.join(EXPERIMENTS)} (others kept from an existing analysis.json)"})
-    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in for the experiments: "
-                       f"{', '.join(DTYPES)}"})
+    dtype: str | None = field(default=None, metadata={"help": f"{', '.join(DTYPES)}: the dtype the model is "
+                              "loaded in (default: the scan's dtype, float32 unless set at scan time; the atlas's "
+                              "weight fingerprint may not match a model loaded in a lower precision)"})
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise FfkvError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
+
+    def model_dtype(self, manifest: dict) -> str:
+        """The dtype to load the atlas's model in: ``dtype``, else the one the atlas was scanned in."""
+        return self.dtype or (manifest.get("scan") or {}).get("dtype") or "float32"
 
 
 DEFINITIONS = {
@@ -123,7 +128,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
             not_run = ("not run on this scan (analysis.json held an earlier scan's results, which --only "
                        "discarded; use --only to add it)")
     if model is None:
-        model = load_model(atlas.manifest["model"]["name"], dtype=cfg.dtype)
+        model = load_model(atlas.manifest["model"]["name"], dtype=cfg.model_dtype(atlas.manifest))
     atlas.check_model(model)
     # the dtype the experiments ran in: a model passed in (`ffkv run`, `analyze --model`) may have another
     dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
