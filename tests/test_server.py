@@ -483,18 +483,6 @@ def test_serve_refuses_a_bad_allowed_host(tiny, fake_serve, capsys, name):
     assert err.count("\n") == 1 and "--allowed-host" in err
 
 
-def test_serve_on_another_loopback_address_answers(tiny, tmp_path):
-    """127.0.0.0/8 is loopback: a server bound to 127.0.0.2 answers requests addressed to it."""
-    import httpx
-    from server_fixtures import running_server
-
-    with running_server(tiny[1], host="127.0.0.2", log=tmp_path / "serve.log") as (base, log):
-        assert base.startswith("http://127.0.0.2:")
-        r = httpx.get(base + "/api/overview", timeout=30)
-        assert r.status_code == 200 and r.json()["d_ff"] == 64
-        assert httpx.get(base + "/api/health", headers={"host": "attacker.example"}, timeout=30).status_code == 400
-
-
 # -- command line --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.com", "::"])
 def test_serve_refuses_a_remote_host(tiny, capsys, host):
@@ -669,3 +657,148 @@ def test_serve_refuses_a_bad_token(tiny, fake_serve, capsys, token):
     assert rc == 2 and app is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--token" in err
+
+
+# -- limits --------------------------------------------------------------------------------------------------
+def test_a_large_body_is_refused_before_it_is_parsed(client):
+    from ffkv.server.app import MAX_BODY_BYTES
+
+    for raw in (b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}', b"{not json" + b"!" * MAX_BODY_BYTES):
+        r = client.post("/api/run", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 413  # not 422: nothing parsed the body
+        assert r.json() == {"error": f"the request body is larger than {MAX_BODY_BYTES} bytes"}
+    # just under the limit the request is parsed and validated as before
+    r = client.post("/api/run", content=b'{"prompt": "' + b"a" * 3000 + b'"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "prompt" in r.json()["error"]
+
+
+def _asgi(app, scope: dict, chunks: list[bytes]) -> tuple[list[dict], int]:
+    """Call an ASGI app directly with a body in chunks; returns the messages it sent and how many chunks it read."""
+    import asyncio
+
+    sent, read = [], [0]
+
+    async def receive():
+        if read[0] < len(chunks):
+            read[0] += 1
+            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": "/api/run", "query_string": b"", **scope},
+                    receive, send))
+    return sent, read[0]
+
+
+def test_a_streamed_body_is_counted_as_it_comes():
+    from ffkv.server.app import Guard
+
+    calls = []
+
+    async def inner(scope, receive, send):
+        message = await receive()
+        calls.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = Guard(inner, max_body=1000)
+    host = [(b"host", b"127.0.0.1")]
+    sent, read = _asgi(guard, {"headers": host}, [b"x" * 400] * 10)  # no Content-Length
+    assert sent[0]["status"] == 413 and read == 3 and not calls  # stopped at the chunk that crossed the limit
+    sent, read = _asgi(guard, {"headers": host}, [b"x" * 400, b"y" * 600])
+    assert sent[0]["status"] == 200 and calls == [b"x" * 400 + b"y" * 600]  # the app gets the whole body
+    sent, read = _asgi(guard, {"headers": host + [(b"content-length", b"5000")]}, [b"x" * 10])
+    assert sent[0]["status"] == 413 and read == 0  # refused on the header, before reading anything
+    sent, read = _asgi(guard, {"headers": host + [(b"content-length", b"12abc")]}, [b"x" * 10])
+    assert sent[0]["status"] == 400
+    assert dict(sent[0]["headers"])[b"x-frame-options"] == b"DENY"
+
+
+def test_a_text_search_reads_a_bounded_number_of_units(client, service, monkeypatch):
+    full = client.get("/api/search", params={"text": "the", "limit": 200}).json()
+    assert full["truncated"] is False and full["note"] is None and full["units_matched"] > 3
+    statements = []
+    monkeypatch.setattr(service, "max_text_units", 3)
+    db = service.index._db()  # this thread's connection (TestClient runs the endpoint in another one)
+    db.set_trace_callback(statements.append)
+    try:
+        assert service.search_text("the", 200)["truncated"] is True  # the trace sees this thread's query
+    finally:
+        db.set_trace_callback(None)
+    assert any("LIMIT" in q and "MATCH" in q for q in statements)
+    cut = client.get("/api/search", params={"text": "the", "limit": 200}).json()
+    assert cut["truncated"] is True and cut["units_matched"] == 3 and cut["units_limit"] == 3
+    assert "more than 3 corpus units" in cut["note"]
+    monkeypatch.setattr(service, "max_text_units", 10**6)
+    total = {(r["layer"], r["key"], r["face"]): r["matches"] for r in service.search_text("the", 10**4)["results"]}
+    partial = {(r["layer"], r["key"], r["face"]): r["matches"] for r in cut["results"]}
+    assert partial and sum(partial.values()) < sum(total.values())
+    assert all(n <= total[k] for k, n in partial.items())
+    rare = client.get("/api/search", params={"text": "cathedral", "limit": 200}).json()  # in one unit only
+    assert rare["truncated"] is False and rare["units_matched"] <= 1
+
+
+def _in_thread(fn, out: dict, key: str) -> threading.Thread:
+    t = threading.Thread(target=lambda: out.__setitem__(key, fn()), daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(condition, seconds: float = 20) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_model_runs_wait_in_a_bounded_queue(client, service, monkeypatch):
+    monkeypatch.setattr(service.queue, "size", 1)
+    monkeypatch.setattr(service.queue, "timeout", 1.0)
+    out = {}
+    with service.queue.turn():  # a long model run holds the model
+        waiting = _in_thread(lambda: client.post("/api/run", json={"prompt": PROMPT}), out, "waited")
+        _wait_for(lambda: service.queue.waiting == 1)
+        full = client.post("/api/generate", json={"prompt": PROMPT})  # the queue is full: refused at once
+        assert full.status_code == 503 and full.headers["retry-after"]
+        assert "busy" in full.json()["error"] and "1 run(s) are already waiting" in full.json()["error"]
+        # the rest of the app does not wait for the model
+        search = _in_thread(lambda: client.get("/api/search?promotes=cathedralxyz"), out, "search")
+        search.join(20)
+        assert out["search"].status_code == 200 and "not one token" in out["search"].json()["note"]
+        assert client.get("/api/memory/1/3").status_code == 200
+        waiting.join(20)
+        r = out["waited"]
+        assert r.status_code == 503 and "waited 1 s" in r.json()["error"]  # it waited longer than the timeout
+        assert service.queue.waiting == 0
+        # a malformed prompt is refused without waiting for the model
+        assert client.post("/api/run", json={"prompt": " river" * 300}).status_code == 422
+    assert client.post("/api/run", json={"prompt": PROMPT}).status_code == 200
+
+
+def test_a_queued_run_goes_on_when_the_model_is_free(client, service, monkeypatch):
+    monkeypatch.setattr(service.queue, "timeout", 20.0)
+    out = {}
+    with service.queue.turn():
+        waiting = [_in_thread(lambda: client.post("/api/run", json={"prompt": PROMPT}), out, f"r{i}") for i in range(2)]
+        _wait_for(lambda: service.queue.waiting == 2)
+    for t in waiting:
+        t.join(60)
+    assert out["r0"].status_code == out["r1"].status_code == 200
+    assert out["r0"].json()["next_token_top"] == out["r1"].json()["next_token_top"]
+
+
+def test_queue_flags_reach_the_service(tiny, fake_serve, capsys):
+    rc, app, _ = fake_serve(str(tiny[1]), "--queue-size", "3", "--queue-timeout", "2.5")
+    assert rc == 0
+    queue = app.state.service.queue
+    assert (queue.size, queue.timeout) == (3, 2.5)
+    for flag, value in (("--queue-size", "-1"), ("--queue-timeout", "0"), ("--queue-timeout", "nan")):
+        rc, _, _ = fake_serve(str(tiny[1]), flag, value)
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err

@@ -219,8 +219,17 @@ def cmd_serve(args) -> int:
     allowed = [_check_allowed_host(name) for name in args.allowed_host]
     if args.token is not None and not _TOKEN.fullmatch(args.token):
         raise FfkvError("--token: expected 16-256 letters, digits or - _ . ~ (it travels in URLs and cookies)")
+    queue = {}  # unset: the server's defaults
+    if args.queue_size is not None:
+        if not 0 <= args.queue_size <= 1000:
+            raise FfkvError(f"--queue-size {args.queue_size}: expected 0-1000")
+        queue["queue_size"] = args.queue_size
+    if args.queue_timeout is not None:
+        if not 0 < args.queue_timeout <= 3600:  # also refuses nan
+            raise FfkvError(f"--queue-timeout {args.queue_timeout:g}: expected more than 0 and at most 3600 seconds")
+        queue["queue_timeout"] = args.queue_timeout
     serve(args.atlas, host=args.host.strip("[]"), port=args.port, allowed_hosts=allowed, token=args.token,
-          model=args.model, device=args.device)
+          model=args.model, device=args.device, **queue)
     return 0
 
 
@@ -293,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="load the model from here instead of the name in the atlas "
                    "manifest (must be the same weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--queue-size", type=int, default=None, metavar="N", help="prompt runs that may wait while the "
+                   "model is busy; more are answered 503 (default: 8)")
+    p.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS", help="how long a prompt run "
+                   "may wait for the model before it is answered 503 (default: 30)")
     p.set_defaults(fn=cmd_serve)
     return parser
 

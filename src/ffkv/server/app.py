@@ -32,9 +32,21 @@ from starlette.requests import cookie_parser
 
 from ..errors import FfkvError
 from .debugger import Intervention
-from .service import MAX_INTERVENTIONS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, BadRequest, NotFound, Service
+from .service import (
+    MAX_INTERVENTIONS,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    QUEUE_SIZE,
+    QUEUE_TIMEOUT,
+    BadRequest,
+    Busy,
+    NotFound,
+    Service,
+)
 
 STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body read (a run's prompt, at most 2000 characters, and 64 interventions need far less)."""
 MAX_LIMIT = 200
 MAX_QUERY_CHARS = 200
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -116,11 +128,14 @@ def new_token() -> str:
 
 class Guard:
     """The outermost layer of the app (plain ASGI): refuses a request whose Host header names neither a loopback
-    address nor an accepted name (400); with a token, one that does not carry it (401); adds the security headers
-    to every response."""
+    address nor an accepted name (400); with a token, one that does not carry it (401); one whose body is larger
+    than ``max_body`` bytes, by its Content-Length or as it streams in, before anything parses it (413); adds the
+    security headers to every response."""
 
-    def __init__(self, app, allowed_hosts: Iterable[str] = (), token: str | None = None):
+    def __init__(self, app, allowed_hosts: Iterable[str] = (), token: str | None = None,
+                 max_body: int = MAX_BODY_BYTES):
         self.app = app
+        self.max_body = max_body
         self.allowed = {normal_host(h) for h in allowed_hosts if h}
         self.token = token.encode() if token else None
         # named by the token, so that two servers on one host (cookies ignore the port) keep their own
@@ -179,15 +194,43 @@ class Guard:
             if refused is not None:
                 await refused(scope, receive, send_secured)
                 return
-        await self.app(scope, receive, send_secured)
+        too_large = _error(413, f"the request body is larger than {self.max_body} bytes")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await _error(400, "the Content-Length header is not a number")(scope, receive, send_secured)
+                return
+            if int(length) > self.max_body:
+                await too_large(scope, receive, send_secured)
+                return
+        # read the whole (bounded) body here, whatever Content-Length said, then hand it to the app
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await too_large(scope, receive, send_secured)
+                return
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send_secured)
 
 
-def create_app(service: Service, allowed_hosts: Iterable[str] = (), token: str | None = None) -> FastAPI:
+def create_app(service: Service, allowed_hosts: Iterable[str] = (), token: str | None = None,
+               max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The app around a loaded ``Service``. ``allowed_hosts``: names (or addresses) accepted in the Host header
-    besides the loopback ones; ``token``: required on every request (pages, static files and API) when given."""
+    besides the loopback ones; ``token``: required on every request (pages, static files and API) when given;
+    ``max_body``: the largest request body, in bytes."""
     app = FastAPI(title="ffkv", docs_url=None, redoc_url=None, openapi_url=None)  # the docs pages use a CDN
     app.state.service = service
-    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts), token=token)
+    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts), token=token, max_body=max_body)
     shell = (STATIC / "shell.html").read_text()
 
     def page(name: str, status: int = 200) -> HTMLResponse:
@@ -218,6 +261,12 @@ def create_app(service: Service, allowed_hosts: Iterable[str] = (), token: str |
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
         return _error(422, str(exc))
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy):
+        response = _error(503, str(exc))
+        response.headers["Retry-After"] = "5"
+        return response
 
     # -- pages ---------------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
@@ -304,14 +353,16 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allowed_hosts: Iterable[str] = (),
-          token: str | None = None, model: str | None = None, device: str = "cpu") -> None:
+          token: str | None = None, model: str | None = None, device: str = "cpu", queue_size: int = QUEUE_SIZE,
+          queue_timeout: float = QUEUE_TIMEOUT) -> None:
     """Load the atlas and its model, build the search index if needed, and serve until interrupted. The Host
     header must name a loopback address, ``host`` itself (unless it is 0.0.0.0 or ::) or one of ``allowed_hosts``.
     On a non-loopback ``host`` every request needs ``token`` (a new random one, printed, when not given)."""
     import uvicorn
 
     _check_port(host, port)  # before the model loads: a busy port is a one-line error, not a traceback later
-    service = Service(atlas, model=model, device=device, progress=True)
+    service = Service(atlas, model=model, device=device, progress=True, queue_size=queue_size,
+                      queue_timeout=queue_timeout)
     if token is None and not is_loopback(host):
         token = new_token()
     accepted = list(allowed_hosts) + ([] if is_unspecified(host) or is_loopback(host) else [host])

@@ -45,6 +45,9 @@ PROJECTIONS = KINDS
 _WORD = re.compile(r"[^\W_]+")
 """A word as FTS5's unicode61 tokenizer sees it: a run of letters and digits (the underscore separates)."""
 MAX_PHRASE_WORDS = 16
+MAX_TEXT_UNITS = 2000
+"""Most corpus units one text query reads (in corpus order, a LIMIT in the SQL): a phrase found in more units is
+counted over the first ones only, and the answer says so."""
 
 
 def face_code(layer_index: int, key: int, face_index: int, d_ff: int) -> int:
@@ -309,15 +312,19 @@ class SearchIndex:
             raise ValueError(f"the text query has more than {MAX_PHRASE_WORDS} words")
         return words, re.compile(r"(?<![^\W_])" + r"[\W_]+".join(re.escape(w) for w in words), re.IGNORECASE)
 
-    def text(self, query: str, limit: int) -> tuple[list[dict], int]:
+    def text(self, query: str, limit: int, max_units: int = MAX_TEXT_UNITS) -> tuple[list[dict], int, bool]:
         """Memory faces ranked by how many of their stored triggers contain the phrase (as whole words in the
-        trigger's prefix text); also the number of corpus units with such a trigger position."""
+        trigger's prefix text); also the number of corpus units with such a trigger position, and whether the
+        phrase is in more than ``max_units`` units (then only the first ``max_units`` were read and counted)."""
         words, pattern = self.phrase(query)
         # the last word as an FTS5 prefix token: a prefix cut inside "rivers" contains the word "river"
         fts = '"' + " ".join(words) + '" *'
         rows = self._db().execute(
             "SELECT unit_text.rowid, unit_text.text, unit_ends.ends FROM unit_text "
-            "JOIN unit_ends ON unit_ends.unit = unit_text.rowid WHERE unit_text MATCH ?", (fts,)).fetchall()
+            "JOIN unit_ends ON unit_ends.unit = unit_text.rowid WHERE unit_text MATCH ? ORDER BY unit_text.rowid "
+            "LIMIT ?", (fts, max_units + 1)).fetchall()
+        truncated = len(rows) > max_units
+        rows = rows[:max_units]
         store = self.atlas.store
         starts, stops = [], []
         units = 0
@@ -341,13 +348,13 @@ class SearchIndex:
                     stops.append(base + j + 1)
             units += len(starts) > before
         if not starts:
-            return [], 0
+            return [], 0, truncated
         lo = np.searchsorted(self.t_pos, np.asarray(starts), side="left")
         hi = np.searchsorted(self.t_pos, np.asarray(stops), side="left")
         lens = hi - lo
         total = int(lens.sum())
         if total == 0:
-            return [], units
+            return [], units, truncated
         idx = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)
         codes = self.t_code[idx]
         ranks = self.t_rank[idx]
@@ -368,4 +375,4 @@ class SearchIndex:
             rank, position = best[c]
             out.append({"layer": layer, "key": key, "face": face, "matches": int(count[c]),
                         "triggers": int(self.t_count[c]), "best_rank": rank, "best_position": position})
-        return out, units
+        return out, units, truncated

@@ -2,13 +2,16 @@
 atlas was made with), the search index, per-layer summaries and the prompt debugger. The FastAPI app in
 ``app.py`` only validates requests and calls this.
 
-Concurrency: reads of the atlas and the index are safe from any thread; every use of the model (and of its
-tokenizer's encoder, which is not re-entrant) holds ``model_lock``, so model runs are serialised and one
-client's interventions can never reach another client's run.
+Concurrency: reads of the atlas and the index are safe from any thread; every use of the model holds its lock,
+taken through ``queue`` (a ``ModelQueue``), so model runs are serialised and one client's interventions can never
+reach another client's run; at most ``queue_size`` runs wait for it, each at most ``queue_timeout`` seconds, and
+the others are refused (``Busy``, HTTP 503) instead of piling up. The model's tokenizer (its encoder is not
+re-entrant) has a lock of its own, so searches never wait for a model run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -23,7 +26,7 @@ from ..models import LoadedModel, load_model
 from ..projection import face_top_tokens
 from . import debugger
 from .debugger import Intervention
-from .index import PROJECTIONS, SearchIndex
+from .index import MAX_TEXT_UNITS, PROJECTIONS, SearchIndex
 
 MAX_PROMPT_CHARS = 2000
 MAX_PROMPT_TOKENS = 256
@@ -33,6 +36,10 @@ MAX_INTERVENTIONS = 64
 MEMORY_TOKENS = 6
 """Value tokens shown next to a memory in lists (search results, debugger)."""
 SIMILAR = 8
+QUEUE_SIZE = 8
+"""Model runs (run, generate) that may wait while another one runs; one more is refused at once."""
+QUEUE_TIMEOUT = 30.0
+"""Seconds a model run may wait for the model before it is refused."""
 
 
 class NotFound(Exception):
@@ -41,6 +48,43 @@ class NotFound(Exception):
 
 class BadRequest(Exception):
     """A well-formed request the atlas or model cannot answer (HTTP 422)."""
+
+
+class Busy(Exception):
+    """The model is taken and its queue is full, or a run waited too long for it (HTTP 503)."""
+
+
+class ModelQueue:
+    """The model's lock, taken in turn: at most ``size`` callers wait while one holds it, each at most
+    ``timeout`` seconds; a caller beyond that, or one that waited too long, gets ``Busy``."""
+
+    def __init__(self, size: int = QUEUE_SIZE, timeout: float = QUEUE_TIMEOUT):
+        self.size = size
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    @contextlib.contextmanager
+    def turn(self):
+        if not self.lock.acquire(blocking=False):
+            with self._count:
+                if self.waiting >= self.size:
+                    raise Busy(f"the model is busy: {self.waiting} run(s) are already waiting for it (at most "
+                               f"{self.size}); try again in a moment")
+                self.waiting += 1
+            try:
+                acquired = self.lock.acquire(timeout=self.timeout)
+            finally:
+                with self._count:
+                    self.waiting -= 1
+            if not acquired:
+                raise Busy(f"the model is busy: this run waited {self.timeout:g} s for earlier ones; try again in "
+                           "a moment")
+        try:
+            yield
+        finally:
+            self.lock.release()
 
 
 def finite(x: float) -> float | None:
@@ -144,7 +188,8 @@ class Analyses:
 
 class Service:
     def __init__(self, atlas_path: str | Path, loaded: LoadedModel | None = None, model: str | None = None,
-                 device: str = "cpu", progress: bool = True, index_path: str | Path | None = None):
+                 device: str = "cpu", progress: bool = True, index_path: str | Path | None = None,
+                 queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT):
         self.atlas = Atlas.load(atlas_path)
         manifest_model = self.atlas.manifest["model"]
         if loaded is None:
@@ -158,10 +203,12 @@ class Service:
         self.loaded = loaded
         self.model = loaded.model
         self.parts = loaded.parts
-        self.model_lock = threading.Lock()
+        self.queue = ModelQueue(queue_size, queue_timeout)
+        self.tokenizer_lock = threading.Lock()
         self.layers = self.atlas.layers
         self.d_ff = self.atlas.d_ff
         self.top_k = int(self.atlas.manifest["scan"]["top_k"])
+        self.max_text_units = MAX_TEXT_UNITS
 
         tok = self.atlas.tokenizer  # decodes only (the model's tokenizer encodes, under the model lock)
         vocab = int(self.parts.unembedding.shape[0])
@@ -305,7 +352,7 @@ class Service:
             r["top_tokens"] = self.value_tokens(r["layer"], r["key"], r["face"])
         note = None
         if not ids:
-            with self.model_lock:
+            with self.tokenizer_lock:
                 pieces = self.loaded.tokenizer(token, add_special_tokens=False).input_ids[:12]
             note = (f"{token!r} is not one token of the vocabulary; it is tokenised as "
                     + " + ".join(repr(self.token_texts[i]) for i in pieces) + ". Search for one of those.")
@@ -316,22 +363,25 @@ class Service:
 
     def search_text(self, text: str, limit: int) -> dict:
         try:
-            results, units = self.index.text(text, limit)
+            results, units, truncated = self.index.text(text, limit, self.max_text_units)
         except ValueError as exc:
             raise BadRequest(str(exc))
         for r in results:
             r["example"] = self._example(r["layer"], r["key"], r["face"], r.pop("best_rank"), r.pop("best_position"))
             r["top_tokens"] = self.value_tokens(r["layer"], r["key"], r["face"])
-        return {"kind": "text", "query": text, "units_matched": units, "results": results}
+        note = (f"{text!r} is in more than {self.max_text_units} corpus units: only the first {self.max_text_units} "
+                "were read, so the counts are partial; a longer phrase is counted in full") if truncated else None
+        return {"kind": "text", "query": text, "units_matched": units, "truncated": truncated,
+                "units_limit": self.max_text_units, "results": results, "note": note}
 
     # -- prompt debugger -----------------------------------------------------------------------------------
     def _encode(self, prompt: str) -> torch.Tensor:
-        """Tokenise under the model lock (the caller holds it)."""
         if not prompt.strip():
             raise BadRequest("the prompt is empty")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise BadRequest(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
-        ids = self.loaded.tokenizer(prompt, return_tensors="pt").input_ids
+        with self.tokenizer_lock:
+            ids = self.loaded.tokenizer(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise BadRequest("the prompt has no tokens")
         if ids.shape[1] > MAX_PROMPT_TOKENS:
@@ -355,8 +405,8 @@ class Service:
 
     def run(self, prompt: str, interventions: list[Intervention], top: int) -> dict:
         self._interventions(interventions)
-        with self.model_lock:
-            ids = self._encode(prompt)
+        ids = self._encode(prompt)
+        with self.queue.turn():
             doc = debugger.run_prompt(self.model, self.parts, ids, interventions, top, self.value_norms,
                                       self.token_texts, self._memory_info)
         for layer in doc["layers"]:
@@ -372,8 +422,8 @@ class Service:
         self._interventions(interventions)
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise BadRequest(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}")
-        with self.model_lock:
-            ids = self._encode(prompt)
+        ids = self._encode(prompt)
+        with self.queue.turn():
             new, stop = debugger.generate(self.model, self.parts, ids, interventions, max_new_tokens, self.eos_ids)
         return {"text": self.atlas.tokenizer.decode(new), "token_ids": new, "stopped": stop,
                 "interventions": [iv.__dict__ for iv in interventions]}

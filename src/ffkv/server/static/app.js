@@ -326,6 +326,7 @@
       results.replaceChildren(
         el("p", {class: "muted"}, `${d.units_matched} corpus unit(s) with triggers contain ${JSON.stringify(d.query)}. ` +
           "Memories ranked by how many of their top triggers contain it."),
+        d.note ? el("p", {class: "notice"}, d.note) : "",
         d.results.length ? el("div", {class: "panel"}, table(["#", "memory", ["triggers", {class: "num"}],
           "best trigger containing it", "value promotes"], rows, {class: "results"})) :
           el("p", {class: "muted"}, "No memory has a trigger containing this."));
