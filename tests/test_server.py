@@ -802,3 +802,29 @@ def test_queue_flags_reach_the_service(tiny, fake_serve, capsys):
         assert rc == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and flag in err
+
+
+# -- dtype ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_serve_runs_the_model_in_the_dtype_asked_for(tiny, fake_serve, reference, dtype):
+    rc, app, _ = fake_serve(str(tiny[1]), "--dtype", dtype)
+    assert rc == 0  # the weights fingerprint is checked in the scan's dtype, whatever the model then runs in
+    service = app.state.service
+    assert {p.dtype for p in service.model.parameters()} == {getattr(torch, dtype)}
+    edited = copy.deepcopy(reference.model).to(getattr(torch, dtype))
+    ids = reference.tokenizer(PROMPT).input_ids
+    with torch.inference_mode():
+        expected = edited(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        d = c.post("/api/run", json={"prompt": PROMPT, "top": 5}).json()
+        assert c.post("/api/generate", json={"prompt": PROMPT, "max_new_tokens": 3}).status_code == 200
+        assert c.get("/api/search?text=river").json()["results"]
+    assert [t["id"] for t in d["next_token_top"]] == expected.topk(5).indices.tolist()
+    assert [t["prob"] for t in d["next_token_top"]] == pytest.approx(expected.topk(5).values.tolist(), abs=1e-6)
+
+
+def test_serve_refuses_an_unknown_dtype(tiny, fake_serve, capsys):
+    rc, app, _ = fake_serve(str(tiny[1]), "--dtype", "int8")
+    assert rc == 2 and app is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dtype int8" in err and "bfloat16" in err

@@ -187,6 +187,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
+SERVE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
@@ -228,8 +229,10 @@ def cmd_serve(args) -> int:
         if not 0 < args.queue_timeout <= 3600:  # also refuses nan
             raise FfkvError(f"--queue-timeout {args.queue_timeout:g}: expected more than 0 and at most 3600 seconds")
         queue["queue_timeout"] = args.queue_timeout
+    if args.dtype not in SERVE_DTYPES:
+        raise FfkvError(f"--dtype {args.dtype}: expected one of {', '.join(SERVE_DTYPES)}")
     serve(args.atlas, host=args.host.strip("[]"), port=args.port, allowed_hosts=allowed, token=args.token,
-          model=args.model, device=args.device, **queue)
+          model=args.model, device=args.device, dtype=args.dtype, **queue)
     return 0
 
 
@@ -302,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="load the model from here instead of the name in the atlas "
                    "manifest (must be the same weights)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="what the model runs in: float32, bfloat16, float16 or "
+                   "float64 (default: float32)")
     p.add_argument("--queue-size", type=int, default=None, metavar="N", help="prompt runs that may wait while the "
                    "model is busy; more are answered 503 (default: 8)")
     p.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS", help="how long a prompt run "

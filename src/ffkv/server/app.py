@@ -353,15 +353,15 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve(atlas: str, host: str = "127.0.0.1", port: int = 8000, allowed_hosts: Iterable[str] = (),
-          token: str | None = None, model: str | None = None, device: str = "cpu", queue_size: int = QUEUE_SIZE,
-          queue_timeout: float = QUEUE_TIMEOUT) -> None:
+          token: str | None = None, model: str | None = None, device: str = "cpu", dtype: str = "float32",
+          queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT) -> None:
     """Load the atlas and its model, build the search index if needed, and serve until interrupted. The Host
     header must name a loopback address, ``host`` itself (unless it is 0.0.0.0 or ::) or one of ``allowed_hosts``.
     On a non-loopback ``host`` every request needs ``token`` (a new random one, printed, when not given)."""
     import uvicorn
 
     _check_port(host, port)  # before the model loads: a busy port is a one-line error, not a traceback later
-    service = Service(atlas, model=model, device=device, progress=True, queue_size=queue_size,
+    service = Service(atlas, model=model, device=device, dtype=dtype, progress=True, queue_size=queue_size,
                       queue_timeout=queue_timeout)
     if token is None and not is_loopback(host):
         token = new_token()

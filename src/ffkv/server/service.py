@@ -36,6 +36,8 @@ MAX_INTERVENTIONS = 64
 MEMORY_TOKENS = 6
 """Value tokens shown next to a memory in lists (search results, debugger)."""
 SIMILAR = 8
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""What `ffkv serve --dtype` runs the model in."""
 QUEUE_SIZE = 8
 """Model runs (run, generate) that may wait while another one runs; one more is refused at once."""
 QUEUE_TIMEOUT = 30.0
@@ -189,16 +191,24 @@ class Analyses:
 class Service:
     def __init__(self, atlas_path: str | Path, loaded: LoadedModel | None = None, model: str | None = None,
                  device: str = "cpu", progress: bool = True, index_path: str | Path | None = None,
-                 queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT):
+                 queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT, dtype: str = "float32"):
+        """``dtype``: what the model runs in (one of ``DTYPES``), when it is loaded here (not for ``loaded``). It is
+        loaded in the dtype of the scan first, so that its weights fingerprint is checked against the atlas's, and
+        the search index is built from those weights; then converted."""
+        if dtype not in DTYPES:
+            raise FfkvError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self.atlas = Atlas.load(atlas_path)
         manifest_model = self.atlas.manifest["model"]
+        scan_dtype = str(self.atlas.manifest["scan"].get("dtype") or "float32")
         if loaded is None:
             name = model or manifest_model["name"]
             try:
-                loaded = load_model(name, device=device)
+                loaded = load_model(name, device=device, dtype=scan_dtype)
             except FfkvError as exc:
                 raise FfkvError(f"{exc} (the atlas names model {manifest_model['name']!r}; pass --model to load "
                                 "the same weights from elsewhere)")
+        else:
+            dtype = None
         self.atlas.check_model(loaded)
         self.loaded = loaded
         self.model = loaded.model
@@ -210,7 +220,7 @@ class Service:
         self.top_k = int(self.atlas.manifest["scan"]["top_k"])
         self.max_text_units = MAX_TEXT_UNITS
 
-        tok = self.atlas.tokenizer  # decodes only (the model's tokenizer encodes, under the model lock)
+        tok = self.atlas.tokenizer  # decodes only (the model's tokenizer encodes, under its own lock)
         vocab = int(self.parts.unembedding.shape[0])
         known = min(vocab, len(tok))
         self.token_texts: list[str] = tok.batch_decode([[i] for i in range(known)]) + \
@@ -218,14 +228,16 @@ class Service:
         eos = getattr(loaded.tokenizer, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
-        with torch.inference_mode():
-            self.value_norms = torch.stack([self.parts.values(layer).detach().float().norm(dim=1)
-                                            for layer in range(self.parts.n_layers)]).cpu()
-        self._unit_values: dict[int, torch.Tensor] = {}
         self.stats = {layer: self.atlas.stats(layer) for layer in self.layers}  # also loads every layer file
         self._analyses: tuple[int | None, Analyses] | None = None
         self.index = SearchIndex(self.atlas, self.parts, self.token_texts,
                                  path=Path(index_path) if index_path else None, progress=progress)
+        if dtype is not None and dtype != scan_dtype:
+            self.model.to(getattr(torch, dtype))
+        self._unit_values: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            self.value_norms = torch.stack([self.parts.values(layer).detach().float().norm(dim=1)
+                                            for layer in range(self.parts.n_layers)]).cpu()
         self._overview = self._make_overview()
 
     # -- overview ------------------------------------------------------------------------------------------
