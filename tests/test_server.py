@@ -828,3 +828,85 @@ def test_serve_refuses_an_unknown_dtype(tiny, fake_serve, capsys):
     assert rc == 2 and app is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dtype int8" in err and "bfloat16" in err
+
+
+# -- files derived from another scan of the folder -----------------------------------------------------------
+def _copy_atlas(tiny, tmp_path):
+    import shutil
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(tiny[1], atlas)
+    return atlas
+
+
+def _rescan(atlas) -> None:
+    """What `ffkv scan --force` into the same folder does to the identity of the atlas: a new manifest."""
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    manifest["result"]["seconds"] = manifest["result"]["seconds"] + 1.0
+    (atlas / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_search_index_records_its_scan_and_is_rebuilt_for_another(tiny, tmp_path, service):
+    import sqlite3
+
+    atlas = _copy_atlas(tiny, tmp_path)
+    first = Service(atlas, loaded=service.loaded, progress=False).atlas.scan_id
+    path = atlas / INDEX_NAME
+    recorded = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall())
+    assert recorded["scan_id"] == first
+    mtime = path.stat().st_mtime_ns
+    _rescan(atlas)
+    second = Service(atlas, loaded=service.loaded, progress=False)
+    assert second.atlas.scan_id != first
+    assert path.stat().st_mtime_ns != mtime  # rebuilt
+    recorded = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall())
+    assert recorded["scan_id"] == second.atlas.scan_id
+    assert second.search_text("river", 5)["results"]
+
+
+def _write_analysis(atlas, **extra) -> None:
+    (atlas / "analysis.json").write_text(json.dumps({"n_layers": 2, "aggregation": {
+        "active_fraction_mean": [0.4, 0.3]}, **extra}))
+
+
+def test_serve_refuses_an_analysis_of_another_scan(tiny, tmp_path, fake_serve, capsys):
+    from ffkv.atlas import Atlas
+
+    atlas = _copy_atlas(tiny, tmp_path)
+    _write_analysis(atlas, scan_id=Atlas.load(atlas).scan_id)
+    rc, app, _ = fake_serve(str(atlas), "--port", "8123")
+    assert rc == 0 and app.state.service.overview()["analysis"]["present"] is True
+    _rescan(atlas)
+    rc, _, _ = fake_serve(str(atlas), "--port", "8124")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err == (f"ffkv: error: {atlas}/analysis.json was computed from another scan of this folder: rerun "
+                   f"`ffkv analyze {atlas}`\n")
+
+
+def test_an_analysis_without_a_scan_id_is_still_shown(tiny, tmp_path, service):
+    atlas = _copy_atlas(tiny, tmp_path)
+    _write_analysis(atlas)
+    d = Service(atlas, loaded=service.loaded, progress=False).overview()["analysis"]
+    assert d["present"] is True and d["stale"] is None
+    assert d["tables"][0]["rows"][1] == {"layer": 1, "active_fraction_mean": 0.3}
+
+
+def test_an_analysis_of_another_scan_written_while_serving_is_not_shown(tiny, tmp_path, service):
+    import os
+
+    from ffkv.atlas import Atlas
+
+    atlas = _copy_atlas(tiny, tmp_path)
+    scan_id = Atlas.load(atlas).scan_id
+    _write_analysis(atlas, scan_id=scan_id, patterns={"keys": [{"layer": 1, "key": 3, "face": "pos"}]})
+    with TestClient(create_app(Service(atlas, loaded=service.loaded, progress=False)),
+                    base_url="http://127.0.0.1") as c:
+        assert c.get("/api/overview").json()["analysis"]["present"] is True
+        assert c.get("/api/memory/1/3").json()["analysis"]
+        _write_analysis(atlas, scan_id="0" * 16, patterns={"keys": [{"layer": 1, "key": 3, "face": "pos"}]})
+        stat = (atlas / "analysis.json").stat()
+        os.utime(atlas / "analysis.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a visible change
+        d = c.get("/api/overview").json()["analysis"]
+        assert d["present"] is False and d["tables"] == [] and "another scan" in d["stale"]
+        assert c.get("/api/memory/1/3").json()["analysis"] == []

@@ -79,8 +79,10 @@ class _Blobs:
 
 
 def _atlas_identity(atlas) -> dict:
+    """What the index is built from; an index whose recorded identity differs (another scan of the folder, another
+    index format) is rebuilt."""
     m = atlas.manifest
-    return {"format": INDEX_FORMAT, "atlas_created": m.get("created"),
+    return {"format": INDEX_FORMAT, "scan_id": atlas.scan_id, "atlas_created": m.get("created"),
             "weights_fingerprint": m["model"]["weights_fingerprint"], "layers": atlas.layers,
             "faces": atlas.faces, "content_hash": m["corpus"].get("content_hash"), "depth": PROMOTE_DEPTH}
 
@@ -188,6 +190,7 @@ def build_index(path: Path, atlas, parts, token_texts: list[str], progress: bool
                             for u, i, t in zip(chunk, ids, texts)))
         db.execute("INSERT INTO unit_text (unit_text) VALUES ('optimize')")
         db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(_atlas_identity(atlas)),))
+        db.execute("INSERT INTO meta VALUES ('scan_id', ?)", (atlas.scan_id,))
         db.commit()
     except BaseException:
         db.close()

@@ -139,13 +139,21 @@ def _memory_records(obj, path: str = "", depth: int = 0):
                 yield from _memory_records(v, path, depth + 1)
 
 
+def stale_analysis_message(atlas_path: Path) -> str:
+    return (f"{atlas_path / 'analysis.json'} was computed from another scan of this folder: rerun "
+            f"`ffkv analyze {atlas_path}`")
+
+
 class Analyses:
     """What ATLAS/analysis.json (written by `ffkv analyze`; contract in ``ffkv.analysis``) adds to the pages:
     per experiment block, its per-layer arrays as a table (one row per layer) and its scalars; per memory, the
-    records that name it (trigger patterns, top memories by precision). Tolerant of partial files."""
+    records that name it (trigger patterns, top memories by precision). Tolerant of partial files. A file that
+    records a ``scan_id`` other than the atlas's (computed from an earlier scan of the folder) is not shown:
+    ``stale`` then says why. Files without a ``scan_id`` (older ones) are shown."""
 
-    def __init__(self, path: Path, n_layers: int):
+    def __init__(self, path: Path, n_layers: int, scan_id: str | None = None):
         self.present = False
+        self.stale: str | None = None
         self.tables: list[dict] = []
         self.per_memory: dict[tuple[int, int], list[dict]] = {}
         self.definitions: dict[str, str] = {}
@@ -157,6 +165,9 @@ class Analyses:
         except (OSError, ValueError):
             return
         if not isinstance(doc, dict):
+            return
+        if scan_id is not None and doc.get("scan_id") is not None and doc["scan_id"] != scan_id:
+            self.stale = stale_analysis_message(path.parent)
             return
         self.present = True
         n = int(doc.get("n_layers") or n_layers)
@@ -198,6 +209,9 @@ class Service:
         if dtype not in DTYPES:
             raise FfkvError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self.atlas = Atlas.load(atlas_path)
+        self._analyses: tuple[int | None, Analyses] | None = None
+        if self.analyses.stale:  # before the model loads: a one-line error at once
+            raise FfkvError(self.analyses.stale)
         manifest_model = self.atlas.manifest["model"]
         scan_dtype = str(self.atlas.manifest["scan"].get("dtype") or "float32")
         if loaded is None:
@@ -229,7 +243,6 @@ class Service:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
         self.stats = {layer: self.atlas.stats(layer) for layer in self.layers}  # also loads every layer file
-        self._analyses: tuple[int | None, Analyses] | None = None
         self.index = SearchIndex(self.atlas, self.parts, self.token_texts,
                                  path=Path(index_path) if index_path else None, progress=progress)
         if dtype is not None and dtype != scan_dtype:
@@ -243,7 +256,8 @@ class Service:
     # -- overview ------------------------------------------------------------------------------------------
     @property
     def analyses(self) -> Analyses:
-        """analysis.json, re-read when `ffkv analyze` rewrites it while the server runs."""
+        """analysis.json, re-read when `ffkv analyze` rewrites it while the server runs (not shown when it comes
+        from another scan of the folder)."""
         path = self.atlas.path / "analysis.json"
         try:
             mtime = path.stat().st_mtime_ns
@@ -251,7 +265,7 @@ class Service:
             mtime = None
         cached = self._analyses
         if cached is None or cached[0] != mtime:
-            cached = (mtime, Analyses(path, self.parts.n_layers))
+            cached = (mtime, Analyses(path, self.atlas.n_layers, self.atlas.scan_id))
             self._analyses = cached
         return cached[1]
 
@@ -274,7 +288,7 @@ class Service:
 
     def overview(self) -> dict:
         a = self.analyses
-        return dict(self._overview, analysis={"present": a.present, "tables": a.tables,
+        return dict(self._overview, analysis={"present": a.present, "stale": a.stale, "tables": a.tables,
                                               "definitions": a.definitions, "missing": a.missing})
 
     # -- memories ------------------------------------------------------------------------------------------

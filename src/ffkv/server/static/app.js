@@ -189,6 +189,8 @@
         missing.map(([k, v]) => `${k} (${v})`).join("; ")));
       const defs = Object.entries(an.definitions || {});
       if (defs.length) analysis.push(el("details", {class: "panel"}, el("summary", {}, "Definitions"), kv(defs)));
+    } else if (an.stale) {
+      analysis.push(el("p", {class: "notice"}, an.stale));
     } else {
       analysis.push(el("p", {class: "muted small"}, "No analysis.json in this atlas: run ",
         el("code", {}, "ffkv analyze"), " to add the per-layer results of the paper's experiments here."));
