@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from conftest import build_tiny_model, train_tokenizer
 
 import ffkv
-from ffkv.corpus import TokenStore, build_token_store, fingerprint_tokenizer, load_corpus
+from ffkv.corpus import TokenStore, build_token_store, load_corpus
 from ffkv.models import tokenizer_fingerprint
 
 CONFIG = ffkv.ScanConfig(dtype="float32", top_k=3, max_length=64, batch_tokens=256, checkpoint_every=1e9)
@@ -35,12 +34,7 @@ def test_the_two_tokenizers_differ(two_tokenizers, corpus_jsonl):
     a, b = two_tokenizers
     text = load_corpus(str(corpus_jsonl)).documents[0].text
     assert a(text).input_ids != b(text).input_ids
-    assert fingerprint_tokenizer(a) != fingerprint_tokenizer(b)
-
-
-def test_fingerprint_is_the_models(two_tokenizers):
-    for tok in two_tokenizers:
-        assert fingerprint_tokenizer(tok) == tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
 
 
 def test_store_of_another_tokenizer_is_rebuilt(two_tokenizers, corpus_jsonl, tmp_path):
@@ -48,7 +42,7 @@ def test_store_of_another_tokenizer_is_rebuilt(two_tokenizers, corpus_jsonl, tmp
     corpus = load_corpus(str(corpus_jsonl))
     directory = tmp_path / "store"
     first = build_token_store(corpus, a, "document", 64, directory)
-    assert first.meta["tokenizer_fingerprint"] == fingerprint_tokenizer(a)
+    assert first.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(a)
     assert first.tokens.tolist() == _encode(first, a, corpus)
     mtime = (directory / "store.json").stat().st_mtime_ns
 
@@ -57,25 +51,11 @@ def test_store_of_another_tokenizer_is_rebuilt(two_tokenizers, corpus_jsonl, tmp
     assert again.tokens.tolist() == first.tokens.tolist()
 
     second = build_token_store(corpus, b, "document", 64, directory)
-    assert second.meta["tokenizer_fingerprint"] == fingerprint_tokenizer(b)
+    assert second.meta["tokenizer_fingerprint"] == tokenizer_fingerprint(b)
     assert second.tokens.tolist() == _encode(second, b, corpus)
     assert second.tokens.tolist() != first.tokens.tolist()
     reread = TokenStore(directory)
     assert reread.tokens.tolist() == second.tokens.tolist()
-
-
-def test_given_fingerprint_is_the_recipes(two_tokenizers, corpus_jsonl, tmp_path):
-    a, _ = two_tokenizers
-    corpus = load_corpus(str(corpus_jsonl))
-    directory = tmp_path / "store"
-    build_token_store(corpus, a, "document", 64, directory, tokenizer_fingerprint="one")
-    mtime = (directory / "store.json").stat().st_mtime_ns
-    assert build_token_store(corpus, a, "document", 64, directory, tokenizer_fingerprint="one").meta[
-        "tokenizer_fingerprint"] == "one"
-    assert (directory / "store.json").stat().st_mtime_ns == mtime
-    store = build_token_store(corpus, a, "document", 64, directory, tokenizer_fingerprint="two")
-    assert store.meta["tokenizer_fingerprint"] == "two"
-    assert json.loads((directory / "store.json").read_text())["tokenizer_fingerprint"] == "two"
 
 
 def test_scan_force_with_another_tokenizer_rebuilds_the_store(two_tokenizers, corpus_jsonl, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import brute_force_topk
 
-from ffkv.topk import EMPTY_KEY, MAX_POSITION, SUM_SCALE, SUMSQ_SCALE, MemoryStats, TopK, decode, encode
+from ffkv.errors import FfkvError
+from ffkv.topk import EMPTY_KEY, MAX_POSITION, ExactSum, LayerState, MemoryStats, TopK, decode, encode
 
 SPECIAL_VALUES = [-3.5, -0.0, 0.0, 1e-30, -1e-30, 2.5, float("inf"), float("-inf"), 3.4028234663852886e38,
                   -3.4028234663852886e38, 1.401298464324817e-45, 7.0, 7.0, -7.0]
@@ -257,15 +258,15 @@ def test_memory_stats_merge_is_exact():
         for s in groups[:-1]:
             merged.merge(s)
         assert _state_equal(merged, sequential), order
-    # against adding everything in one batch: counts and extremes exact, sums equal up to the fixed point
+    # against adding everything in one batch: counts and extremes exact, sums equal up to float32 batch sums
     one_shot = MemoryStats(values.shape[1])
     _add(one_shot, values)
     for name in ("count", "count_positive", "min", "max"):
         assert torch.equal(getattr(one_shot, name), getattr(sequential, name)), name
     scale = values.abs().double().sum(0)
-    assert ((one_shot.sum_fx - sequential.sum_fx).abs() / SUM_SCALE <= 1e-6 * scale + 1e-5).all()
+    assert ((one_shot.sum.value() - sequential.sum.value()).abs() <= 1e-6 * scale + 1e-5).all()
     scale = values.double().square().sum(0)
-    assert ((one_shot.sumsq_fx - sequential.sumsq_fx).abs() / SUMSQ_SCALE <= 1e-6 * scale + 1e-3).all()
+    assert ((one_shot.sumsq.value() - sequential.sumsq.value()).abs() <= 1e-6 * scale + 1e-3).all()
 
 
 def test_memory_stats_state_dict_round_trip():
@@ -283,7 +284,7 @@ def test_memory_stats_state_dict_round_trip():
 
 
 def test_memory_stats_match_numpy():
-    """The fixed-point sums (documented scales SUM_SCALE, SUMSQ_SCALE) give the mean and mean square."""
+    """The exact sums give the mean and mean square."""
     values, batches = _stats_batches()
     s = MemoryStats(values.shape[1])
     for b in batches:
@@ -292,8 +293,101 @@ def test_memory_stats_match_numpy():
     n = int(s.count)
     assert n == x.shape[0]
     assert np.array_equal(s.count_positive.numpy(), (x > 0).sum(0))
-    np.testing.assert_allclose(s.sum_fx.double().numpy() / SUM_SCALE / n, x.mean(0), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(s.sumsq_fx.double().numpy() / SUMSQ_SCALE / n, (x**2).mean(0), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(s.sum.value().numpy() / n, x.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.sumsq.value().numpy() / n, (x**2).mean(0), rtol=1e-6, atol=1e-6)
     assert np.array_equal(s.min.numpy(), x.min(0).astype(np.float32))
     assert np.array_equal(s.max.numpy(), x.max(0).astype(np.float32))
+
+
+# -- non-finite coefficients and the range of the sums -----------------------------------------------------------
+def test_topk_never_keeps_a_non_finite_value_and_nothing_hides_behind_one():
+    """A NaN next to a 100.0 in one block of positions: the 100.0 still enters; NaN and +-inf never do."""
+    n, rows = 64, 3
+    values = torch.zeros(n, rows)
+    values[5, 0], values[6, 0] = float("nan"), 100.0  # same block of 16 positions
+    values[7, 1], values[9, 1] = float("inf"), 3.0
+    values[3, 2], values[4, 2] = float("-inf"), -7.0
+    positions = torch.arange(n)
+    for largest in (True, False):
+        t = TopK(rows, 4, largest=largest)
+        extreme = t.add(values, positions)
+        scores, pos = t.result()
+        assert torch.isfinite(scores).all() and torch.isfinite(extreme).all()
+        clean = values.masked_fill(~torch.isfinite(values), 0.0)
+        ref_keys = encode(clean.T if largest else -clean.T, positions)
+        ref_keys[~torch.isfinite(values.T)] = EMPTY_KEY  # the non-finite positions are not candidates
+        want = ref_keys.topk(4, dim=1).values
+        want_scores, want_pos = decode(want)
+        assert torch.equal(pos, want_pos)
+        assert torch.equal(scores, want_scores if largest else -want_scores)
+    t = TopK(rows, 2)
+    t.add(values, positions)
+    assert t.result()[0][0, 0] == 100.0 and t.result()[1][0, 0] == 6
+
+
+def test_memory_stats_skip_and_count_non_finite_values():
+    values = torch.tensor([[1.0, float("nan"), 2.0], [3.0, 4.0, float("inf")], [float("-inf"), 5.0, 6.0]])
+    state = LayerState(3, 2, signed=True)
+    state.add(values, torch.arange(3))
+    st = state.stats
+    assert st.nonfinite.tolist() == [1, 1, 1] and int(st.count) == 3
+    assert st.sum.value().tolist() == [4.0, 9.0, 8.0]
+    assert st.sumsq.value().tolist() == [10.0, 41.0, 40.0]
+    assert st.min.tolist() == [1.0, 4.0, 2.0] and st.max.tolist() == [3.0, 5.0, 6.0]
+    assert st.count_positive.tolist() == [2, 2, 2]
+    relu = LayerState(3, 2, signed=False)  # no negative face: the minimum is computed by the statistics
+    relu.add(values, torch.arange(3))
+    assert relu.stats.min.tolist() == [1.0, 4.0, 2.0]
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-4, 1.0, 1e15, 1e30, 3e38])
+def test_sums_are_exact_at_both_ends_of_the_float32_range(scale):
+    """Batches of huge or tiny coefficients: the sums equal a float64 (exact rational) recomputation and do not
+    depend on how the batches are grouped. The old int64 fixed point overflowed above ~8.7e12 and rounded
+    sums of squares below ~1.2e-4 to 0."""
+    g = torch.Generator().manual_seed(1)
+    values = ((torch.rand(600, 4, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(torch.float32)
+    assert torch.isfinite(values).all()
+    batches = [values[i: i + 100] for i in range(0, 600, 100)]
+    forward, backward = MemoryStats(4), MemoryStats(4)
+    for b in batches:
+        _add(forward, b)
+    for b in reversed(batches):
+        _add(backward, b)
+    assert _state_equal(forward, backward)
+    # each batch's partial is a float32 (or float64) sum, rounded once; the accumulation adds nothing to that
+    wide = values.double()
+    for got, want, size in ((forward.sum.value(), wide.sum(0), wide.abs().sum(0)),
+                            (forward.sumsq.value(), wide.square().sum(0), wide.square().sum(0))):
+        assert ((got - want).abs() <= 1e-6 * size).all(), (got, want)
+    mean_square = forward.sumsq.value() / 600
+    assert (mean_square > 0).all() and torch.isfinite(mean_square).all()
+    np.testing.assert_allclose(mean_square.numpy(), values.double().square().mean(0).numpy(), rtol=1e-5)
+
+
+def test_ten_to_the_ninth_positions_of_the_largest_bfloat16_value_do_not_overflow():
+    big = torch.finfo(torch.bfloat16).max
+    s = ExactSum(2, *MemoryStats.SUM_RANGE)
+    q = ExactSum(2, *MemoryStats.SUMSQ_RANGE)
+    per_batch = torch.tensor([big * 4096, -big * 4096], dtype=torch.float64)
+    for _ in range(3):  # 3 batches, then the same state merged with itself up to 2**18 batches (> 1e9 positions)
+        s.add(per_batch)
+        q.add(per_batch.square())
+    for _ in range(17):
+        s.merge(s)
+        q.merge(q)
+    n = 3 * 2**17 * 4096
+    assert n > 1e9
+    torch.testing.assert_close(s.value(), torch.tensor([big * n, -big * n], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.isfinite(q.value()).all() and q.value()[0] == pytest.approx(big**2 * 4096**2 * 3 * 2**17)
+
+
+def test_exact_sum_refuses_what_it_cannot_hold():
+    s = ExactSum(1, -10, 40)
+    with pytest.raises(FfkvError, match="exactly"):
+        s.add(torch.tensor([2.0**-20], dtype=torch.float64))
+    with pytest.raises(FfkvError, match="exceeds"):
+        s.add(torch.tensor([2.0**100], dtype=torch.float64))
+    s.add(torch.tensor([-3.0 * 2**-10], dtype=torch.float64))
+    s.add(torch.tensor([2.0**35], dtype=torch.float64))
+    assert s.value().item() == 2.0**35 - 3.0 * 2**-10

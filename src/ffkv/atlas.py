@@ -7,8 +7,9 @@ ATLAS/
       pos_scores   [d_ff, k] float32   top-k coefficients, best first (NaN = empty slot)
       pos_positions[d_ff, k] int64     their global positions in store/tokens.u32 (-1 = empty)
       neg_scores / neg_positions       the k most negative coefficients (signed FFNs only)
-      stat_count []  stat_count_positive, stat_sum_fx, stat_sumsq_fx [d_ff] int64, stat_min, stat_max
-                                       (sums in fixed point, see topk.MemoryStats)
+      stat_count []  stat_count_positive, stat_nonfinite [d_ff] int64, stat_min, stat_max [d_ff] float32
+      stat_sum_limbs, stat_sumsq_limbs [d_ff, limbs] int64   exact sums (see topk.ExactSum); memory i has
+                                       stat_count - stat_nonfinite[i] finite coefficients (non-finite are skipped)
       value_{raw|normed}_{pos|neg}_{ids|logits} [d_ff, value_top]  tokens each face's value promotes
   store/                   token store: tokens.u32, units.parquet, store.json (see corpus.py)
   scanned_units.npy        ids of the units the scan covered (the rest are held out)
@@ -36,7 +37,7 @@ from .arch import check_memory
 from .corpus import TokenStore
 from .errors import FfkvError
 from .projection import project_values
-from .topk import SUM_SCALE, SUMSQ_SCALE, LayerState, MemoryStats, TopK
+from .topk import LayerState, MemoryStats, TopK
 from .version import __version__
 
 FORMAT = "ffkv-atlas/1"
@@ -72,6 +73,8 @@ def read_layer_state(t: dict[str, torch.Tensor]) -> LayerState:
     state.pos = TopK.from_result(t["pos_scores"], t["pos_positions"], largest=True)
     if "neg_scores" in t:
         state.neg = TopK.from_result(t["neg_scores"], t["neg_positions"], largest=False)
+    if "stat_sum_limbs" not in t:
+        raise FfkvError("this layer file was written by an older ffkv (fixed-point sums): rescan to merge it")
     state.stats.load_state_dict({name: t[f"stat_{name}"] for name in MemoryStats.FIELDS})
     return state
 
@@ -107,6 +110,12 @@ def write_atlas(out: Path, model, store: TokenStore, states: dict[int, LayerStat
                      shard=list(shard), world_size=world),
         "result": result,
     })
+
+
+def scan_id(path: Path) -> str:
+    """Identifies the scan in an atlas folder: a hash of its manifest (written once, last, by the scan or merge).
+    Every file derived from the atlas (analysis.json, report, search index) records it; a mismatch is refused."""
+    return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 def read_manifest(path: Path) -> dict:
@@ -178,9 +187,7 @@ class Atlas:
 
     @property
     def scan_id(self) -> str:
-        """Identifies this scan: a hash of its manifest (written once, last, by the scan or merge). Every file
-        derived from the atlas (analysis.json, report, search index) records it and is refused when it differs."""
-        return hashlib.sha256((self.path / "manifest.json").read_bytes()).hexdigest()[:16]
+        return scan_id(self.path)
 
     # -- shape -----------------------------------------------------------------------------------------
     @property
@@ -256,14 +263,23 @@ class Atlas:
                 "top_logits": [round(x, 5) for x in t[f"value_{kind}_{face}_logits"][key][:n].tolist()]}
 
     def stats(self, layer: int) -> dict[str, np.ndarray]:
-        """Per-memory coefficient statistics over every scanned position of the layer."""
+        """Per-memory coefficient statistics over every scanned position of the layer (finite coefficients;
+        ``nonfinite`` counts the skipped ones)."""
         t = self.layer_tensors(layer)
-        n = max(int(t["stat_count"]), 1)
+        if "stat_sum_limbs" in t:
+            stats = MemoryStats(t["stat_sum_limbs"].shape[0])
+            stats.load_state_dict({name: t[f"stat_{name}"] for name in MemoryStats.FIELDS})
+            sums, sumsq, nonfinite = stats.sum.value(), stats.sumsq.value(), t["stat_nonfinite"]
+        else:  # atlases of ffkv 0.1.0: int64 fixed point at 2**20 and 2**12
+            sums, sumsq = t["stat_sum_fx"].double() / 2.0**20, t["stat_sumsq_fx"].double() / 2.0**12
+            nonfinite = torch.zeros_like(t["stat_count_positive"])
+        n = (int(t["stat_count"]) - nonfinite).clamp(min=1).double()
         return {
             "count": int(t["stat_count"]),
+            "nonfinite": nonfinite.numpy(),
             "frac_positive": (t["stat_count_positive"].double() / n).numpy(),
-            "mean": (t["stat_sum_fx"].double() / SUM_SCALE / n).numpy(),
-            "mean_square": (t["stat_sumsq_fx"].double() / SUMSQ_SCALE / n).numpy(),
+            "mean": (sums / n).numpy(),
+            "mean_square": (sumsq / n).numpy(),
             "min": t["stat_min"].numpy(), "max": t["stat_max"].numpy(),
         }
 

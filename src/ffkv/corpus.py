@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from . import embedded
 from .errors import FfkvError
+from .models import tokenizer_fingerprint
 
 UNITS = ("sentence", "document")
 
@@ -154,30 +155,19 @@ class TokenStore:
         return unit, ids, nxt
 
 
-def fingerprint_tokenizer(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary and of the ids it gives a probe text: the same value as
-    ``LoadedModel.tokenizer_fingerprint()`` (kept equal by a test; this module does not import the models)."""
-    h = hashlib.sha256()
-    for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        h.update(f"{idx}\t{token}\n".encode())
-    h.update(repr(tokenizer("ffkv fingerprint").input_ids).encode())
-    return h.hexdigest()[:16]
-
-
 def build_token_store(corpus: Corpus, tokenizer, unit: str, max_length: int, directory: Path,
-                      batch_docs: int = 512, tokenizer_fingerprint: str | None = None) -> TokenStore:
+                      batch_docs: int = 512) -> TokenStore:
     """Split, tokenise and write the corpus; reuse an existing store built from the same inputs.
 
     The inputs (the store's recipe, kept in store.json) include the tokenizer's fingerprint, so a store made
-    by another tokenizer, whose ids would mean other tokens, is rebuilt. ``tokenizer_fingerprint``: the
-    loaded model's ``tokenizer_fingerprint()`` where the caller has it (computed from ``tokenizer`` if not)."""
+    by another tokenizer, whose ids would mean other tokens, is rebuilt."""
     if unit not in UNITS:
         raise FfkvError(f"unknown unit {unit!r}; choose one of {', '.join(UNITS)}")
     prefix = _special_prefix(tokenizer)
     if max_length <= len(prefix):
         raise FfkvError(f"--max-length {max_length} leaves no room for text after {len(prefix)} special token(s)")
     directory = Path(directory)
-    fingerprint = tokenizer_fingerprint or fingerprint_tokenizer(tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
     recipe = {"corpus": corpus.name, "corpus_hash": corpus.content_hash(), "unit": unit,
               "max_length": max_length, "special_prefix": prefix, "tokenizer_fingerprint": fingerprint}
     if (directory / "store.json").exists():

@@ -388,13 +388,21 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         if rank != 0:
             torch.distributed.barrier()
             return None
+    nonfinite = {layer: int(state.stats.nonfinite.sum()) for layer, state in states.items()}
+    if any(nonfinite.values()):
+        worst = max(nonfinite, key=nonfinite.get)
+        key = int(states[worst].stats.nonfinite.argmax())
+        print(f"ffkv: warning: {sum(nonfinite.values())} non-finite coefficients (NaN or inf) were skipped, in "
+              f"{sum(1 for v in nonfinite.values() if v)} layers (most in layer {worst}, e.g. key {key}); the top-k "
+              f"and statistics cover the finite ones (try --dtype float32)", flush=True)
     if config.top_k > plan.n_positions:
         print(f"ffkv: warning: --top-k {config.top_k} exceeds the {plan.n_positions} positions scanned; "
               "memories keep what there is (empty slots have position -1)")
     write_atlas(out, model, store, states, config, plan.units, shard=shard, world=world,
                 result={"units_scanned": my_units, "tokens_scanned": int(tokens),
                         "positions_total": plan.n_positions, "batches": len(plan.batches),
-                        "seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)},
+                        "seconds": round(seconds, 2), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+                        "nonfinite_coefficients": sum(nonfinite.values())},
                 progress=progress)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if world > 1:

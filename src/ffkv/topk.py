@@ -7,21 +7,29 @@ order, the resumption point or the number of workers that split it:
   order-preserving int32 in the high bits, the *inverted* position in the low 31 bits. Larger key = larger
   value, then smaller position. Keys are unique, so ``torch.topk`` on them has no ties to break arbitrarily
   and the result is the deterministic top-k (value desc, position asc).
-* ``MemoryStats`` keeps counts and min/max exactly and the sums in int64 fixed point (each batch's partial
-  sum is rounded once), because float addition is not associative. The batch plan is fixed by the settings,
-  so resuming and splitting over workers give bit-identical sums; a different ``--batch-tokens`` changes
-  them at float32 precision only (top-k, counts, min and max do not change at all).
+* ``MemoryStats`` keeps counts and min/max exactly and each batch's partial sums (rounded once) in an
+  ``ExactSum``: integers of 30-bit limbs wide enough for every float32 number and its square, so adding the
+  partials is exact and associative with no overflow and no rounding away of small values. The batch plan is
+  fixed by the settings, so resuming and splitting over workers give bit-identical sums; a different
+  ``--batch-tokens`` changes them at float32 precision only (top-k, counts, min and max do not change at all).
+
+Non-finite coefficients (NaN, +-inf: a float16 overflow, a broken checkpoint) are never kept: the top-k and the
+statistics cover the finite values, and ``MemoryStats.nonfinite`` counts the skipped ones per memory. Finding
+them costs nothing on clean batches: a non-finite value makes its column's extreme or sum non-finite, and only
+then is the batch masked.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .errors import FfkvError
 
 POSITION_BITS = 31
 MAX_POSITION = (1 << POSITION_BITS) - 1
 EMPTY_KEY = torch.iinfo(torch.int64).min
-SUM_SCALE = 2.0**20  # fixed-point resolution of the coefficient sums (|sum| < 8.7e12)
-SUMSQ_SCALE = 2.0**12  # of the sums of squares (< 2.2e15)
 
 
 def _float_to_ordered_int(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +93,18 @@ class TopK:
                               device=values.device)
         # smaller blocks for small batches, so that there are >= 2k of them and the batch's bar exists
         block = max(1, min(self.BLOCK, n // (2 * self.k)))
+        block_extreme, column_extreme = self._extremes(values, block)
+        if not bool(torch.isfinite(column_extreme).all()) and bool((bad := ~torch.isfinite(values)).any()):
+            # a NaN or an infinity made a column's extreme non-finite (and would hide its block): every non-finite
+            # value becomes one that never enters (an infinity on the wrong side, dropped below)
+            values = values.masked_fill(bad, float("-inf") if self.largest else float("inf"))
+            block_extreme, column_extreme = self._extremes(values, block)
+        signed_blocks = block_extreme if self.largest else -block_extreme  # [n_blocks, d], larger = better
+        return self._merge_candidates(values, positions, block, signed_blocks, column_extreme)
+
+    def _extremes(self, values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block of ``block`` positions and per column: the max (min for ``largest=False``), float32."""
+        n, d = values.shape
         q = n // block
         pieces = []
         if q:
@@ -94,8 +114,10 @@ class TopK:
             tail = values[q * block:]
             pieces.append(tail.amax(0, keepdim=True) if self.largest else tail.amin(0, keepdim=True))
         block_extreme = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(torch.float32)
-        column_extreme = block_extreme.amax(0) if self.largest else block_extreme.amin(0)
-        signed_blocks = block_extreme if self.largest else -block_extreme  # [n_blocks, d], larger = better
+        return block_extreme, block_extreme.amax(0) if self.largest else block_extreme.amin(0)
+
+    def _merge_candidates(self, values, positions, block, signed_blocks, column_extreme) -> torch.Tensor:
+        n, d = values.shape
         bar = self.threshold
         if signed_blocks.shape[0] >= self.k:
             bar = torch.maximum(bar, signed_blocks.T.topk(self.k, dim=1, sorted=False).values.amin(dim=1))
@@ -113,8 +135,10 @@ class TopK:
             pos_idx, row_idx = torch.nonzero(mask, as_tuple=True)
         signed = values[pos_idx, row_idx].to(torch.float32)
         signed = signed if self.largest else -signed
-        keep = signed >= bar[row_idx]
+        keep = (signed >= bar[row_idx]) & (signed > float("-inf"))  # -inf: a masked non-finite value
         pos_idx, row_idx, signed = pos_idx[keep], row_idx[keep], signed[keep]
+        if row_idx.numel() == 0:
+            return column_extreme
         keys = encode(signed, positions[pos_idx])
         # lay the candidates out as a ragged [rows, max candidates] matrix padded with EMPTY_KEY
         order = torch.argsort(row_idx, stable=True)
@@ -171,45 +195,124 @@ class TopK:
         self._refresh_threshold()
 
 
-class MemoryStats:
-    """Per-memory count, count of positive coefficients, sum, sum of squares, min and max."""
+class ExactSum:
+    """Per-row sums of float numbers kept exactly: integers in base 2**30 (int64 limbs) from 2**``low`` up, so
+    that addition is exact and associative. Canonical after every operation (limbs below the top in
+    [0, 2**30), the top one signed), so equal sums have equal states whatever the order they were added in.
+    ``low`` must divide every number added (float32 numbers: -149; squares of float32 numbers: -298) and
+    ``bits`` bound the magnitude (2**(low + bits)); a number outside is refused, not rounded."""
 
-    FIELDS = ("count", "count_positive", "sum_fx", "sumsq_fx", "min", "max")
+    LIMB = 30
+
+    def __init__(self, n_rows: int, low: int, bits: int, device: torch.device | str = "cpu"):
+        self.low = low
+        self.limbs = torch.zeros(n_rows, math.ceil(bits / self.LIMB) + 1, dtype=torch.int64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add x [n_rows] (float64, finite) to each row."""
+        mantissa, exponent = torch.frexp(x.to(torch.float64))
+        m = (mantissa * 2.0**53).to(torch.int64)  # exact: x = m * 2**(exponent - 53)
+        shift = (exponent.to(torch.int64) - 53 - self.low).masked_fill(m == 0, 0)
+        low_bits = (-shift).clamp(min=0)
+        if bool((m.abs() & ((1 << low_bits) - 1)).any()):
+            raise FfkvError(f"a statistic below 2**{self.low} cannot be added exactly")
+        m, shift = m.abs() >> low_bits, shift.clamp(min=0)  # drop trailing zero bits below 2**low
+        limb, r = shift // self.LIMB, shift % self.LIMB
+        if bool((limb + 2 >= self.limbs.shape[1]).any()):
+            raise FfkvError(f"a statistic of magnitude {float(x.abs().max()):.3g} exceeds the exact accumulator")
+        sign = torch.sign(mantissa).to(torch.int64)
+        mask = (1 << self.LIMB) - 1
+        rest = m >> (self.LIMB - r)
+        for i, chunk in enumerate(((m & ((1 << (self.LIMB - r)) - 1)) << r, rest & mask, rest >> self.LIMB)):
+            self.limbs.scatter_add_(1, (limb + i)[:, None], (sign * chunk)[:, None])
+        self._carry()
+
+    def merge(self, other: ExactSum) -> None:
+        self.limbs += other.limbs.to(self.limbs.device)
+        self._carry()
+
+    def _carry(self) -> None:
+        for i in range(self.limbs.shape[1] - 1):
+            carry = self.limbs[:, i] >> self.LIMB  # floor: negative limbs borrow from the next
+            self.limbs[:, i] -= carry << self.LIMB
+            self.limbs[:, i + 1] += carry
+
+    def value(self) -> torch.Tensor:
+        """The sums as float64 (rounded once per limb, from the top)."""
+        out = torch.zeros(self.limbs.shape[0], dtype=torch.float64, device=self.limbs.device)
+        for i in reversed(range(self.limbs.shape[1])):
+            out += self.limbs[:, i].to(torch.float64) * 2.0 ** (self.low + self.LIMB * i)
+        return out
+
+
+class MemoryStats:
+    """Per-memory count, count of positive coefficients, count of non-finite (skipped) coefficients, exact sum
+    and sum of squares, min and max. ``count`` is the number of positions; memory i has ``count - nonfinite[i]``
+    finite coefficients."""
+
+    FIELDS = ("count", "count_positive", "nonfinite", "sum_limbs", "sumsq_limbs", "min", "max")
+    SUM_RANGE = (-149, 340)
+    """(lowest bit, bits) of the sums: every float32 value, summed over 2**60 positions."""
+    SUMSQ_RANGE = (-298, 620)
+    """Of the sums of squares: every square of a float32 value (computed in float64 where float32 would not
+    hold it), summed over 2**60 positions."""
 
     def __init__(self, n_rows: int, device: torch.device | str = "cpu"):
         z = dict(dtype=torch.int64, device=device)
         self.count = torch.zeros((), **z)
         self.count_positive = torch.zeros(n_rows, **z)
-        self.sum_fx = torch.zeros(n_rows, **z)
-        self.sumsq_fx = torch.zeros(n_rows, **z)
+        self.nonfinite = torch.zeros(n_rows, **z)
+        self.sum = ExactSum(n_rows, *self.SUM_RANGE, device=device)
+        self.sumsq = ExactSum(n_rows, *self.SUMSQ_RANGE, device=device)
         self.min = torch.full((n_rows,), float("inf"), dtype=torch.float32, device=device)
         self.max = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
 
-    def add(self, values: torch.Tensor, batch_min: torch.Tensor, batch_max: torch.Tensor) -> None:
-        """values [N, n_rows]; batch_min/max are its column extremes (computed once by the caller)."""
+    def add(self, values: torch.Tensor, batch_min: torch.Tensor | None, batch_max: torch.Tensor) -> None:
+        """values [N, n_rows]; batch_min/max are the column extremes of its finite values (computed once by the
+        caller's top-k; ``batch_min`` None: computed here)."""
         self.count += values.shape[0]
-        # Reductions over dim 0 with a dtype change are slow on CPU; these three are fast and exact
-        # enough: 0/1 indicator sums are exact in float32, value sums are rounded to fixed point anyway.
+        if batch_min is None:
+            batch_min = values.amin(dim=0)
+            if not bool(torch.isfinite(batch_min).all()):
+                batch_min = values.masked_fill(~torch.isfinite(values), float("inf")).amin(dim=0)
+        # Reductions over dim 0 with a dtype change are slow on CPU: sums in float32, widened only for the rare
+        # batch whose float32 sum of squares overflows or loses precision (|values| > ~1e19 or < ~1e-15)
+        s, q = values.sum(dim=0), values.square().sum(dim=0)
+        if not bool(torch.isfinite(s).all() and torch.isfinite(q).all()):
+            bad = ~torch.isfinite(values)
+            self.nonfinite += bad.sum(dim=0)
+            values = values.masked_fill(bad, 0.0)
+            s, q = values.sum(dim=0), values.square().sum(dim=0)
+        nonzero = batch_max != 0 if batch_min is None else (batch_max != 0) | (batch_min != 0)
+        if not bool(torch.isfinite(s).all() and torch.isfinite(q).all() and ((q > 2.0**-100) | ~nonzero).all()):
+            wide = values.to(torch.float64)  # its sums are multiples of 2**-149 and 2**-298 too: still exact
+            s, q = wide.sum(dim=0), wide.square().sum(dim=0)
         self.count_positive += values.sign().clamp_(min=0).sum(dim=0).to(torch.int64)
-        s = values.sum(dim=0).double()
-        q = values.square().sum(dim=0).double()
-        self.sum_fx += torch.round(s * SUM_SCALE).to(torch.int64)
-        self.sumsq_fx += torch.round(q * SUMSQ_SCALE).to(torch.int64)
+        self.sum.add(s)
+        self.sumsq.add(q)
         self.min = torch.minimum(self.min, batch_min.to(torch.float32))
         self.max = torch.maximum(self.max, batch_max.to(torch.float32))
 
     def merge(self, other: MemoryStats) -> None:
-        for name in ("count", "count_positive", "sum_fx", "sumsq_fx"):
-            setattr(self, name, getattr(self, name) + getattr(other, name).to(self.sum_fx.device))
+        for name in ("count", "count_positive", "nonfinite"):
+            setattr(self, name, getattr(self, name) + getattr(other, name).to(self.count.device))
+        self.sum.merge(other.sum)
+        self.sumsq.merge(other.sumsq)
         self.min = torch.minimum(self.min, other.min.to(self.min.device))
         self.max = torch.maximum(self.max, other.max.to(self.max.device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.FIELDS}
+        d = {name: getattr(self, name) for name in ("count", "count_positive", "nonfinite", "min", "max")}
+        return dict(d, sum_limbs=self.sum.limbs, sumsq_limbs=self.sumsq.limbs)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self.FIELDS:
+        for name in ("count", "count_positive", "nonfinite", "min", "max"):
             setattr(self, name, state[name].to(getattr(self, name).device).clone())
+        self.sum.limbs = state["sum_limbs"].to(self.sum.limbs.device).clone()
+        self.sumsq.limbs = state["sumsq_limbs"].to(self.sumsq.limbs.device).clone()
+
+    def finite_count(self) -> torch.Tensor:
+        return self.count - self.nonfinite
 
 
 class LayerState:
@@ -222,7 +325,7 @@ class LayerState:
 
     def add(self, coefficients: torch.Tensor, positions: torch.Tensor) -> None:
         high = self.pos.add(coefficients, positions)
-        low = self.neg.add(coefficients, positions) if self.neg is not None else coefficients.amin(dim=0)
+        low = self.neg.add(coefficients, positions) if self.neg is not None else None
         self.stats.add(coefficients, low, high)
 
     def merge(self, other: LayerState) -> None:

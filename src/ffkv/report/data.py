@@ -6,7 +6,6 @@ report says so, instead of failing. Nothing here needs the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from ..atlas import read_manifest
+from ..atlas import read_manifest, scan_id
 from ..errors import FfkvError
 
 PAPER_LAYERS = 16
@@ -164,12 +163,6 @@ class ReportInputs:
             "n_layers": self.n_layers,
             "corpus": c.get("corpus") or s.get("corpus"),
         }
-
-
-def scan_id(atlas_path: str | Path) -> str:
-    """``Atlas.scan_id`` without opening the atlas's token store (the report reads the manifest alone): the same
-    hash of manifest.json, kept equal by a test."""
-    return hashlib.sha256((Path(atlas_path) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 def load_inputs(atlas_path: str | Path) -> ReportInputs:
