@@ -850,17 +850,20 @@ def test_the_search_index_records_its_scan_and_is_rebuilt_for_another(tiny, tmp_
     import sqlite3
 
     atlas = _copy_atlas(tiny, tmp_path)
-    first = Service(atlas, loaded=service.loaded, progress=False).atlas.scan_id
+    from ffkv.atlas import scan_id
+
+    Service(atlas, loaded=service.loaded, progress=False)
+    first = scan_id(atlas)
     path = atlas / INDEX_NAME
     recorded = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall())
     assert recorded["scan_id"] == first
     mtime = path.stat().st_mtime_ns
     _rescan(atlas)
     second = Service(atlas, loaded=service.loaded, progress=False)
-    assert second.atlas.scan_id != first
+    assert scan_id(atlas) != first
     assert path.stat().st_mtime_ns != mtime  # rebuilt
     recorded = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall())
-    assert recorded["scan_id"] == second.atlas.scan_id
+    assert recorded["scan_id"] == scan_id(atlas)
     assert second.search_text("river", 5)["results"]
 
 
@@ -870,10 +873,10 @@ def _write_analysis(atlas, **extra) -> None:
 
 
 def test_serve_refuses_an_analysis_of_another_scan(tiny, tmp_path, fake_serve, capsys):
-    from ffkv.atlas import Atlas
+    from ffkv.atlas import scan_id
 
     atlas = _copy_atlas(tiny, tmp_path)
-    _write_analysis(atlas, scan_id=Atlas.load(atlas).scan_id)
+    _write_analysis(atlas, scan_id=scan_id(atlas))
     rc, app, _ = fake_serve(str(atlas), "--port", "8123")
     assert rc == 0 and app.state.service.overview()["analysis"]["present"] is True
     _rescan(atlas)
@@ -895,11 +898,10 @@ def test_an_analysis_without_a_scan_id_is_still_shown(tiny, tmp_path, service):
 def test_an_analysis_of_another_scan_written_while_serving_is_not_shown(tiny, tmp_path, service):
     import os
 
-    from ffkv.atlas import Atlas
+    from ffkv.atlas import scan_id
 
     atlas = _copy_atlas(tiny, tmp_path)
-    scan_id = Atlas.load(atlas).scan_id
-    _write_analysis(atlas, scan_id=scan_id, patterns={"keys": [{"layer": 1, "key": 3, "face": "pos"}]})
+    _write_analysis(atlas, scan_id=scan_id(atlas), patterns={"keys": [{"layer": 1, "key": 3, "face": "pos"}]})
     with TestClient(create_app(Service(atlas, loaded=service.loaded, progress=False)),
                     base_url="http://127.0.0.1") as c:
         assert c.get("/api/overview").json()["analysis"]["present"] is True

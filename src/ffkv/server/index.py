@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..atlas import FACES
+from ..atlas import FACES, scan_id
 from ..embedded import ffkv_home
 from ..errors import FfkvError
 from ..projection import KINDS, MEMORY_CHUNK, top_both_faces, unembedding, value_vectors
@@ -82,7 +82,7 @@ def _atlas_identity(atlas) -> dict:
     """What the index is built from; an index whose recorded identity differs (another scan of the folder, another
     index format) is rebuilt."""
     m = atlas.manifest
-    return {"format": INDEX_FORMAT, "scan_id": atlas.scan_id, "atlas_created": m.get("created"),
+    return {"format": INDEX_FORMAT, "scan_id": scan_id(atlas.path), "atlas_created": m.get("created"),
             "weights_fingerprint": m["model"]["weights_fingerprint"], "layers": atlas.layers,
             "faces": atlas.faces, "content_hash": m["corpus"].get("content_hash"), "depth": PROMOTE_DEPTH}
 
@@ -190,7 +190,7 @@ def build_index(path: Path, atlas, parts, token_texts: list[str], progress: bool
                             for u, i, t in zip(chunk, ids, texts)))
         db.execute("INSERT INTO unit_text (unit_text) VALUES ('optimize')")
         db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(_atlas_identity(atlas)),))
-        db.execute("INSERT INTO meta VALUES ('scan_id', ?)", (atlas.scan_id,))
+        db.execute("INSERT INTO meta VALUES ('scan_id', ?)", (scan_id(atlas.path),))
         db.commit()
     except BaseException:
         db.close()

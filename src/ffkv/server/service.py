@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atlas import Atlas
+from ..atlas import Atlas, scan_id
 from ..errors import FfkvError
 from ..models import LoadedModel, load_model
 from ..projection import face_top_tokens
@@ -151,7 +151,7 @@ class Analyses:
     records a ``scan_id`` other than the atlas's (computed from an earlier scan of the folder) is not shown:
     ``stale`` then says why. Files without a ``scan_id`` (older ones) are shown."""
 
-    def __init__(self, path: Path, n_layers: int, scan_id: str | None = None):
+    def __init__(self, path: Path, n_layers: int, atlas_scan_id: str | None = None):
         self.present = False
         self.stale: str | None = None
         self.tables: list[dict] = []
@@ -166,7 +166,7 @@ class Analyses:
             return
         if not isinstance(doc, dict):
             return
-        if scan_id is not None and doc.get("scan_id") is not None and doc["scan_id"] != scan_id:
+        if atlas_scan_id is not None and doc.get("scan_id") is not None and doc["scan_id"] != atlas_scan_id:
             self.stale = stale_analysis_message(path.parent)
             return
         self.present = True
@@ -265,7 +265,7 @@ class Service:
             mtime = None
         cached = self._analyses
         if cached is None or cached[0] != mtime:
-            cached = (mtime, Analyses(path, self.atlas.n_layers, self.atlas.scan_id))
+            cached = (mtime, Analyses(path, self.atlas.n_layers, scan_id(self.atlas.path)))
             self._analyses = cached
         return cached[1]
 
