@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .arch import check_memory
 from .corpus import TokenStore
 from .errors import FfkvError
+from .models import legacy_weights_fingerprint, same_weights
 from .projection import project_values
 from .topk import LayerState, MemoryStats, TopK
 from .version import __version__
@@ -103,6 +104,7 @@ def write_atlas(out: Path, model, store: TokenStore, states: dict[int, LayerStat
             "vocab_size": int(parts.unembedding.shape[0]), "activation": parts.spec.activation,
             "gated": parts.spec.gated, "signed": parts.signed,
             "weights_fingerprint": model.fingerprint(), "tokenizer_fingerprint": model.tokenizer_fingerprint(),
+            "weights_sample": model.weights_sample(),
         },
         "corpus": {k: store.meta[k] for k in ("corpus", "corpus_hash", "unit", "max_length", "n_documents",
                                                "n_units", "n_tokens", "content_hash")},
@@ -179,9 +181,14 @@ class Atlas:
         return atlas
 
     def check_model(self, model) -> None:
+        """FfkvError unless ``model`` is the checkpoint this atlas was scanned with (in any load dtype)."""
         m = self.manifest["model"]
-        if model.fingerprint() != m["weights_fingerprint"] or \
-                model.tokenizer_fingerprint() != m["tokenizer_fingerprint"]:
+        if "weights_sample" in m:
+            same = model.fingerprint() == m["weights_fingerprint"] and same_weights(model.weights_sample(),
+                                                                                   m["weights_sample"])
+        else:  # an atlas of ffkv 0.1.0
+            same = legacy_weights_fingerprint(model.model) == m["weights_fingerprint"]
+        if not same or model.tokenizer_fingerprint() != m["tokenizer_fingerprint"]:
             raise FfkvError(f"atlas {self.path} was made with model {m['name']} ({m['architecture']}, weights "
                             f"{m['weights_fingerprint']}), not with {model.name} (weights {model.fingerprint()})")
 

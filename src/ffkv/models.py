@@ -35,20 +35,54 @@ class LoadedModel:
     def fingerprint(self) -> str:
         return weights_fingerprint(self.model)
 
+    def weights_sample(self) -> list[float]:
+        return weights_sample(self.model)
+
     def tokenizer_fingerprint(self) -> str:
         return tokenizer_fingerprint(self.tokenizer)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, dtype-independent hash of the weights: names, shapes and ~1k strided values per tensor."""
+    """A hash of the checkpoint's structure (parameter names and shapes), the same for every load dtype; the
+    values are compared apart, with the tolerance of the load dtype (``weights_sample``, ``same_weights``)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}\t{tuple(p.shape)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+WEIGHTS_SAMPLE = 1024
+"""Weight values sampled (evenly over all tensors, at positions that depend only on the shapes)."""
+
+
+def weights_sample(model: torch.nn.Module, n: int = WEIGHTS_SAMPLE) -> list[float]:
+    tensors = [p.detach().reshape(-1) for _, p in sorted(model.state_dict().items()) if p.is_floating_point()]
+    per = max(1, n // max(1, len(tensors)))
+    out = []
+    for flat in tensors:
+        idx = torch.linspace(0, flat.numel() - 1, min(per, flat.numel()), dtype=torch.float64).round().long()
+        out += flat[idx.unique().to(flat.device)].to(torch.float32).cpu().tolist()
+    return out
+
+
+def same_weights(a: list[float], b: list[float]) -> bool:
+    """Whether two weight samples come from one checkpoint loaded in any of float32, bfloat16, float16, float64:
+    equal up to bfloat16 rounding (a relative 2**-8), which a fine-tune or another model exceeds somewhere."""
+    if len(a) != len(b):
+        return False
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return bool(((x - y).abs() <= 2.0**-8 * torch.maximum(x.abs(), y.abs()) + 1e-7).all())
+
+
+def legacy_weights_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of atlases written before weight samples (ffkv 0.1.0), to keep reading them."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 1024)
-        sample = flat[::step].to(torch.float32).cpu().numpy()
+        sample = flat[:: max(1, flat.numel() // 1024)].to(torch.float32).cpu().numpy()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        h.update(sample.round(3).tobytes())  # rounding makes fp32/bf16 copies of one model agree
+        h.update(sample.round(3).tobytes())
     return h.hexdigest()[:16]
 
 
