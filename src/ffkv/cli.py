@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="what the model runs in: float32, bfloat16, float16 or "
                    "float64 (default: float32)")
     p.add_argument("--queue-size", type=int, default=None, metavar="N", help="prompt runs that may wait while the "
-                   "model is busy; more are answered 503 (default: 8)")
+                   "model is busy; more are answered 503 (default: 16)")
     p.add_argument("--queue-timeout", type=float, default=None, metavar="SECONDS", help="how long a prompt run "
                    "may wait for the model before it is answered 503 (default: 30)")
     p.set_defaults(fn=cmd_serve)

@@ -38,8 +38,9 @@ MEMORY_TOKENS = 6
 SIMILAR = 8
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 """What `ffkv serve --dtype` runs the model in."""
-QUEUE_SIZE = 8
-"""Model runs (run, generate) that may wait while another one runs; one more is refused at once."""
+QUEUE_SIZE = 16
+"""Model runs (run, generate) that may wait while another one runs; one more is refused at once. (The server
+answers from a pool of 40 threads: waiting runs hold one each, and the rest of the app keeps the others.)"""
 QUEUE_TIMEOUT = 30.0
 """Seconds a model run may wait for the model before it is refused."""
 
