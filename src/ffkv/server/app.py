@@ -5,8 +5,11 @@ Safety: the app never reads a path from a request (static files come from the pa
 fixed mount); every parameter is validated (unknown layer/key -> 404, malformed -> 422, both as JSON
 ``{"error": ...}``); the Host header must always name a loopback address (localhost, 127.0.0.0/8, ::1), the
 address the server is bound to or a name added with `--allowed-host` (this stops DNS-rebinding pages from
-reaching the server, remote or not); pages get a Content-Security-Policy that allows nothing but this server
-(no CDN, no inline script).
+reaching the server, remote or not); a server given a token (always, on a non-loopback address) answers only
+requests that carry it (``Authorization: Bearer TOKEN``, or the cookie set when a page is opened once with
+``?token=TOKEN``; else 401); request bodies are capped before anything parses them (413); model runs wait in a
+bounded queue (503 when it is full or a run waited too long); pages get a Content-Security-Policy that allows
+nothing but this server (no CDN, no inline script).
 """
 
 from __future__ import annotations
