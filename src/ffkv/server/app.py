@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import socket
 from collections.abc import Iterable
@@ -125,6 +126,9 @@ def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -161,7 +165,8 @@ class Guard:
         is_page = scope["method"] in ("GET", "HEAD") and not scope["path"].startswith("/api/")
         if given is not None and is_page and self._matches(given):
             rest = urlencode([(k, v) for k, v in query.multi_items() if k != "token"])
-            response = RedirectResponse(quote(scope["path"]) + ("?" + rest if rest else ""), status_code=303)
+            path = "/" + scope["path"].lstrip("/")  # never '//host': that would leave this server
+            response = RedirectResponse(quote(path) + ("?" + rest if rest else ""), status_code=303)
             response.set_cookie(self.cookie, self.token.decode(), httponly=True, samesite="lax", path="/")
             return response
         if self._authorized(headers):
@@ -200,7 +205,7 @@ class Guard:
         too_large = _error(413, f"the request body is larger than {self.max_body} bytes")
         length = headers.get("content-length")
         if length is not None:
-            if not length.strip().isdigit():
+            if not _DIGITS.fullmatch(length.strip()):
                 await _error(400, "the Content-Length header is not a number")(scope, receive, send_secured)
                 return
             if int(length) > self.max_body:
