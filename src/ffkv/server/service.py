@@ -204,9 +204,8 @@ class Service:
     def __init__(self, atlas_path: str | Path, loaded: LoadedModel | None = None, model: str | None = None,
                  device: str = "cpu", progress: bool = True, index_path: str | Path | None = None,
                  queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT, dtype: str = "float32"):
-        """``dtype``: what the model runs in (one of ``DTYPES``), when it is loaded here (not for ``loaded``). It is
-        loaded in the dtype of the scan first, so that its weights fingerprint is checked against the atlas's, and
-        the search index is built from those weights; then converted."""
+        """``dtype``: what the model is loaded and runs in (one of ``DTYPES``), when it is loaded here (not for
+        ``loaded``); the atlas's check of the weights holds in any load dtype."""
         if dtype not in DTYPES:
             raise FfkvError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self.atlas = Atlas.load(atlas_path)
@@ -214,16 +213,13 @@ class Service:
         if self.analyses.stale:  # before the model loads: a one-line error at once
             raise FfkvError(self.analyses.stale)
         manifest_model = self.atlas.manifest["model"]
-        scan_dtype = str(self.atlas.manifest["scan"].get("dtype") or "float32")
         if loaded is None:
             name = model or manifest_model["name"]
             try:
-                loaded = load_model(name, device=device, dtype=scan_dtype)
+                loaded = load_model(name, device=device, dtype=dtype)
             except FfkvError as exc:
                 raise FfkvError(f"{exc} (the atlas names model {manifest_model['name']!r}; pass --model to load "
                                 "the same weights from elsewhere)")
-        else:
-            dtype = None
         self.atlas.check_model(loaded)
         self.loaded = loaded
         self.model = loaded.model
@@ -246,8 +242,6 @@ class Service:
         self.stats = {layer: self.atlas.stats(layer) for layer in self.layers}  # also loads every layer file
         self.index = SearchIndex(self.atlas, self.parts, self.token_texts,
                                  path=Path(index_path) if index_path else None, progress=progress)
-        if dtype is not None and dtype != scan_dtype:
-            self.model.to(getattr(torch, dtype))
         self._unit_values: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
             self.value_norms = torch.stack([self.parts.values(layer).detach().float().norm(dim=1)
