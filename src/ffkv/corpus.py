@@ -221,5 +221,7 @@ def build_token_store(corpus: Corpus, tokenizer, unit: str, max_length: int, dir
     tmp_tokens.replace(directory / "tokens.u32")
     meta = dict(recipe, n_units=len(rows["unit"]), n_tokens=offset, n_documents=len(corpus.documents),
                 content_hash=h.hexdigest()[:16])
-    (directory / "store.json").write_text(json.dumps(meta, indent=1))  # written last: marks the store complete
+    tmp_meta = directory / "store.json.tmp"  # written last, atomically: marks the store complete
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    tmp_meta.replace(directory / "store.json")
     return TokenStore(directory)
