@@ -205,17 +205,19 @@ class Capture:
 
 
 @torch.inference_mode()
-def last_position_coefficients(parts: ModelParts, sequences: Sequence[Sequence[int]], layer: int,
-                               batch_size: int = 64, device=None) -> torch.Tensor:
-    """[len(sequences), d_ff] float32: the FFN coefficients of ``layer`` at the last token of each sequence,
-    in batches of ``batch_size`` sequences of similar length."""
-    out = torch.empty(len(sequences), parts.d_ff, dtype=torch.float32)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+def last_position_coefficients(parts: ModelParts, sequences: Sequence[Sequence[int]], layers: Sequence[int],
+                               keys: Sequence[int], batch_size: int = 64, device=None) -> torch.Tensor:
+    """[len(sequences)] float32: the coefficient of memory ``keys[i]`` of layer ``layers[i]`` at the last token of
+    ``sequences[i]``. Sequences of all layers share one pass: sorted by (layer, length) into batches of
+    ``batch_size``, each batch stops after the highest layer it needs."""
+    out = torch.empty(len(sequences), dtype=torch.float32)
+    order = sorted(range(len(sequences)), key=lambda i: (layers[i], len(sequences[i])))
     device = device if device is not None else parts.unembedding.device
-    with Capture(parts, [layer]) as cap:
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
-            ids, lengths = pad_right([sequences[i] for i in idx])
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        ids, lengths = pad_right([sequences[i] for i in idx])
+        with Capture(parts, {layers[i] for i in idx}) as cap:
             cap.run(ids.to(device), last_positions(lengths, ids.shape[1]))
-            out[torch.tensor(idx)] = cap.m[layer].float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = cap.m[layers[i]][row, keys[i]].float().cpu()
     return out

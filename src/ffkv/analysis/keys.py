@@ -326,9 +326,10 @@ def token_removal_experiment(atlas, model, face: str, keys_per_layer: int = 10, 
     n_layers = atlas.n_layers
     result = {k: [None] * n_layers for k in ("first", "last", "random", "n_keys", "skipped")}
     rng = random.Random(seed)
+    kinds = ("first", "last", "random")
+    variants: dict[str, list[list[int]]] = {k: [] for k in kinds}
+    refs: dict[str, list[tuple[int, int, float]]] = {k: [] for k in kinds}  # (layer, key, old coefficient)
     for layer in atlas.layers:
-        variants: dict[str, list[list[int]]] = {"first": [], "last": [], "random": []}
-        refs: dict[str, list[tuple[int, float]]] = {"first": [], "last": [], "random": []}
         skipped = 0
         keys = sample_keys(atlas.d_ff, keys_per_layer, seed + 1, layer, face)
         for key in keys:
@@ -340,22 +341,24 @@ def token_removal_experiment(atlas, model, face: str, keys_per_layer: int = 10, 
                     continue
                 variants["first"].append(special + content[1:])
                 variants["last"].append(special + content[:-1])
-                refs["first"].append((key, t.score))
-                refs["last"].append((key, t.score))
+                refs["first"].append((layer, key, t.score))
+                refs["last"].append((layer, key, t.score))
                 if len(content) >= 3:
                     drop = rng.randrange(1, len(content) - 1)
                     variants["random"].append(special + content[:drop] + content[drop + 1:])
-                    refs["random"].append((key, t.score))
-        for kind in ("first", "last", "random"):
-            if not variants[kind]:
-                continue
-            m = last_position_coefficients(model.parts, variants[kind], layer, device=model.device)
-            keys_t = [k for k, _ in refs[kind]]
-            new = m[range(len(keys_t)), keys_t].double().numpy()
-            old = np.array([s for _, s in refs[kind]])
-            result[kind][layer] = float(np.mean((new - old) / old))  # old < 0 on the neg face: same sign logic
+                    refs["random"].append((layer, key, t.score))
         result["n_keys"][layer] = len(keys)
         result["skipped"][layer] = skipped
+    # one pass per removal kind over the prefixes of every layer (sorted by layer, each batch stops early)
+    for kind in kinds:
+        if not variants[kind]:
+            continue
+        layers, keys, old = (list(x) for x in zip(*refs[kind]))
+        new = last_position_coefficients(model.parts, variants[kind], layers, keys, device=model.device)
+        change = (new.double().numpy() - np.array(old)) / np.array(old)  # old < 0 on the neg face: same sign logic
+        layers = np.array(layers)
+        for layer in np.unique(layers):
+            result[kind][int(layer)] = float(np.mean(change[layers == layer]))
         if progress is not None:
             progress.update(1)
     return result

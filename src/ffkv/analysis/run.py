@@ -147,7 +147,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         timings["patterns"] = round(time.time() - t, 1)
     if "token_removal" in wanted:
         t = time.time()
-        with tqdm(total=len(atlas.layers) * len(faces), desc="token removal (layers x faces)",
+        with tqdm(total=3 * len(faces), desc="token removal (first/last/random x faces)",
                   disable=not progress, dynamic_ncols=True) as bar:
             for face in faces:
                 result["token_removal" + suffix(face)] = token_removal_experiment(
