@@ -13,11 +13,14 @@ from helpers import build_saved_model, unit_coefficients
 import ffkv
 from ffkv.analysis.aggregation import (
     EFFECTS,
+    SHORT_PREFIX,
+    SWEEP_TAUS,
     aggregation_experiment,
     capture_last_positions,
     held_out_units,
     sample_prefixes,
 )
+from ffkv.analysis.words import STOP_WORDS
 from ffkv.arch import get_path
 from ffkv.errors import FfkvError
 from ffkv.projection import ResidualLens
@@ -305,6 +308,142 @@ def test_constructed_composition(arch, tokenizers, corpus_txt, tmp_path):
     with torch.inference_mode():
         raw = got["m"][layer] @ loaded.parts.values(layer) @ loaded.parts.unembedding.T
     assert (raw.argmax(dim=1) == C).all()
+
+
+def _prefix_tokens(atlas, positions) -> np.ndarray:
+    """Tokens of each prefix, the special prefix excluded."""
+    store = atlas.store
+    units = store.unit_of(positions)
+    return positions - store.offset[units] - store.n_special[units] + 1
+
+
+def _per_example(atlas, loaded, positions, rules):
+    """Per example and layer, recomputed from one batch of ``capture_last_positions``: the active share, whether
+    an active memory predicts the layer's raw top token, whether that token is a stop word, under each rule
+    (name -> tau, None for m > 0); and the probability the residual's logit lens gives the final top token."""
+    parts = loaded.parts
+    E = parts.unembedding.detach()
+    got = capture_last_positions(loaded, [_prefix(atlas, p) for p in positions])
+    final = got["final_logits"].argmax(dim=1)
+    n, n_layers = len(positions), parts.n_layers
+    share = {name: np.zeros((n, n_layers)) for name in rules}
+    matched = {name: np.zeros((n, n_layers), dtype=bool) for name in rules}
+    stop = np.zeros((n, n_layers), dtype=bool)
+    prob = np.zeros((n, n_layers))
+    with torch.inference_mode():
+        for layer in range(n_layers):
+            value_logits = parts.values(layer).detach() @ E.T
+            m = got["m"][layer]
+            top = (m @ parts.values(layer) @ E.T).argmax(dim=1)
+            own = torch.where(m > 0, value_logits.argmax(dim=1)[None], value_logits.argmin(dim=1)[None])
+            for name, tau in rules.items():
+                on = m > 0 if tau is None else m.abs() > tau * m.abs().amax(dim=1, keepdim=True)
+                share[name][:, layer] = on.double().mean(dim=1).numpy()
+                matched[name][:, layer] = (on & (own == top[:, None])).any(dim=1).numpy()
+            stop[:, layer] = [atlas.decode([int(t)]).strip().lower() in STOP_WORDS for t in top]
+            lens_r = parts.final_norm(got["r"][layer]) @ E.T
+            prob[:, layer] = lens_r.softmax(dim=1).gather(1, final[:, None])[:, 0].numpy()
+    return share, matched, stop, prob
+
+
+def _shares_when_matched(matched, flag):
+    count = matched.sum(axis=0)
+    return [float((m & f).sum() / c) if c else None for m, f, c in zip(matched.T, flag.T, count)]
+
+
+@pytest.mark.parametrize("arch,threshold", [("opt", 0.1), ("gpt2", 0.1), ("llama", 0.1), ("llama", 0.2)])
+def test_sweep_and_quantiles_match_per_example_values(arch, threshold, held_out_scan):
+    atlas, loaded = held_out_scan(arch)
+    n = 40
+    block = aggregation_experiment(atlas, loaded, n_examples=n, seed=7, active_threshold=threshold,
+                                   batch_tokens=150, progress=False)
+    signed = arch != "opt"
+    rules = {"m>0": None, **{f"tau={t:g}": t for t in sorted({*SWEEP_TAUS, *([threshold] if signed else [])})}}
+    assert list(block["sweep"]) == list(rules)
+    headline = f"tau={threshold:g}" if signed else "m>0"
+    assert block["active_rule"] == headline
+    positions = sample_prefixes(atlas, n, seed=7)
+    share, matched, stop, prob = _per_example(atlas, loaded, positions, rules)
+    short = np.repeat((_prefix_tokens(atlas, positions) < SHORT_PREFIX)[:, None], loaded.parts.n_layers, axis=1)
+    for name in rules:
+        got = block["sweep"][name]
+        np.testing.assert_allclose(got["active_fraction_mean"], share[name].mean(axis=0), rtol=1e-12, err_msg=name)
+        for q, level in (("q25", 0.25), ("q50", 0.5), ("q75", 0.75)):
+            # the quantiles of the per-example shares, kept as float32
+            np.testing.assert_allclose(got["active_fraction_quantiles"][q], np.quantile(share[name], level, axis=0),
+                                       rtol=1e-6, err_msg=f"{name} {q}")
+        np.testing.assert_allclose(got["no_single_memory_match"], 1 - matched[name].mean(axis=0), rtol=1e-12)
+        assert got["n_matches"] == matched[name].sum(axis=0).tolist()
+        assert got["match_is_stopword"] == pytest.approx(_shares_when_matched(matched[name], stop), rel=1e-12)
+        assert got["match_prefix_short"] == pytest.approx(_shares_when_matched(matched[name], short), rel=1e-12)
+    # the headline keys are the sweep's entry for the headline rule, the positive share its m > 0 entry
+    for key in ("active_fraction_mean", "active_fraction_quantiles", "no_single_memory_match", "match_is_stopword",
+                "match_prefix_short", "n_matches"):
+        assert block[key] == block["sweep"][headline][key], key
+    assert block["active_fraction_positive_mean"] == block["sweep"]["m>0"]["active_fraction_mean"]
+    # a higher threshold makes fewer memories active, hence fewer single-memory matches
+    taus = [f"tau={t:g}" for t in sorted(t for t in rules.values() if t is not None)]
+    for lower, higher in zip(taus, taus[1:]):
+        assert all(a >= b for a, b in zip(block["sweep"][lower]["active_fraction_mean"],
+                                          block["sweep"][higher]["active_fraction_mean"])), (lower, higher)
+        assert all(a <= b for a, b in zip(block["sweep"][lower]["no_single_memory_match"],
+                                          block["sweep"][higher]["no_single_memory_match"])), (lower, higher)
+    if signed:  # smooth activations: the magnitude rules differ from m > 0
+        assert block["sweep"]["m>0"]["active_fraction_mean"] != block["sweep"][headline]["active_fraction_mean"]
+    # Fig 10: the mean and the quartiles of the residual's probability of the final token
+    np.testing.assert_allclose(block["residual_prob_of_final"], prob.mean(axis=0), rtol=1e-6)
+    for q, level in (("q25", 0.25), ("q50", 0.5), ("q75", 0.75)):
+        np.testing.assert_allclose(block["residual_prob_of_final_quantiles"][q], np.quantile(prob, level, axis=0),
+                                   rtol=1e-5, atol=1e-12, err_msg=q)
+    assert "m>0" in block["definitions"]["sweep"] and "fewer than 5" in block["definitions"]["match_prefix_short"]
+
+
+def _single_memory_layer(arch: str, layer: int):
+    """Layer ``layer``: memory 0 alone fires, with value e_A over an unembedding where token A is a unit vector
+    and every other token tiny, so memory 0 predicts the layer's top token A at every prefix, under every rule."""
+
+    def edit(model):
+        parts = ffkv.arch.ModelParts(model)
+        e = model.get_output_embeddings().weight
+        e.mul_(0.01)
+        e[A] = torch.eye(parts.d_model)[0]
+        block = parts.blocks[layer]
+        if arch == "opt":
+            first, bias_on, bias_off = block.fc1, 1.0, -1.0
+        elif arch == "gpt2":
+            first, bias_on, bias_off = block.mlp.c_fc, 3.0, -10.0
+        else:
+            block.mlp.gate_proj.weight.zero_()
+            block.mlp.gate_proj.bias.fill_(3.0)
+            first, bias_on, bias_off = block.mlp.up_proj, 1.0, 0.0
+        first.weight.zero_()
+        first.bias.fill_(bias_off)
+        first.bias[0] = bias_on
+        values = parts.values(layer)
+        values.zero_()
+        values[0] = e[A]
+        parts.ffn_out(layer).bias.zero_()
+
+    return edit
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_short_prefix_means_fewer_than_five_tokens(arch, tokenizers, corpus_txt, tmp_path):
+    layer = 1
+    extra = {"mlp_bias": True} if arch == "llama" else {}
+    loaded = _build(arch, tokenizers, tmp_path / "model", edit=_single_memory_layer(arch, layer), **extra)
+    atlas = _scan(loaded, corpus_txt, tmp_path / "atlas")
+    n, per_unit = 60, 8
+    block = aggregation_experiment(atlas, loaded, n_examples=n, seed=2, per_unit=per_unit, progress=False)
+    tokens = _prefix_tokens(atlas, sample_prefixes(atlas, n, seed=2, per_unit=per_unit))
+    assert {4, 5} <= set(tokens.tolist())  # both sides of the boundary are sampled
+    a_is_stop = atlas.decode([A]).strip().lower() in STOP_WORDS
+    for name, got in block["sweep"].items():  # memory 0 matches at every prefix, whatever the rule
+        assert got["n_matches"][layer] == n and got["no_single_memory_match"][layer] == 0.0, name
+        assert got["match_prefix_short"][layer] == pytest.approx(np.mean(tokens < 5)), name
+        assert got["match_prefix_short"][layer] != pytest.approx(np.mean(tokens <= 5)), name
+        assert got["match_is_stopword"][layer] == float(a_is_stop), name
+    assert block["match_prefix_short"][layer] == pytest.approx(np.mean(tokens < 5))
 
 
 def test_bad_input_is_a_clear_error(tokenizers, corpus_txt, tmp_path, held_out_scan):

@@ -22,11 +22,23 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
                 "max_prob_vs_agreement": {"bin_edges": [...], "agreement": [...], "count": [...]},
                 "top_memories": [{"layer","key","face","precision","top_tokens","triggers"}], "skipped": [L]},
      "aggregation": {"n_examples", "active_fraction_mean", "active_fraction_positive_mean",
-                     "no_single_memory_match", "match_is_stopword", "match_prefix_short",
+                     "active_fraction_quantiles": {"q25", "q50", "q75"},
+                     "no_single_memory_match", "match_is_stopword", "match_prefix_short", "n_matches",
                      "residual_matches_final", "residual_prob_of_final",
-                     "ffn_effect": {"residual", "ffn", "agreement", "composition"}: [L]},
+                     "residual_prob_of_final_quantiles": {"q25", "q50", "q75"},
+                     "ffn_effect": {"residual", "ffn", "agreement", "composition"}: [L],
+                     "active_threshold", "active_rule": "m>0" | "tau=X",
+                     "sweep": {"m>0", "tau=0.05", "tau=0.1", "tau=0.25", "tau=0.5", ...: {
+                               "active_fraction_mean", "active_fraction_quantiles": {"q25", "q50", "q75"},
+                               "no_single_memory_match", "match_is_stopword", "match_prefix_short",
+                               "n_matches": [L]}}},
      "patterns_neg", "token_removal_neg", "values_neg": same shapes as above (signed models only),
      "missing": {experiment: reason}}
+
+In ``aggregation`` the headline Fig 7-8 keys use the rule named by ``active_rule`` (m > 0 for ReLU FFNs,
+|m_i| > active_threshold * max_j |m_j| otherwise); ``sweep`` repeats them under every rule, from the same forward
+pass. ``*_quantiles`` are over examples (the paper plots medians). Files written before these keys existed lack
+them, and ``ffkv report`` draws what is there.
 
 ``scan_id`` is the analysed atlas's ``Atlas.scan_id`` (a hash of its manifest.json, so a new scan into the same
 folder has another). ``ffkv report`` refuses an analysis.json whose ``scan_id`` differs from the atlas's (rerun

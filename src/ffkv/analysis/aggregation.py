@@ -9,12 +9,16 @@ the model's own logits. Per layer:
 
 * Fig 7 active memories: |m_i| > tau * max_j |m_j|, tau = 0 for ReLU FFNs (i.e. m_i > 0, the paper's rule)
   and ``active_threshold`` (default 0.1) for smooth activations, where almost every m_i is non-zero; the
-  share with m_i > 0 is reported too (about one half for SiLU-gated FFNs, so it says little there).
+  share with m_i > 0 is reported too (about one half for SiLU-gated FFNs, so it says little there). Per layer
+  the mean over examples and, as the paper plots it, the median and quartiles.
 * Fig 8 composition: the layer's own prediction is argmax((sum_i m_i v_i) . E), the raw projection (no final
   norm, no output bias) as in the paper; a memory's prediction is sign-aware, argmax(sign(m_i) v_i . E). The
   share of examples where no active memory predicts the layer's token; where one does, the share of those
-  whose token is an English stop word and whose prefix has at most 5 tokens.
-* Figs 9-10: whether the logit lens of r already gives the final prediction, and the probability it gives it.
+  whose token is an English stop word and whose prefix has fewer than 5 tokens.
+* Figs 7-8 under a sweep of active rules (``sweep``): m_i > 0 and |m_i| > tau * max_j |m_j| for each tau of
+  ``SWEEP_TAUS``, from the same captured coefficients (a few reductions per layer, no extra forward).
+* Figs 9-10: whether the logit lens of r already gives the final prediction, and the probability it gives it
+  (mean, and the quartiles over examples: the paper reports the median).
 * Fig 11: with a = top(lens(r)), b = top(lens(o)), c = top(lens(r + o)) = top(lens(h)): residual (c = a != b),
   ffn (c = b != a), agreement (a = b = c), composition (c != a and c != b); the four sum to 1.
 """
@@ -34,7 +38,27 @@ from ..projection import ResidualLens, value_extremes, work_dtype
 from .words import STOP_WORDS
 
 SHORT_PREFIX = 5
-"""Prefixes of at most this many tokens (special prefix excluded) count as short (the paper's 43 %)."""
+"""Prefixes of fewer than this many tokens (special prefix excluded) count as short (the paper's 43 % of
+prefixes "shorter than 5 tokens")."""
+
+SWEEP_TAUS = (0.05, 0.1, 0.25, 0.5)
+"""The magnitude thresholds of the active-rule sweep (besides m > 0 and the configured threshold)."""
+
+POSITIVE_RULE = "m>0"
+QUANTILES = {"q25": 0.25, "q50": 0.5, "q75": 0.75}
+
+
+def rule_name(tau: float | None) -> str:
+    """Key of an active rule in ``sweep``: ``m>0`` (tau None) or ``tau=X`` (|m_i| > X * max_j |m_j|)."""
+    return POSITIVE_RULE if tau is None else f"tau={tau:g}"
+
+
+def active_rules(tau: float, signed: bool) -> tuple[list[tuple[str, float | None]], str]:
+    """The sweep's rules as (name, tau or None for m > 0), and the name of the headline rule: m > 0 for ReLU
+    FFNs, |m_i| > tau * max_j |m_j| for signed ones (added to the sweep when tau is not one of SWEEP_TAUS)."""
+    taus = sorted(set(SWEEP_TAUS) | ({tau} if signed else set()))
+    rules = [(POSITIVE_RULE, None)] + [(rule_name(t), t) for t in taus]
+    return rules, rule_name(tau) if signed else POSITIVE_RULE
 
 EFFECTS = ("residual", "ffn", "agreement", "composition")
 
@@ -44,17 +68,31 @@ DEFINITIONS = {
                 "prediction at the last position is the logit lens of the last block's output, i.e. the "
                 "model's own logits.",
     "active": "a memory is active at an example when |m_i| > tau * max_j |m_j| over its layer: tau = 0 for ReLU "
-              "FFNs (m_i > 0, the paper's rule), tau = the active threshold (default 0.1) for smooth "
-              "activations; 'active_fraction_positive_mean' is the share with m_i > 0.",
+              "FFNs (m_i > 0, the paper's rule), tau = the active threshold (default 0.1) for smooth or gated "
+              "activations, because there m_i > 0 says little: almost every m_i is non-zero, and about half of "
+              "a SiLU-gated FFN's coefficients are positive whatever the input; 'active_fraction_positive_mean' "
+              "is the share with m_i > 0. 'active_rule' names the rule of the headline keys.",
+    "active_fraction_quantiles": "per layer, the 25th, 50th and 75th percentiles (q25, q50, q75; linear "
+                                 "interpolation) over examples of the share of the layer's memories that are "
+                                 "active; the paper plots the median and quartiles.",
+    "sweep": "Figs 7-8 under each active rule, from the same forward pass: 'm>0' (m_i > 0, the paper's literal "
+             "rule) and 'tau=X' (|m_i| > X * max_j |m_j|) for X in " + ", ".join(f"{t:g}" for t in SWEEP_TAUS) +
+             " (and the configured threshold); per rule the same keys as the headline (active_fraction_mean, "
+             "active_fraction_quantiles, no_single_memory_match, match_is_stopword, match_prefix_short, "
+             "n_matches). The headline keys equal the entry named by 'active_rule'; for ReLU FFNs that is 'm>0'.",
     "no_single_memory_match": "share of examples where the layer's top token, argmax((sum_i m_i v_i) . E) (raw, "
                               "no final norm, no output bias), is the sign-aware top token argmax(sign(m_i) "
                               "v_i . E) of no active memory.",
     "match_is_stopword": "among examples where some active memory predicts the layer's top token, the share "
                          "whose token is an English stop word (a fixed list).",
-    "match_prefix_short": f"among those examples, the share whose prefix has at most {SHORT_PREFIX} tokens.",
+    "match_prefix_short": f"among those examples, the share whose prefix has fewer than {SHORT_PREFIX} tokens "
+                          "(special prefix excluded).",
     "residual_matches_final": "share of examples where the logit lens of the residual before the FFN (r = block "
                               "output - FFN output) has the model's final top token as its top token.",
     "residual_prob_of_final": "mean probability that softmax(logit lens of r) gives the model's final top token.",
+    "residual_prob_of_final_quantiles": "per layer, the 25th, 50th and 75th percentiles (q25, q50, q75; linear "
+                                        "interpolation) over examples of that probability; the paper reports "
+                                        "the 50th.",
     "ffn_effect": "with a = top(lens(r)), b = top(lens(o)) for the FFN output o, c = top(lens(r + o)): residual "
                   "c = a != b; ffn c = b != a; agreement a = b = c; composition c != a and c != b.",
 }
@@ -158,9 +196,10 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
                            progress: bool = True) -> dict:
     """The ``aggregation`` block of ``analysis.json`` (every per-layer array has length ``n_layers``).
 
-    ``active_threshold`` is tau for smooth activations (ReLU FFNs always use m > 0); ``per_unit``: prefixes
-    taken per held-out unit (see ``sample_prefixes``); ``batch_tokens`` and ``max_batch`` bound each forward
-    batch (padded tokens, rows)."""
+    ``active_threshold`` is tau for smooth activations (ReLU FFNs always use m > 0) in the headline keys; the
+    ``sweep`` holds Figs 7-8 under every rule of ``active_rules``. ``per_unit``: prefixes taken per held-out
+    unit (see ``sample_prefixes``); ``batch_tokens`` and ``max_batch`` bound each forward batch (padded tokens,
+    rows)."""
     if not 0.0 <= active_threshold < 1.0:
         raise FfkvError("the active threshold must be in [0, 1)")
     parts = model.parts
@@ -169,9 +208,12 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     if atlas.n_layers != n_layers:
         raise FfkvError(f"atlas {atlas.path} has {atlas.n_layers} layers, the model {n_layers}")
     tau = active_threshold if parts.signed else 0.0
+    rules, headline = active_rules(tau, parts.signed)
+    n_rules = len(rules)
     positions = sample_prefixes(atlas, n_examples, seed, per_unit)
     units = store.unit_of(positions)
     n_text = positions - store.offset[units] - store.n_special[units] + 1  # prefix tokens, special excluded
+    total = len(positions)
 
     device = model.device
     wd = work_dtype(parts.unembedding.dtype)
@@ -186,12 +228,15 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     def stop_word(token: int) -> bool:
         return atlas.decode([token]).strip().lower() in STOP_WORDS
 
-    acc = {name: np.zeros(n_layers) for name in (
-        "active", "positive", "no_match", "match", "match_stop", "match_short", "res_final", "res_prob")}
+    # per rule (axis 0) and layer: sums over examples, and the per-example active shares for the quantiles
+    rule_acc = {name: np.zeros((n_rules, n_layers)) for name in ("active", "match", "match_stop", "match_short")}
+    active_share = np.zeros((n_rules, total, n_layers), dtype=np.float32)
+    res_prob = np.zeros((total, n_layers), dtype=np.float32)
+    acc = {name: np.zeros(n_layers) for name in ("res_final", "res_prob")}
     effects = np.zeros((n_layers, len(EFFECTS)))
     batches = _plan(store, positions, batch_tokens, max_batch)
     forward_tokens = sum(row[1] for batch in batches for row in batch)
-    bar = tqdm(total=len(positions), desc=f"aggregation ({len(positions)} held-out prefixes)", unit="ex",
+    bar = tqdm(total=total, desc=f"aggregation ({total} held-out prefixes)", unit="ex",
                disable=not progress, dynamic_ncols=True)
     try:
         with Capture(parts, range(n_layers), ffn_output=True, block_output=True) as cap, torch.inference_mode():
@@ -203,15 +248,11 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
                     examples += idx.tolist()
                 cap.run(ids.to(device), torch.tensor(flat))
                 n = len(examples)
-                short = torch.from_numpy(n_text[examples] <= SHORT_PREFIX).to(device)
+                examples = np.asarray(examples)
+                short = n_text[examples] < SHORT_PREFIX
                 final_top = lens.full(cap.h[n_layers - 1]).argmax(dim=1)
                 for layer in range(n_layers):
                     m, o, h = cap.m[layer], cap.o[layer], cap.h[layer]
-                    # Fig 7
-                    mag = m.abs()
-                    active = mag > tau * mag.amax(dim=1, keepdim=True)
-                    acc["active"][layer] += active.to(wd).mean(dim=1).sum().item()
-                    acc["positive"][layer] += (m > 0).to(wd).mean(dim=1).sum().item()
                     # one projection for lens(r), lens(o), lens(h) and the layer's raw output sum_i m_i v_i
                     mw = m.to(wd)
                     t_r, k_r = lens.split(h - o)
@@ -219,23 +260,36 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
                     _, k_h = lens.split(h)
                     projected = torch.cat([t_r, t_o, mw @ values[layer]]) @ lens.unembed_t
                     p_r, p_o, raw = projected[:n], projected[n: 2 * n], projected[2 * n:]
-                    # Fig 8: the layer's raw prediction vs. each active memory's own (sign-aware) prediction
+                    # Figs 7-8 under every active rule: the layer's raw prediction vs. each active memory's own
+                    # (sign-aware) prediction
                     layer_top = raw.argmax(dim=1)
                     pos_pred, neg_pred = preds[layer]
                     own = torch.where(mw > 0, pos_pred[None, :], neg_pred[None, :])
-                    matched = (active & (own == layer_top[:, None])).any(dim=1)
-                    n_match = int(matched.sum())
-                    acc["no_match"][layer] += n - n_match
-                    acc["match"][layer] += n_match
-                    if n_match:
-                        acc["match_short"][layer] += int((matched & short).sum())
-                        acc["match_stop"][layer] += sum(stop_word(int(t)) for t in layer_top[matched].tolist())
+                    hit = own == layer_top[:, None]
+                    mag = m.abs()
+                    limit = mag.amax(dim=1, keepdim=True)
+                    shares, matched = [], []
+                    for _, t in rules:
+                        active = m > 0 if t is None else mag > t * limit
+                        shares.append(active.to(wd).mean(dim=1))
+                        matched.append((active & hit).any(dim=1).to(wd))
+                    on_host = torch.stack(shares + matched).cpu().numpy()
+                    shares_np, matched_np = on_host[:n_rules], on_host[n_rules:] > 0
+                    rule_acc["active"][:, layer] += shares_np.sum(axis=1)
+                    active_share[:, examples, layer] = shares_np
+                    rule_acc["match"][:, layer] += matched_np.sum(axis=1)
+                    rule_acc["match_short"][:, layer] += (matched_np & short).sum(axis=1)
+                    if matched_np.any():
+                        stop = np.fromiter((stop_word(int(x)) for x in layer_top.tolist()), dtype=bool, count=n)
+                        rule_acc["match_stop"][:, layer] += (matched_np & stop).sum(axis=1)
                     # Figs 9-11
                     lr = lens.logits(p_r, k_r)
                     a = lr.argmax(dim=1)
                     acc["res_final"][layer] += int((a == final_top).sum())
                     logp = lr.gather(1, final_top[:, None])[:, 0] - torch.logsumexp(lr, dim=1)
-                    acc["res_prob"][layer] += logp.exp().sum().item()
+                    prob = logp.exp().cpu().numpy()
+                    acc["res_prob"][layer] += prob.sum(dtype=np.float64)
+                    res_prob[examples, layer] = prob
                     del lr
                     b = lens.top(p_o, k_o)
                     c = lens.top(p_r.add_(p_o), k_h)
@@ -246,24 +300,41 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     finally:
         bar.close()
 
-    total = len(positions)
-
     def share(num: np.ndarray, den) -> list:
         den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
         return [float(x / d) if d > 0 else None for x, d in zip(num, den)]
 
+    def quantiles(per_example: np.ndarray) -> dict:
+        q = np.quantile(per_example.astype(np.float64), list(QUANTILES.values()), axis=0)
+        return {name: [float(x) for x in row] for name, row in zip(QUANTILES, q)}
+
+    sweep = {}
+    for j, (name, _) in enumerate(rules):
+        sweep[name] = {
+            "active_fraction_mean": share(rule_acc["active"][j], total),
+            "active_fraction_quantiles": quantiles(active_share[j]),
+            "no_single_memory_match": share(total - rule_acc["match"][j], total),
+            "match_is_stopword": share(rule_acc["match_stop"][j], rule_acc["match"][j]),
+            "match_prefix_short": share(rule_acc["match_short"][j], rule_acc["match"][j]),
+            "n_matches": [int(x) for x in rule_acc["match"][j]],
+        }
+    main = sweep[headline]
     return {
         "n_examples": total,
-        "active_fraction_mean": share(acc["active"], total),
-        "active_fraction_positive_mean": share(acc["positive"], total),
-        "no_single_memory_match": share(acc["no_match"], total),
-        "match_is_stopword": share(acc["match_stop"], acc["match"]),
-        "match_prefix_short": share(acc["match_short"], acc["match"]),
-        "n_matches": [int(x) for x in acc["match"]],
+        "active_fraction_mean": main["active_fraction_mean"],
+        "active_fraction_quantiles": main["active_fraction_quantiles"],
+        "active_fraction_positive_mean": sweep[POSITIVE_RULE]["active_fraction_mean"],
+        "no_single_memory_match": main["no_single_memory_match"],
+        "match_is_stopword": main["match_is_stopword"],
+        "match_prefix_short": main["match_prefix_short"],
+        "n_matches": main["n_matches"],
         "residual_matches_final": share(acc["res_final"], total),
         "residual_prob_of_final": share(acc["res_prob"], total),
+        "residual_prob_of_final_quantiles": quantiles(res_prob),
         "ffn_effect": {name: share(effects[:, j], total) for j, name in enumerate(EFFECTS)},
         "active_threshold": tau,
+        "active_rule": headline,
+        "sweep": sweep,
         "held_out_units": int(len(held_out_units(atlas))),
         "units_used": int(len(np.unique(units))),
         "prefixes_per_unit": per_unit,
