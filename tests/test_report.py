@@ -100,6 +100,7 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
                                        "composition": up(0.15, 0.1)}},
         "missing": {},
     }
+    add_aggregation_sweep(a["aggregation"], L, signed, up)
     if signed:
         a["patterns_neg"] = dict(copy.deepcopy(a["patterns"]), keys=_keys(L, "neg"))
         a["token_removal_neg"] = copy.deepcopy(a["token_removal"])
@@ -107,6 +108,38 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
         for m in a["values_neg"]["top_memories"]:
             m["face"] = "neg"
     return a
+
+
+SWEEP_RULES = ("m>0", "tau=0.05", "tau=0.1", "tau=0.25", "tau=0.5")
+AGGREGATION_NEW_KEYS = ("active_fraction_quantiles", "residual_prob_of_final_quantiles", "active_rule", "sweep")
+
+
+def add_aggregation_sweep(agg: dict, L: int, signed: bool, up) -> None:
+    """The aggregation keys of the active-rule sweep and the per-layer quartiles (absent from older files): the
+    headline rule's entry holds the headline numbers, a higher threshold fewer active memories and more
+    prefixes with no single matching memory."""
+
+    def quartiles(values):
+        return {"q25": [v * 0.8 for v in values], "q50": [v * 0.95 for v in values], "q75": [v * 1.2 for v in values]}
+
+    head = "tau=0.1" if signed else "m>0"
+    agg.update(active_threshold=0.1 if signed else 0.0, active_rule=head,
+               active_fraction_quantiles=quartiles(agg["active_fraction_mean"]),
+               residual_prob_of_final_quantiles={"q25": up(0.0, 0.4), "q50": up(0.0, 0.7), "q75": up(0.02, 0.9)})
+    agg["sweep"] = {}
+    for i, rule in enumerate(SWEEP_RULES):
+        shift = i - SWEEP_RULES.index(head)
+        mean = agg["active_fraction_mean"]
+        active = [0.5] * L if rule == "m>0" and signed else [v * (1 - 0.15 * shift) for v in mean]
+        agg["sweep"][rule] = {"active_fraction_mean": active, "active_fraction_quantiles": quartiles(active),
+                              "no_single_memory_match": [v + 0.05 * shift for v in agg["no_single_memory_match"]],
+                              "match_is_stopword": [v - 0.02 * shift for v in agg["match_is_stopword"]],
+                              "match_prefix_short": [v - 0.02 * shift for v in agg["match_prefix_short"]],
+                              "n_matches": [1000 - 50 * shift] * L}
+        if rule == head:
+            agg["sweep"][rule].update({k: agg[k] for k in ("active_fraction_mean", "active_fraction_quantiles",
+                                                           "no_single_memory_match", "match_is_stopword",
+                                                           "match_prefix_short")})
 
 
 def make_atlas(root: Path, analysis="full", n_layers=12, signed=True, **manifest_kw) -> Path:
@@ -258,6 +291,92 @@ def test_partial_analysis_renders_what_exists(tmp_path):
     # the signed model's missing negative face is named
     assert "negative face (−v): analysis.json has no &#x27;values_neg&#x27; block" in text
     assert 'data-missing="table1"' in text
+
+
+def _traces(spec, role=None):
+    return {t["name"]: t for t in spec["data"] if role is None or t["meta"]["role"] == role}
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_active_rule_sweep_and_quartiles_are_drawn(tmp_path, signed):
+    a = make_analysis(12, signed)
+    agg = a["aggregation"]
+    figs = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "atlas", a, signed=signed)))}
+    head = "|m| > 0.1·max|m|" if signed else "m > 0"
+    others = [r for r in ("m > 0", "|m| > 0.05·max|m|", "|m| > 0.1·max|m|", "|m| > 0.25·max|m|", "|m| > 0.5·max|m|")
+              if r != head]
+    # Fig 7: the median with its 25–75% band (as the paper plots it), the mean, one thin line per other rule
+    f7 = _traces(figs["fig7"].spec)
+    assert f7[f"ours: median active memories, {head}"]["y"] == agg["active_fraction_quantiles"]["q50"]
+    bands = [t for t in figs["fig7"].spec["data"] if t["meta"].get("band")]
+    assert sorted(t["meta"]["band"] for t in bands) == ["lower", "upper"]
+    assert {tuple(t["y"]) for t in bands} == {tuple(agg["active_fraction_quantiles"][q]) for q in ("q25", "q75")}
+    assert f7["ours: mean active memories"]["y"] == agg["active_fraction_mean"]
+    for rule in others:
+        assert f"ours: {rule} (median)" in f7, rule
+    assert f7["ours: |m| > 0.5·max|m| (median)"]["y"] == agg["sweep"]["tau=0.5"]["active_fraction_quantiles"]["q50"]
+    assert f"Headline rule: {head}" in figs["fig7"].caption
+    assert ("not the paper's m > 0" in figs["fig7"].caption) == signed
+    # Fig 8: one line per rule, the headline thick, and the rule in the caption and the verdict
+    f8 = _traces(figs["fig8"].spec, "ours")
+    assert f8[f"ours: no single memory matches, {head}"]["y"] == agg["no_single_memory_match"]
+    assert "marker" in f8[f"ours: no single memory matches, {head}"]
+    for rule in others:
+        name = f"ours: no single memory matches, {rule}"
+        assert name in f8 and "marker" not in f8[name], rule
+    key = {"m > 0": "m>0", "|m| > 0.25·max|m|": "tau=0.25"}
+    for rule, k in key.items():
+        if rule != head:
+            assert f8[f"ours: no single memory matches, {rule}"]["y"] == agg["sweep"][k]["no_single_memory_match"]
+    assert f"under {head}" in figs["fig8"].verdict.text and "under |m| > 0.5·max|m|" in figs["fig8"].verdict.text
+    assert f"Headline rule: {head}" in figs["fig8"].caption and "< 5 tokens" in figs["fig8"].caption
+    assert any(n.startswith("mean over layers per active rule") and f"{head} (headline)" in n
+               for n in figs["fig8"].notes)
+    # Fig 10: the median with its band beside the paper's median curve, the mean thin; the verdict on the median
+    f10 = _traces(figs["fig10"].spec)
+    assert f10["ours: median probability of the final token"]["y"] == agg["residual_prob_of_final_quantiles"]["q50"]
+    assert f10["ours: mean probability of the final token"]["y"] == agg["residual_prob_of_final"]
+    assert {tuple(t["y"]) for t in figs["fig10"].spec["data"] if t["meta"].get("band")} == \
+        {tuple(agg["residual_prob_of_final_quantiles"][q]) for q in ("q25", "q75")}
+    assert "paper (approx.): median probability of the final token" in f10
+    assert "the median probability" in figs["fig10"].verdict.text
+
+
+def test_fig10_verdict_follows_the_median(tmp_path):
+    """A mean that rises like the paper's median, over a median that stays near 0: the verdict reads the median."""
+    a = make_analysis(12, False)
+    a["aggregation"]["residual_prob_of_final_quantiles"] = {"q25": [0.0] * 12, "q50": [0.001] * 12,
+                                                            "q75": [0.01] * 12}
+    fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "median", a, signed=False)))}["fig10"]
+    assert fig.verdict.status == "no" and "0.1%" in fig.verdict.text
+    del a["aggregation"]["residual_prob_of_final_quantiles"]
+    old = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "mean", a, signed=False)))}["fig10"]
+    assert old.verdict.status == "yes"
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_aggregation_without_the_sweep_keys_still_draws(tmp_path, signed):
+    """An analysis.json written before the sweep and the quartiles: Figs 7, 8 and 10 draw the old series."""
+    a = make_analysis(12, signed)
+    for key in AGGREGATION_NEW_KEYS:
+        del a["aggregation"][key]
+    a["definitions"]["residual_prob_of_final"] = "mean probability that the residual gives the final top token."
+    figs = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "atlas", a, signed=signed)))}
+    for fid in ("fig7", "fig8", "fig10"):
+        assert figs[fid].spec is not None and figs[fid].missing is None, fid
+        assert not any(t["meta"].get("band") for t in figs[fid].spec["data"]), fid
+        assert "Headline rule" not in figs[fid].caption
+    f7 = _traces(figs["fig7"].spec)
+    assert f7["ours: active memories (rule in Definitions)"]["y"] == a["aggregation"]["active_fraction_mean"]
+    assert f7["ours: coefficient > 0"]["y"] == a["aggregation"]["active_fraction_positive_mean"]
+    assert list(_traces(figs["fig8"].spec, "ours")) == ["ours: no single memory matches",
+                                                         "ours: matched token is a stop word",
+                                                         "ours: matched prefix < 5 tokens"]
+    assert "ours: mean probability of the final token" in _traces(figs["fig10"].spec)
+    assert "Ours is the mean over prefixes, the paper's the median." in figs["fig10"].caption
+    assert figs["fig10"].verdict.status == "yes"
+    text = write_report(make_atlas(tmp_path / "written", a, signed=signed)).read_text()
+    assert {"fig7", "fig8", "fig10"} <= set(specs(text))
 
 
 def test_unscanned_layers_and_subset_command(tmp_path):

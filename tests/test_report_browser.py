@@ -82,6 +82,14 @@ def test_full_report_renders_every_figure(browser, tmp_path_factory):
         dashed = page.evaluate("() => Array.from(document.querySelectorAll('#plot-fig4 .scatterlayer path.js-line'))"
                                ".filter(p => (p.style.strokeDasharray || '').length > 0).length")
         assert dashed >= 2
+        # Fig 8 draws one line per active rule of the sweep; Figs 7 and 10 their 25–75% band as a filled area
+        rules = page.evaluate("() => document.getElementById('plot-fig8').data.filter(t => t.name.startsWith("
+                              "'ours: no single memory matches')).length")
+        assert rules == 5 and state["fig8"]["lines"] >= rules + 2 + 3, state["fig8"]
+        for fid in ("fig7", "fig10"):
+            fills = page.evaluate(f"() => Array.from(document.querySelectorAll('#plot-{fid} .scatterlayer "
+                                  "path.js-fill')).filter(p => (p.getAttribute('d') || '').length > 10).length")
+            assert fills >= 1, f"{fid}: the quartile band is not drawn"
         # hover works (plotly's hover layer shows our text)
         box = page.locator("#plot-fig9 .nsewdrag").first.bounding_box()
         assert box is not None

@@ -3,7 +3,8 @@
 Every figure plots our per-layer numbers against relative depth (layer+1)/n_layers, so a 30-layer model lines up
 with the paper's 16 layers. Styles are the same in every figure:
 
-- ours: solid line with dots (or bars), one colour per quantity;
+- ours: solid line with dots (or bars), one colour per quantity; a variant of it (the mean beside a median,
+  another active rule of the sweep): thin solid line, no dots; quantiles: a shaded band;
 - our baselines: thin solid line, no dots;
 - paper, interpolated from the shape of its figure (the ``_approx`` arrays of paper_reference.json): dashed,
   same colour as the matching quantity, labelled "paper (approx.)";
@@ -61,6 +62,8 @@ COLORS = {
     "agreement": "#54a24b",
     "composition": "#b279a2",
 }
+SWEEP_GREYS = ("#b3b9c2", "#8b919a", "#646b75", "#3d434c", "#1d2330")
+"""Colours of the magnitude rules of the active-rule sweep, lowest threshold first (m > 0 is COLORS['alt'])."""
 
 
 @dataclass
@@ -123,15 +126,18 @@ class Plot:
         self.data.append(trace)
         return trace
 
-    def ours(self, p, name, values, color, fmt=pct, *, baseline=False, face="pos", positive_only=False,
+    def ours(self, p, name, values, color, fmt=pct, *, baseline=False, thin=False, face="pos", positive_only=False,
              legend=True):
+        """One of our series: a thick line with dots; ``thin``: a variant of ours (thin line, no dots);
+        ``baseline``: the same look, marked as a baseline."""
         if positive_only:
             values = [v if v is not None and v > 0 else None for v in values]
-        extra = {} if baseline else {"marker": {"size": 5, "color": color}}
+        plain = baseline or thin
+        extra = {} if plain else {"marker": {"size": 5, "color": color}}
         return self._add(p, name, self._text(name, values, fmt), role="baseline" if baseline else "ours", face=face,
-                         rank=200 if baseline else 100, legend=legend, type="scatter",
-                         mode="lines" if baseline else "lines+markers", x=self._xs(), y=values, connectgaps=False,
-                         line={"color": color, "width": 1.5 if baseline else 2.4}, **extra)
+                         rank=200 if baseline else 150 if thin else 100, legend=legend, type="scatter",
+                         mode="lines" if plain else "lines+markers", x=self._xs(), y=values, connectgaps=False,
+                         line={"color": color, "width": 1.5 if plain else 2.4}, **extra)
 
     def band(self, p, name, lower, upper, color, fmt, face="pos"):
         """A shaded band between two of our series (e.g. quantiles)."""
@@ -676,26 +682,126 @@ def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
     return plot, s
 
 
+def _quartiles(inp: ReportInputs, b: dict | None, key: str) -> dict | None:
+    """{q25, q50, q75} per-layer series of a quantile block of aggregation, or None without a median."""
+    q = {k: inp.series(b, key, k) for k in ("q25", "q50", "q75")}
+    return q if q["q50"] is not None else None
+
+
+def _band_and_median(plot: Plot, q: dict, label: str) -> None:
+    """The 25–75% band over prefixes and the median line (the headline of Figs 7 and 10)."""
+    if q["q25"] is not None and q["q75"] is not None:
+        plot.band(0, "ours: 25–75% of prefixes", q["q25"], q["q75"], "rgba(37,99,168,0.18)", pct)
+    plot.ours(0, f"ours: median {label}", q["q50"], COLORS["main"])
+
+
+def _rule_label(name) -> str:
+    """'m>0' → 'm > 0'; 'tau=0.1' → '|m| > 0.1·max|m|' (a name of analysis.json's aggregation sweep)."""
+    name = str(name)
+    if name.replace(" ", "") == "m>0":
+        return "m > 0"
+    m = re.fullmatch(r"tau=(.+)", name)
+    return f"|m| > {m.group(1)}·max|m|" if m else name
+
+
+def _headline_rule(inp: ReportInputs) -> str | None:
+    rule = (inp.block("aggregation") or {}).get("active_rule")
+    return rule if isinstance(rule, str) and rule else None
+
+
+def _sweep(inp: ReportInputs) -> list[tuple[str, dict, str]]:
+    """The active-rule sweep of the aggregation block as (rule, entry, colour), m > 0 first, then by threshold."""
+    sweep = (inp.block("aggregation") or {}).get("sweep")
+    if not isinstance(sweep, dict):
+        return []
+    entries = [(k, v) for k, v in sweep.items() if isinstance(v, dict)]
+
+    def tau(name):
+        m = re.fullmatch(r"tau=(.+)", str(name))
+        try:
+            return float(m.group(1)) if m else -1.0
+        except ValueError:
+            return math.inf
+    entries.sort(key=lambda kv: tau(kv[0]))
+    out, grey = [], 0
+    for name, entry in entries:
+        if tau(name) < 0:
+            color = COLORS["alt"]
+        else:
+            color = SWEEP_GREYS[min(grey, len(SWEEP_GREYS) - 1)]
+            grey += 1
+        out.append((name, entry, color))
+    return out
+
+
+def _rule_caption(inp: ReportInputs) -> str:
+    """Which active rule the headline uses, and why."""
+    rule = _headline_rule(inp)
+    if rule is None:
+        return ""
+    if _rule_label(rule) == "m > 0":
+        text = " Headline rule: m > 0, the paper's."
+    else:
+        text = (f" Headline rule: {_rule_label(rule)}, not the paper's m > 0, which says little for smooth or gated "
+                "FFNs (almost every coefficient is non-zero and about half are positive whatever the input).")
+    if len(_sweep(inp)) > 1:
+        text += (" Thin lines: the same under the other active rules, from the same forward pass (light blue: "
+                 "m > 0; grey: |m| above a share of the layer's max |m|, darker for a higher share).")
+    return text
+
+
 def fig7(inp: ReportInputs) -> Figure:
     fig = Figure("fig7", "7", "aggregation", "Active memories per layer",
-                 "Per layer, the mean share of the layer's memories that are active at a prefix. ReLU: coefficient "
-                 "> 0 (the paper's rule). Smooth or gated FFNs: the magnitude rule in Definitions (blue); the light "
-                 "line is the share with a positive coefficient, which is ≈50% for SiLU/GELU gating.")
+                 "Per layer, the share of the layer's memories that are active at a prefix.")
     ref = inp.paper["fig7_active_memories"]
-    plot, s = _single_series_fig(inp, fig, "active_fraction_mean", "active memories (rule in Definitions)",
-                                 ref["median_fraction_approx"], "active memories (median)")
+    plot = Plot(inp, ("pos",))
     b = inp.block("aggregation")
+    rule = _headline_rule(inp)
+    label = f"active memories, {_rule_label(rule)}" if rule else "active memories (rule in Definitions)"
+    q = _quartiles(inp, b, "active_fraction_quantiles")
+    mean = inp.series(b, "active_fraction_mean")
+    if rule is None:  # an analysis.json that does not name its rule
+        fig.caption += (" ReLU: coefficient > 0 (the paper's rule). Smooth or gated FFNs: the magnitude rule in "
+                        "Definitions (blue); the light line is the share with a positive coefficient, which is ≈50% "
+                        "for SiLU/GELU gating.")
+    if q is not None:
+        fig.caption += (" Blue: the median over prefixes with its 25–75% band, as the paper plots it; thin blue: the "
+                        "mean.")
+        _band_and_median(plot, q, label)
+        if mean is not None:
+            plot.ours(0, "ours: mean active memories", mean, COLORS["main"], thin=True)
+    elif mean is not None:
+        fig.caption += " Ours is the mean over prefixes, the paper's the median."
+        plot.ours(0, f"ours: {label}", mean, COLORS["main"])
+    head = q["q50"] if q is not None else mean
+    if head is not None:
+        plot.paper(0, "active memories (median)", ref["median_fraction_approx"], COLORS["main"])
+        _note_gaps(fig, inp, label, head)
+        _agg_note(inp, fig)
+    fig.caption += _rule_caption(inp)
+    sweep = _sweep(inp)
     pos = inp.series(b, "active_fraction_positive_mean")
-    if pos is not None:
+    drawn_rules = 0
+    for name, entry, color in sweep:
+        if name == rule:
+            continue
+        sq = _quartiles(inp, entry, "active_fraction_quantiles")
+        series = sq["q50"] if sq is not None else inp.series(entry, "active_fraction_mean")
+        if series is not None:
+            stat = "median" if sq is not None else "mean"
+            plot.ours(0, f"ours: {_rule_label(name)} ({stat})", series, color, thin=True)
+            drawn_rules += 1
+    if not sweep and pos is not None:
         plot.ours(0, "ours: coefficient > 0", pos, COLORS["alt"])
-    drawn = s is not None or pos is not None
+    drawn = head is not None or pos is not None or drawn_rules > 0
     if drawn:
-        fig.verdict = _fig7_verdict(inp, points(s) if s is not None else points(pos), pos)
+        stat = "median" if q is not None else "mean"
+        fig.verdict = _fig7_verdict(inp, points(head) if head is not None else points(pos), pos, stat)
     return _finish(fig, inp, plot, drawn, "aggregation", ytitle="active memories (% of the layer)",
                    yrange=[0, 1.02])
 
 
-def _fig7_verdict(inp, pts, pos) -> Verdict:
+def _fig7_verdict(inp, pts, pos, stat="mean") -> Verdict:
     if not pts:
         return no_verdict("no active-memory numbers")
     vals = [v for _, _, v in pts]
@@ -704,11 +810,14 @@ def _fig7_verdict(inp, pts, pos) -> Verdict:
     in_range = lo >= 0.05 and hi <= 0.6
     dip_mid = 0.3 <= dip[0] <= 0.9 and len(pts) >= 3 and dip[2] < max(pts[0][2], pts[-1][2])
     status = "yes" if in_range and dip_mid else "partly" if in_range or dip_mid else "no"
-    claim = f"{pct_span(lo, hi)} of memories are active, lowest at layer {dip[1]} (depth {dip[0]:.2f})"
+    rule = _headline_rule(inp)
+    under = f" under {_rule_label(rule)}" if rule else ""
+    claim = (f"{pct_span(lo, hi)} of memories are active ({stat} over prefixes{under}), lowest at layer {dip[1]} "
+             f"(depth {dip[0]:.2f})")
     pp = points(pos)
     if pp:
         claim += f"; {pct(_mean(pp))} have a positive coefficient on average"
-    paper = "10–50% active (positive), dropping towards layer 10 of 16 (depth 0.62)"
+    paper = "10–50% active (positive, median), dropping towards layer 10 of 16 (depth 0.62)"
     return verdict(inp, status, claim, paper, ("gated", "instruct"))
 
 
@@ -718,19 +827,36 @@ def fig8(inp: ReportInputs) -> Figure:
                  "vocabulary) equals the top token of none of the active memories; and, where one memory does "
                  "match, how often the token is a stop word and how often the prefix is short (< 5 tokens).")
     ref = inp.paper["fig8_no_single_memory_match"]
-    plot, s = _single_series_fig(inp, fig, "no_single_memory_match", "no single memory matches", ref["approx"],
+    rule = _headline_rule(inp)
+    label = f"no single memory matches, {_rule_label(rule)}" if rule else "no single memory matches"
+    plot, s = _single_series_fig(inp, fig, "no_single_memory_match", label, ref["approx"],
                                  "no single memory matches")
+    fig.caption += _rule_caption(inp)
     b = inp.block("aggregation")
     sw, sh = inp.series(b, "match_is_stopword"), inp.series(b, "match_prefix_short")
     if sw is not None:
         plot.ours(0, "ours: matched token is a stop word", sw, COLORS["stopword"])
     if sh is not None:
         plot.ours(0, "ours: matched prefix < 5 tokens", sh, COLORS["short"])
+    swept = []  # (rule, mean no-match, mean stop-word share, mean short share)
+    for name, entry, color in _sweep(inp):
+        no_match = inp.series(entry, "no_single_memory_match")
+        if no_match is None:
+            continue
+        if name != rule:
+            plot.ours(0, f"ours: no single memory matches, {_rule_label(name)}", no_match, color, thin=True)
+        swept.append((name, _mean(points(no_match)), *(_mean(points(inp.series(entry, k)))
+                                                       for k in ("match_is_stopword", "match_prefix_short"))))
     if s is not None or sw is not None or sh is not None:
         plot.paper_hline(0, f"{ref['stop_word_share_when_matched']:.0%} stop words when matched (all layers)",
                          ref["stop_word_share_when_matched"], COLORS["stopword"])
         plot.paper_hline(0, f"{ref['short_prefix_share_when_matched']:.0%} short prefixes when matched (all layers)",
                          ref["short_prefix_share_when_matched"], COLORS["short"])
+    if len(swept) > 1:
+        fig.notes.append("mean over layers per active rule (no single memory matches / matched token is a stop "
+                         "word / matched prefix < 5 tokens): " + "; ".join(
+                             f"{_rule_label(n)}{' (headline)' if n == rule else ''}: {pct(a)} / {pct(w)} / {pct(h)}"
+                             for n, a, w, h in swept))
     if s is not None:
         pts = points(s)
         vals = [v for _, _, v in pts]
@@ -739,6 +865,11 @@ def fig8(inp: ReportInputs) -> Figure:
         claim = (f"no single memory gives the layer's top token in {pct(low[2])} (layer {low[1]}) to "
                  f"{pct(max(vals))} of prefixes") if pct(low[2]) != pct(max(vals)) else \
             f"no single memory gives the layer's top token in {pct(low[2])} of prefixes in every layer"
+        if rule:
+            claim += f" under {_rule_label(rule)}"
+        others = [(n, a) for n, a, _, _ in swept if n != rule and a is not None]
+        if others:
+            claim += " (on average " + ", ".join(f"{pct(a)} under {_rule_label(n)}" for n, a in others) + ")"
         extra_bits = []
         if sw is not None:
             extra_bits.append(f"{pct(_mean(points(sw)))} of matched tokens are stop words")
@@ -746,7 +877,8 @@ def fig8(inp: ReportInputs) -> Figure:
             extra_bits.append(f"{pct(_mean(points(sh)))} of matched prefixes are short")
         if extra_bits:
             claim += "; " + " and ".join(extra_bits)
-        paper = (f"≥{pct(min(ref['approx']))} in every layer; {pct(ref['stop_word_share_when_matched'])} stop words, "
+        paper = (f"≥{pct(min(ref['approx']))} in every layer under m > 0; "
+                 f"{pct(ref['stop_word_share_when_matched'])} stop words, "
                  f"{pct(ref['short_prefix_share_when_matched'])} short prefixes")
         fig.verdict = verdict(inp, status, claim, paper, ("gated", "instruct"))
     return _finish(fig, inp, plot, s is not None or sw is not None or sh is not None, "aggregation",
@@ -795,13 +927,29 @@ def fig10(inp: ReportInputs) -> Figure:
                  "Per layer, the probability that the residual stream (logit lens, before the layer's FFN) assigns "
                  "to the token the model finally predicts.")
     ref = inp.paper["fig10_residual_prob_of_final"]
-    stat = _stat_word(inp, "residual_prob_of_final")
-    plot, s = _single_series_fig(inp, fig, "residual_prob_of_final", f"{stat} probability of the final token".strip(),
-                                 ref["median_approx"], "median probability of the final token")
-    if stat == "mean":
-        fig.caption += " Ours is the mean over prefixes, the paper's the median."
+    q = _quartiles(inp, inp.block("aggregation"), "residual_prob_of_final_quantiles")
+    if q is None:  # an analysis.json without the quantiles: its one series, mean or median as it says
+        stat = _stat_word(inp, "residual_prob_of_final")
+        plot, s = _single_series_fig(inp, fig, "residual_prob_of_final",
+                                     f"{stat} probability of the final token".strip(), ref["median_approx"],
+                                     "median probability of the final token")
+        if stat == "mean":
+            fig.caption += " Ours is the mean over prefixes, the paper's the median."
+        what = "the probability"
+    else:
+        plot = Plot(inp, ("pos",))
+        s = q["q50"]
+        _band_and_median(plot, q, "probability of the final token")
+        mean = inp.series(inp.block("aggregation"), "residual_prob_of_final")
+        if mean is not None:
+            plot.ours(0, "ours: mean probability of the final token", mean, COLORS["main"], thin=True)
+        plot.paper(0, "median probability of the final token", ref["median_approx"], COLORS["main"])
+        _note_gaps(fig, inp, "median probability", s)
+        _agg_note(inp, fig)
+        fig.caption += " Ours: the median over prefixes, as the paper reports, with its 25–75% band; thin: the mean."
+        what = "the median probability"
     if s is not None:
-        fig.verdict = _rise_verdict(inp, s, ref["median_approx"], "the probability", 0.5, 0.15,
+        fig.verdict = _rise_verdict(inp, s, ref["median_approx"], what, 0.5, 0.15,
                                     ("depth", "instruct", "quantised"))
     return _finish(fig, inp, plot, s is not None, "aggregation", ytitle="probability (%)", yrange=[0, 1.02])
 
