@@ -60,6 +60,7 @@ def active_rules(tau: float, signed: bool) -> tuple[list[tuple[str, float | None
     rules = [(POSITIVE_RULE, None)] + [(rule_name(t), t) for t in taus]
     return rules, rule_name(tau) if signed else POSITIVE_RULE
 
+
 EFFECTS = ("residual", "ffn", "agreement", "composition")
 
 DEFINITIONS = {
@@ -209,7 +210,7 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
         raise FfkvError(f"atlas {atlas.path} has {atlas.n_layers} layers, the model {n_layers}")
     tau = active_threshold if parts.signed else 0.0
     rules, headline = active_rules(tau, parts.signed)
-    n_rules = len(rules)
+    n_rules = len(rules)  # m > 0 first, then the thresholds in increasing order
     positions = sample_prefixes(atlas, n_examples, seed, per_unit)
     units = store.unit_of(positions)
     n_text = positions - store.offset[units] - store.n_special[units] + 1  # prefix tokens, special excluded
@@ -223,6 +224,12 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     for layer in range(n_layers):
         pos, neg = memory_predictions(atlas, model, layer)
         preds[layer] = (pos.to(device), neg.to(device))
+
+    @functools.cache
+    def thresholds_of(dtype: torch.dtype) -> torch.Tensor:
+        """The sweep's thresholds [rules - 1, 1, 1] in ``dtype`` (at least float32), on the model's device."""
+        dtype = torch.promote_types(dtype, torch.float32)
+        return torch.tensor([t for _, t in rules[1:]], dtype=dtype).to(device)[:, None, None]
 
     @functools.cache
     def stop_word(token: int) -> bool:
@@ -268,13 +275,15 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
                     hit = own == layer_top[:, None]
                     mag = m.abs()
                     limit = mag.amax(dim=1, keepdim=True)
-                    shares, matched = [], []
-                    for _, t in rules:
-                        active = m > 0 if t is None else mag > t * limit
-                        shares.append(active.to(wd).mean(dim=1))
-                        matched.append((active & hit).any(dim=1).to(wd))
-                    on_host = torch.stack(shares + matched).cpu().numpy()
-                    shares_np, matched_np = on_host[:n_rules], on_host[n_rules:] > 0
+                    positive = m > 0
+                    # under |m_i| > t * max_j |m_j| some active memory predicts the layer's token iff the largest
+                    # |m_i| among the memories that predict it passes the threshold
+                    best_hit = torch.where(hit, mag, -1.0).amax(dim=1, keepdim=True)
+                    thresholds = thresholds_of(m.dtype) * limit  # [rules - 1, n, 1]
+                    counts = torch.cat([positive.sum(dim=1)[None], (mag > thresholds).sum(dim=2)])
+                    matched = torch.cat([(positive & hit).any(dim=1)[None], (best_hit > thresholds)[:, :, 0]])
+                    on_host = torch.cat([counts, matched.long()]).cpu().numpy()
+                    shares_np, matched_np = on_host[:n_rules] / m.shape[1], on_host[n_rules:] > 0
                     rule_acc["active"][:, layer] += shares_np.sum(axis=1)
                     active_share[:, examples, layer] = shares_np
                     rule_acc["match"][:, layer] += matched_np.sum(axis=1)
