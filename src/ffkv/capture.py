@@ -206,18 +206,23 @@ class Capture:
 
 @torch.inference_mode()
 def last_position_coefficients(parts: ModelParts, sequences: Sequence[Sequence[int]], layers: Sequence[int],
-                               keys: Sequence[int], batch_size: int = 64, device=None) -> torch.Tensor:
+                               keys: Sequence[int], batch_tokens: int = 2048, max_batch: int = 64,
+                               layer_group: int = 5, device=None) -> torch.Tensor:
     """[len(sequences)] float32: the coefficient of memory ``keys[i]`` of layer ``layers[i]`` at the last token of
-    ``sequences[i]``. Sequences of all layers share one pass: sorted by (layer, length) into batches of
-    ``batch_size``, each batch stops after the highest layer it needs."""
+    ``sequences[i]``. The sequences of all layers share one pass: within groups of ``layer_group`` consecutive
+    layers they are sorted by length and packed into batches of at most ``batch_tokens`` padded tokens and
+    ``max_batch`` rows; each batch stops after the highest layer it needs (so little padding, little extra depth)."""
     out = torch.empty(len(sequences), dtype=torch.float32)
-    order = sorted(range(len(sequences)), key=lambda i: (layers[i], len(sequences[i])))
     device = device if device is not None else parts.unembedding.device
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        ids, lengths = pad_right([sequences[i] for i in idx])
-        with Capture(parts, {layers[i] for i in idx}) as cap:
-            cap.run(ids.to(device), last_positions(lengths, ids.shape[1]))
-        for row, i in enumerate(idx):
-            out[i] = cap.m[layers[i]][row, keys[i]].float().cpu()
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i)):
+        groups.setdefault(layers[i] // layer_group, []).append(i)
+    for members in groups.values():
+        for batch in pack_sorted([len(sequences[i]) for i in members], batch_tokens, max_batch):
+            idx = [members[j] for j in batch]
+            ids, lengths = pad_right([sequences[i] for i in idx])
+            with Capture(parts, {layers[i] for i in idx}) as cap:
+                cap.run(ids.to(device), last_positions(lengths, ids.shape[1]))
+            for row, i in enumerate(idx):
+                out[i] = cap.m[layers[i]][row, keys[i]].float().cpu()
     return out
