@@ -109,3 +109,10 @@ def test_the_check_sees_an_upward_import(tmp_path):
     (fake / "analysis" / "keys.py").write_text("from ..report import write_report\nfrom . import words\n")
     assert _imports(fake / "topk.py", "topk") == {"scan"}
     assert _imports(fake / "analysis" / "keys.py", "analysis.keys") == {"report", "analysis.words"}
+
+
+def test_only_the_capture_module_registers_hooks():
+    """One capture path: every forward that reads or edits the FFNs goes through ffkv.capture."""
+    hooking = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+                     if "register_forward" in p.read_text() and p.name != "capture.py")
+    assert hooking == []
