@@ -134,8 +134,11 @@ def _print_analysis(result: dict) -> None:
             ("Fig 4 value agreement rate", v.get("agreement_rate"), "{:.2%}"),
             ("Fig 4 frequency-matched baseline", v.get("frequency_baseline"), "{:.2%}"),
             ("Fig 7 active memories", a.get("active_fraction_mean"), "{:.0%}"),
+            ("Fig 7 active memories, median", (a.get("active_fraction_quantiles") or {}).get("q50"), "{:.0%}"),
             ("Fig 8 no single memory matches", a.get("no_single_memory_match"), "{:.0%}"),
             ("Fig 9 residual top = final top", a.get("residual_matches_final"), "{:.0%}"),
+            ("Fig 10 residual's p(final), median", (a.get("residual_prob_of_final_quantiles") or {}).get("q50"),
+             "{:.0%}"),
             ("Fig 11 residual keeps its top", effect.get("residual"), "{:.0%}"),
             ("Fig 11 FFN overrides it", effect.get("ffn"), "{:.0%}")]
     print("per third of the layers (low / mid / high, last layer):")
