@@ -56,10 +56,11 @@ def timed_rounds(model, store, batches, rounds: int, top_k: int, sync=lambda: No
 
 def peak_rss_mb(model: str, budget: int) -> float:
     code = (
-        "import resource, tempfile, ffkv\n"
+        "import tempfile, ffkv\n"
         f"ffkv.scan(model={model!r}, out=tempfile.mkdtemp(), progress=False, "
         f"config=ffkv.ScanConfig(max_tokens={budget}, value_top=1))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss still counts the parent's image
+        "print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
