@@ -311,8 +311,6 @@ class MemoryStats:
         self.sum.limbs = state["sum_limbs"].to(self.sum.limbs.device).clone()
         self.sumsq.limbs = state["sumsq_limbs"].to(self.sumsq.limbs.device).clone()
 
-    def finite_count(self) -> torch.Tensor:
-        return self.count - self.nonfinite
 
 
 class LayerState:
