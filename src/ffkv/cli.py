@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from .errors import FfkvError
+from .models import check_dtype
 from .scan import ScanConfig
 
 RUN_MAX_TOKENS = 40_000
@@ -190,7 +191,6 @@ def cmd_merge(args) -> int:
     return 0
 
 
-SERVE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
@@ -232,8 +232,7 @@ def cmd_serve(args) -> int:
         if not 0 < args.queue_timeout <= 3600:  # also refuses nan
             raise FfkvError(f"--queue-timeout {args.queue_timeout:g}: expected more than 0 and at most 3600 seconds")
         queue["queue_timeout"] = args.queue_timeout
-    if args.dtype not in SERVE_DTYPES:
-        raise FfkvError(f"--dtype {args.dtype}: expected one of {', '.join(SERVE_DTYPES)}")
+    check_dtype(args.dtype)
     serve(args.atlas, host=args.host.strip("[]"), port=args.port, allowed_hosts=allowed, token=args.token,
           model=args.model, device=args.device, dtype=args.dtype, **queue)
     return 0

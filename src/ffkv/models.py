@@ -189,9 +189,20 @@ def resolve(name: str) -> tuple[Path | str, dict]:
     raise FfkvError(f"model {name} not found: give 'default', a model directory, a .gguf file or ORG/NAME")
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+"""The dtypes a model can be loaded in (`--dtype` of scan, analyze and serve)."""
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise FfkvError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+
+
 def load_model(name: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32") -> LoadedModel:
     """Load a supported causal LM in eval mode. ``name``: 'default', a directory, a .gguf file or ORG/NAME
     from the local Hugging Face cache (never downloaded)."""
+    if isinstance(dtype, str):
+        check_dtype(dtype)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     where, kwargs = resolve(name)
     if kwargs.get("local_files_only"):

@@ -13,10 +13,10 @@ from tqdm.auto import tqdm
 
 from ..atlas import Atlas
 from ..errors import FfkvError
+from ..models import DTYPES, check_dtype
 from ..version import __version__
 
 EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -43,8 +43,8 @@ class AnalyzeConfig:
                               "weight fingerprint may not match a model loaded in a lower precision)"})
 
     def __post_init__(self):
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise FfkvError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
 
     def model_dtype(self, manifest: dict) -> str:
         """The dtype to load the atlas's model in: ``dtype``, else the one the atlas was scanned in."""

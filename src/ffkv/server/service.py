@@ -22,7 +22,7 @@ import torch
 
 from ..atlas import Atlas, scan_id
 from ..errors import FfkvError
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, check_dtype, load_model
 from ..projection import face_top_tokens
 from . import debugger
 from .debugger import Intervention
@@ -36,7 +36,6 @@ MAX_INTERVENTIONS = 64
 MEMORY_TOKENS = 6
 """Value tokens shown next to a memory in lists (search results, debugger)."""
 SIMILAR = 8
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 """What `ffkv serve --dtype` runs the model in."""
 QUEUE_SIZE = 16
 """Model runs (run, generate) that may wait while another one runs; one more is refused at once. (The server
@@ -206,8 +205,7 @@ class Service:
                  queue_size: int = QUEUE_SIZE, queue_timeout: float = QUEUE_TIMEOUT, dtype: str = "float32"):
         """``dtype``: what the model is loaded and runs in (one of ``DTYPES``), when it is loaded here (not for
         ``loaded``); the atlas's check of the weights holds in any load dtype."""
-        if dtype not in DTYPES:
-            raise FfkvError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        check_dtype(dtype)
         self.atlas = Atlas.load(atlas_path)
         self._analyses: tuple[int | None, Analyses] | None = None
         if self.analyses.stale:  # before the model loads: a one-line error at once
