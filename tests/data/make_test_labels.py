@@ -1,0 +1,78 @@
+"""Build the blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled.
+
+Writes ``hand_labels_test.json`` (the keys with their top-25 triggers; labels are added by the raters) and a
+rater packet (the trigger texts only: no layer, key or face) to label from. Run once, before the explainer
+has seen these keys:
+
+    python tests/data/make_test_labels.py ATLAS PACKET.md
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+from ffkv.atlas import Atlas
+
+N_TRIGGERS = 25
+RULE = (
+    "Each item lists the top-25 trigger prefixes of one FFN key: the text ends at the token where the key fires, "
+    "marked [[...]]; each line gives the unit (sentence) the prefix comes from, and the topic and article title "
+    "of its source. A pattern is a feature a reader would name that at least 3 triggers from distinct units "
+    "share, more often than 25 random Wikipedia prefixes would (triggers of the same unit count once). "
+    "Shallow = surface form: the same last token or last n-gram; the same token among the last three; the same "
+    "kind of last token (a number or year, punctuation, a piece that continues a word, a capitalised word, the "
+    "first token of a sentence). Semantic = meaning: the same topic, article or subject; a category of the "
+    "last word or phrase (units of length, family relations, time words, nationalities...); a relation or "
+    "situation the prefixes describe. Repeats of one word are shallow, not semantic, unless different words "
+    "share that meaning too. Label: shallow (only shallow patterns), semantic (only semantic), both (at least "
+    "one of each), none (no pattern). Also give has_shallow, has_semantic and a short note naming the patterns."
+)
+KEYS_PER_LAYER_FACE = 2
+EXTRA = 4  # four more keys on random odd layers and faces: 64 in all
+PACKET_CHARS = 160  # the end of each prefix is what a key reads most; raters see the last 160 characters
+
+
+def main(atlas_dir: str, packet: str) -> None:
+    atlas = Atlas.load(atlas_dir)
+    rng = random.Random(20261202)
+    odd = [layer for layer in atlas.layers if layer % 2 == 1]
+    picks = [(layer, face) for layer in odd for face in ("pos", "neg") for _ in range(KEYS_PER_LAYER_FACE)]
+    picks += [(rng.choice(odd), rng.choice(["pos", "neg"])) for _ in range(EXTRA)]
+    chosen: set[tuple[int, int, str]] = set()
+    entries = []
+    for layer, face in picks:
+        while True:
+            key = rng.randrange(atlas.d_ff)
+            triggers = atlas.triggers(layer, key, face, N_TRIGGERS)
+            if (layer, key, face) not in chosen and len(triggers) == N_TRIGGERS:
+                break
+        chosen.add((layer, key, face))
+        entries.append({"layer": layer, "key": key, "face": face, "triggers": [
+            {"input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):], "unit": t.unit, "topic": t.topic,
+             "title": t.title, "text": t.context[-300:] + "[[" + t.trigger_token + "]]"} for t in triggers]})
+    rng.shuffle(entries)
+    for item, entry in enumerate(entries, 1):
+        entry["item"] = item
+    doc = {"description": "Blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled; "
+                          "labelled by independent raters who saw only the trigger texts (no layer, key or face) "
+                          "and the rule.", "rule": RULE,
+           "atlas": {"model": atlas.manifest["model"]["name"], "corpus": atlas.manifest["scan"]["corpus"],
+                     "unit": atlas.manifest["scan"]["unit"], "max_tokens": atlas.manifest["scan"]["max_tokens"],
+                     "seed": atlas.manifest["scan"]["seed"], "max_length": atlas.manifest["scan"]["max_length"]},
+           "keys": entries}
+    Path(__file__).with_name("hand_labels_test.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+    lines = []
+    for entry in entries:
+        lines.append(f"## Item {entry['item']}\n")
+        for t in entry["triggers"]:
+            text = t["text"] if len(t["text"]) <= PACKET_CHARS else "…" + t["text"][-PACKET_CHARS:]
+            lines.append(f"- (unit {t['unit']}, {t['topic']} / {t['title']}) {text}")
+        lines.append("")
+    Path(packet).write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
