@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import FfkvError
 from .models import check_dtype
-from .scan import ScanConfig
+from .scan import ScanConfig, parse_layers
 
 RUN_MAX_TOKENS = 40_000
 """Token budget of `ffkv run` (the `make run` job): sized so that install, scan, analyses and report fit in
@@ -101,6 +101,10 @@ def cmd_run(args) -> int:
     if atlas is None:
         return 0
     _print_summary(atlas)
+    print("ffkv run: explaining every memory face (ffkv explain)", flush=True)
+    from .analysis.explain import explain
+
+    _print_explain(explain(atlas.path, model=model, progress=not args.quiet))
     print(f"ffkv run: analyses with {RUN_ANALYZE} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
     result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), model=model, progress=not args.quiet)
     _print_analysis(result)
@@ -127,8 +131,8 @@ def _print_analysis(result: dict) -> None:
     semantic = None
     if p.get("semantic") and p.get("both"):
         semantic = [None if x is None or y is None else x + y for x, y in zip(p["semantic"], p["both"])]
-    rows = [("Fig 2 keys with only shallow patterns", p.get("shallow"), "{:.2f}"),
-            ("Fig 2 keys with semantic (or both)", semantic, "{:.2f}"),
+    rows = [("Fig 2 triggers with only shallow patterns", p.get("shallow"), "{:.2f}"),
+            ("Fig 2 triggers with semantic (or both)", semantic, "{:.2f}"),
             ("Fig 3 remove first token", t.get("first"), "{:+.0%}"),
             ("Fig 3 remove last token", t.get("last"), "{:+.0%}"),
             ("Fig 3 remove random token", t.get("random"), "{:+.0%}"),
@@ -161,6 +165,58 @@ def cmd_analyze(args) -> int:
     result = analyze(args.atlas, config, model=model, progress=not args.quiet)
     _print_analysis(result)
     print(f"wrote {Path(args.atlas) / 'analysis.json'}")
+    return 0
+
+
+def _print_explain(path: Path) -> None:
+    """Per third of the layers: kinds of the explained faces and their held-out scores beside the baselines."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    if not rows:
+        return
+    layers = sorted({r["layer"] for r in rows})
+    by_layer = {layer: [r for r in rows if r["layer"] == layer] for layer in layers}
+
+    def per_layer(fn):
+        return [fn(by_layer[layer]) for layer in layers]
+
+    def mean(values):
+        values = [v for v in values if v is not None and v == v]
+        return sum(values) / len(values) if values else None
+
+    table = [(f"faces {kind}", per_layer(lambda rs, k=kind: sum(r["kind"] == k for r in rs) / len(rs)), "{:.0%}")
+             for kind in ("shallow", "semantic", "both", "none")]
+    if "sim_corr" in rows[0]:
+        fired = lambda rs: [r for r in rs if (r["heldout_fires"] or 0) > 0]  # noqa: E731
+        table += [("simulation corr, explanation", per_layer(lambda rs: mean(r["sim_corr"] for r in rs)), "{:.2f}"),
+                  ("  shuffled explanation", per_layer(lambda rs: mean(r["shuffled_sim_corr"] for r in rs)), "{:.2f}"),
+                  ("  last-token lookup", per_layer(lambda rs: mean(r["lookup_sim_corr"] for r in rs)), "{:.2f}"),
+                  ("firing F1, explanation", per_layer(lambda rs: mean(r["f1"] for r in fired(rs))), "{:.3f}"),
+                  ("  shuffled explanation", per_layer(lambda rs: mean(r["shuffled_f1"] for r in fired(rs))), "{:.3f}"),
+                  ("  last-token lookup", per_layer(lambda rs: mean(r["lookup_f1"] for r in fired(rs))), "{:.3f}")]
+    print(f"explained {len(rows)} memory faces of {len(layers)} layers -> {path}")
+    print("per third of the explained layers (low / mid / high, last layer):")
+    for name, values, fmt in table:
+        print(f"  {name:<32} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values)))
+
+
+def cmd_explain(args) -> int:
+    from .analysis.explain import explain, parse_keys
+    from .analysis.patterns import ExplainConfig
+    from .atlas import read_manifest
+
+    config = config_from_args(ExplainConfig, args)
+    manifest = read_manifest(Path(args.atlas))
+    layers = parse_layers(args.layers, manifest["model"]["n_layers"]) if args.layers else None
+    model = None
+    if args.model is not None:
+        from .models import load_model
+
+        model = load_model(args.model, dtype=manifest["scan"].get("dtype", "float32"))
+    path = explain(args.atlas, config, layers=layers, keys=parse_keys(args.keys), face=args.face, model=model,
+                   progress=not args.quiet, score=not args.no_score)
+    _print_explain(path)
     return 0
 
 
@@ -267,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "atlas records (it must have the same weights)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_analyze)
+
+    from .analysis.patterns import ExplainConfig
+
+    text = ("explain every memory face offline: the patterns its top triggers share, what its value promotes and "
+            "suppresses, one line, and scores on held-out text; writes ATLAS/explanations.parquet")
+    p = sub.add_parser("explain", help=text, description=text)
+    p.add_argument("atlas")
+    p.add_argument("--layers", default=None, help="layers to explain, e.g. '0,5-9' (default: all scanned)")
+    p.add_argument("--keys", default=None, help="only these memories, LAYER:KEY pairs like '15:455,3:17'")
+    p.add_argument("--face", choices=("pos", "neg", "both"), default="both", help="faces to explain (default both)")
+    add_dataclass_arguments(p, ExplainConfig)
+    p.add_argument("--no-score", action="store_true", help="skip the held-out scores (no model pass)")
+    p.add_argument("--model", default=None, help="the atlas's model, where it is not found by the name the atlas "
+                   "records (it must have the same weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_explain)
 
     text = "write a self-contained HTML report of every figure, beside the paper's numbers"
     p = sub.add_parser("report", help=text, description=text)

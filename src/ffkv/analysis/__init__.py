@@ -1,6 +1,8 @@
 """`ffkv analyze`: the experiments of Geva et al. (2021) §3-§5 on an atlas, generalised to GELU and gated FFNs.
 
-Modules: ``keys`` (§3: trigger patterns, Fig 2 / Table 1; token removal, Fig 3), ``values`` (§4: agreement,
+Modules: ``explain`` with ``features``, ``patterns`` and ``simulate`` (`ffkv explain`: scored explanations of
+every memory face in ``ATLAS/explanations.parquet``; §3's Fig 2 / Table 1 come from them), ``keys`` (§3: token
+removal, Fig 3), ``values`` (§4: agreement,
 ranks, precision, Figs 4-6 / Table 2), ``aggregation`` (§5: active memories and composition, Figs 7-11),
 ``run`` (runs them all and writes ``ATLAS/analysis.json``). Each experiment is a plain function returning
 plain data (dataclasses / dicts of lists), so notebooks can call them one by one.
@@ -13,9 +15,14 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
     {"ffkv_version", "scan_id", "atlas": {...manifest summary...}, "config": {...sizes and seeds used...},
      "definitions": {"memory", "face", "active", "agreement", ...: one sentence each},
      "n_layers": int, "layers": [scanned layers],
-     "patterns":  {"shallow", "semantic", "both", "none", "patterns_per_key", "coverage": [L],
-                   "keys": [{"layer", "key", "face", "patterns": [{"kind": "shallow"|"semantic",
-                             "description", "triggers": [ranks], "p_value"}], "triggers": [texts]}]},
+     "patterns":  {"shallow", "semantic", "both", "none": [L] shares of trigger examples (the paper's unit),
+                   "keys_shallow", "keys_semantic", "keys_both", "keys_none": [L] shares of keys,
+                   "patterns_per_key", "coverage", "n_keys": [L],
+                   "sim_corr", "f1", "precision", "recall", "shuffled_sim_corr", "shuffled_f1", "lookup_sim_corr",
+                   "lookup_f1", "scored_keys": [L] (held-out scores; F1 over keys that fired on held-out text),
+                   "keys": [{"layer", "key", "face", "label", "description", "sim_corr", "f1",
+                             "patterns": [{"kind": "shallow"|"semantic", "description", "triggers": [ranks],
+                                           "p_value"}], "triggers": [texts]}]},
      "token_removal": {"first", "last", "random": [L], "n_keys": [L], "skipped": [L]},
      "values": {"agreement_rate", "random_baseline", "frequency_baseline", "next_token_rank_median": [L],
                 "agreement_rate_normed": [L], "rank_quantiles": {"q10","q25","q50","q75","q90": [L]},

@@ -23,10 +23,6 @@ EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation")
 class AnalyzeConfig:
     """Sizes of the experiments; every field is also a flag of `ffkv analyze`."""
 
-    keys_per_layer: int = field(default=10, metadata={"help": "keys sampled per layer and face for the "
-                                "trigger patterns (Fig 2; paper: 10)"})
-    triggers: int = field(default=25, metadata={"help": "top triggers per key read for patterns (paper: 25)"})
-    alpha: float = field(default=0.01, metadata={"help": "family-wise significance level of a pattern"})
     removal_keys: int = field(default=10, metadata={"help": "keys per layer and face for token removal "
                               "(Fig 3; paper: 100)"})
     removal_triggers: int = field(default=10, metadata={"help": "triggers per key for token removal "
@@ -59,10 +55,11 @@ DEFINITIONS = {
             "which add -v_i. ReLU FFNs have only the positive face (the paper's case).",
     "trigger": "a prefix of a unit (sentence or document window) whose last position gives one of the "
                "top-k coefficients of a memory face.",
-    "pattern": "a surface feature (shared last token / last two tokens / token among the last three) or a "
-               "semantic one (shared topic / article / content word, among triggers no surface pattern "
-               "covers) shared by >= 3 triggers from distinct units, with a binomial tail probability under "
-               "the corpus frequency below alpha / number of candidates (Bonferroni).",
+    "pattern": "one of 12 kinds shared by >= 3 of a face's top-25 triggers from distinct units, tested on all "
+               "triggers against the scanned corpus (Bonferroni over the kinds): shallow = same last token, last "
+               "two tokens, token before the last, or token class (number, punctuation, word piece, first token, "
+               "capitalised); semantic = same topic or article, trigger words alike in meaning, or alike subjects "
+               "(an independent sentence embedder). See `ffkv explain` and explanations.parquet.",
     "token_removal": "relative change (new - old) / old of the coefficient when the first, the last or a "
                      "random inner token of a trigger prefix is removed, read at the new last position.",
 }
@@ -70,10 +67,10 @@ DEFINITIONS = {
 
 def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> None:
     top_k = atlas.manifest["scan"]["top_k"]
-    for name in ("triggers", "removal_triggers"):
+    for name in ("removal_triggers",):
         if getattr(cfg, name) > top_k:
             raise FfkvError(f"--{name.replace('_', '-')} {getattr(cfg, name)} exceeds the atlas's top-k {top_k}")
-    for name in ("keys_per_layer", "removal_keys"):
+    for name in ("removal_keys",):
         if not 1 <= getattr(cfg, name) <= atlas.d_ff:
             raise FfkvError(f"--{name.replace('_', '-')} must be between 1 and d_ff = {atlas.d_ff}")
     if cfg.examples < 1:
@@ -105,7 +102,8 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
     (same ``scan_id``); one of an earlier scan of the folder (``scan --force``) is discarded, not merged."""
     from ..models import load_model
     from .aggregation import aggregation_experiment
-    from .keys import Background, patterns_experiment, token_removal_experiment
+    from .explain import explain, patterns_block, read_explanations
+    from .keys import token_removal_experiment
     from .values import values_experiment
 
     cfg = config or AnalyzeConfig()
@@ -140,10 +138,12 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
 
     if "patterns" in wanted:
         t = time.time()
-        bg = Background(atlas.store, atlas.tokenizer, model.model.get_input_embeddings().weight)
+        table = read_explanations(atlas)
+        if table is None:  # explain is a stage of its own (`ffkv explain`); run it here when it has not run
+            explain(atlas.path, model=model, progress=progress)
+            table = read_explanations(atlas)
         for face in faces:
-            result["patterns" + suffix(face)] = patterns_experiment(
-                atlas, bg, face, cfg.keys_per_layer, cfg.triggers, cfg.seed, cfg.alpha)
+            result["patterns" + suffix(face)] = patterns_block(atlas, table, face)
         timings["patterns"] = round(time.time() - t, 1)
     if "token_removal" in wanted:
         t = time.time()

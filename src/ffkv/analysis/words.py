@@ -1,5 +1,5 @@
-"""English function words: the stop words of the paper's Fig 8 analysis, and the words the pattern classifier
-does not take as content words."""
+"""English function words: the stop words of the paper's Fig 8 analysis, and the words the explainer does not
+take as content words (category members, subject words)."""
 
 STOP_WORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between

@@ -1,0 +1,327 @@
+"""`ffkv explain ATLAS`: one scored explanation per memory face, written to ``ATLAS/explanations.parquet``.
+
+Stages: position features of the scanned units (``features``) → null rates → per layer and face the patterns of
+the top triggers and the coherence of what the value promotes / suppresses (``patterns``) → one line per face →
+scores on held-out units for the explanation and its two baselines, one model pass for all (``simulate``).
+``explanation_vectors.npy`` (float16, one row per parquet row) holds a concept vector per face for search: the
+mean embedder vector of its trigger words plus that of the words it promotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from ..arch import check_memory
+from ..atlas import Atlas
+from ..embedder import Embedder
+from ..errors import FfkvError
+from .aggregation import held_out_units
+from .features import Vocabulary, position_features
+from .patterns import (
+    KINDS,
+    SEMANTIC_MASK,
+    SHALLOW_KINDS,
+    SHALLOW_MASK,
+    Coherence,
+    CorpusNull,
+    ExplainConfig,
+    describe,
+    explain_layer_face,
+    face_kind,
+    pattern_phrase,
+)
+from .simulate import Simulator, heldout_sample, score_explanations
+
+FILE = "explanations.parquet"
+VECTORS = "explanation_vectors.npy"
+COHERENCE_SIZE = 10
+
+
+def parse_keys(spec: str | None) -> list[tuple[int, int]] | None:
+    """'15:455,3:17' -> [(15, 455), (3, 17)]."""
+    if not spec:
+        return None
+    out = []
+    for part in spec.split(","):
+        try:
+            layer, key = part.split(":")
+            out.append((int(layer), int(key)))
+        except ValueError:
+            raise FfkvError(f"--keys {spec!r}: expected LAYER:KEY pairs like 15:455,3:17")
+    return out
+
+
+def _faces(atlas: Atlas, face: str) -> list[str]:
+    if face not in ("pos", "neg", "both"):
+        raise FfkvError(f"--face {face!r}: choose pos, neg or both")
+    faces = atlas.faces if face == "both" else [face]
+    for f in faces:
+        if f not in atlas.faces:
+            raise FfkvError(f"face {f!r} is not in this atlas (faces: {', '.join(atlas.faces)})")
+    return faces
+
+
+def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers: list[int] | None = None,
+            keys: list[tuple[int, int]] | None = None, face: str = "both", model=None, progress: bool = True,
+            score: bool = True) -> Path:
+    """Explain (and score) the chosen memory faces; returns the parquet file's path."""
+    cfg = config or ExplainConfig()
+    t0 = time.time()
+    atlas = Atlas.load(atlas_path)
+    faces = _faces(atlas, face)
+    top_k = atlas.manifest["scan"]["top_k"]
+    if not 3 <= cfg.triggers <= top_k:
+        raise FfkvError(f"--triggers must be between 3 and the atlas's top-k {top_k}")
+    for layer in layers or []:
+        atlas.check(layer)
+    for layer, key in keys or []:
+        check_memory(layer, key, layers=atlas.layers, d_ff=atlas.d_ff)
+    chosen: dict[int, np.ndarray] = {}
+    if keys:
+        for layer, key in keys:
+            chosen[layer] = np.union1d(chosen.get(layer, np.zeros(0, np.int64)), [key]).astype(np.int64)
+    else:
+        for layer in layers or atlas.layers:
+            chosen[layer] = np.arange(atlas.d_ff)
+    held = held_out_units(atlas) if score else np.zeros(0, np.int64)
+    if score and len(held) == 0:
+        heldout_sample(atlas.store, held, cfg.heldout_tokens, cfg.seed)  # raises the one-line error
+    embedder = Embedder(cache_dir=atlas.path / "explain_cache")
+    if score and model is None:
+        from ..models import load_model
+
+        model = load_model(atlas.manifest["model"]["name"], dtype=atlas.manifest["scan"].get("dtype", "float32"))
+    if model is not None:
+        atlas.check_model(model)
+    vocab = Vocabulary(atlas.tokenizer)
+    scanned = np.load(atlas.path / "scanned_units.npy")
+    feats = position_features(atlas.store, scanned, vocab, embedder, progress=progress)
+    null = CorpusNull(feats, vocab, cfg)
+    coherence = Coherence(vocab, embedder, COHERENCE_SIZE, cfg.null_sets, cfg.seed)
+    timings = {"features": round(time.time() - t0, 1)}
+    t = time.time()
+    explanations, rows, vectors = [], [], []
+    bar = tqdm(total=sum(len(k) for k in chosen.values()) * len(faces), desc="explaining", unit="face",
+               disable=not progress, dynamic_ncols=True)
+    for layer, layer_keys in chosen.items():
+        tensors = atlas.layer_tensors(layer)
+        lists = {}
+        for proj in ("normed", "raw"):
+            for sign in ("pos", "neg"):
+                lists[proj, sign] = tensors[f"value_{proj}_{sign}_ids"][layer_keys].numpy()
+        words = {sign: [[vocab.text[int(i)].strip() for i in row] for row in lists["normed", sign]]
+                 for sign in ("pos", "neg")}
+        coh = {sign: coherence.score(words[sign]) for sign in ("pos", "neg")}
+        word_mean = {sign: coherence.mean_vectors(words[sign]) for sign in ("pos", "neg")}
+        for f in faces:
+            other = "neg" if f == "pos" else "pos"
+            positions = tensors[f"{f}_positions"][layer_keys, : cfg.triggers].numpy()
+            e = explain_layer_face(layer, f, layer_keys, positions, feats, null, vocab, cfg)
+            explanations.append(e)
+            trig_rows = feats.rows(positions)
+            e.fire_threshold, e.lookup_threshold = Simulator(e, feats, vocab.n_codes, null.last).fit_thresholds(
+                trig_rows)
+            trig_vec = np.where((trig_rows >= 0)[..., None], feats.word_vec[np.maximum(trig_rows, 0)], 0).sum(1)
+            concept = _unit(trig_vec) + _unit(word_mean[f])
+            vectors.append(_unit(concept).astype(np.float16))
+            for i, key in enumerate(layer_keys.tolist()):
+                promotes = [vocab.text[int(x)] for x in lists["normed", f][i]]
+                suppresses = [vocab.text[int(x)] for x in lists["normed", other][i]]
+                p_ok, s_ok = bool(coh[f][1][i] < cfg.alpha), bool(coh[other][1][i] < cfg.alpha)
+                cover = e.cover[i]
+                rows.append({
+                    "layer": layer, "key": key, "face": f, "kind": face_kind(e.significant, i),
+                    "description": describe(e, i, vocab, feats, promotes, suppresses, p_ok, s_ok),
+                    "n_units": int(e.n_units[i]),
+                    "patterns": json.dumps([{"kind": k, "text": pattern_phrase(k, e, i, vocab, feats),
+                                             "support": int(e.support[k][i]), "p_value": float(e.p_value[k][i]),
+                                             "lift": round(float(e.lift[k][i]), 4)}
+                                            for k in KINDS if e.significant[k][i]]),
+                    "trigger_shallow": ((cover >= 0) & (cover & SHALLOW_MASK > 0)).tolist(),
+                    "trigger_semantic": ((cover >= 0) & (cover & SEMANTIC_MASK > 0)).tolist(),
+                    "trigger_valid": (cover >= 0).tolist(),
+                    "promotes": promotes, "suppresses": suppresses,
+                    "promotes_raw": [vocab.text[int(x)] for x in lists["raw", f][i]],
+                    "suppresses_raw": [vocab.text[int(x)] for x in lists["raw", other][i]],
+                    "promote_coherence": float(coh[f][0][i]), "promote_coherent": p_ok,
+                    "suppress_coherence": float(coh[other][0][i]), "suppress_coherent": s_ok,
+                })
+            bar.update(len(layer_keys))
+    bar.close()
+    timings["patterns"] = round(time.time() - t, 1)
+    table = pa.Table.from_pylist(rows)
+    if score:
+        t = time.time()
+        units = heldout_sample(atlas.store, held, cfg.heldout_tokens, cfg.seed)
+        held_feats = position_features(atlas.store, units, vocab, embedder)
+        face_max = {}
+        for e in explanations:
+            top = atlas.layer_tensors(e.layer)[f"{e.face}_scores"][e.keys, 0].numpy()
+            face_max[e.layer, e.face] = np.abs(np.nan_to_num(top, nan=np.inf))
+        scores = score_explanations(model, atlas.store, explanations, held_feats, face_max, vocab.n_codes,
+                                    null.last, cfg, progress=progress)
+        columns: dict[str, list] = {}
+        for e in explanations:
+            for name, arr in scores[e.layer, e.face].items():
+                columns.setdefault(name, []).extend(np.asarray(arr, dtype=np.float64).tolist())
+        for name, values in columns.items():
+            table = table.append_column(name, pa.array(values, pa.float64()))
+        timings["scoring"] = round(time.time() - t, 1)
+        timings["heldout_tokens"] = len(held_feats)
+    meta = {"scan_id": atlas.scan_id, "config": json.dumps(cfg.__dict__), "timings": json.dumps(timings),
+            "scored": json.dumps(score)}
+    table = table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
+    out = atlas.path / FILE
+    tmp = out.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    np.save(atlas.path / "explanation_vectors.tmp.npy", np.concatenate(vectors) if vectors else np.zeros((0, 384)))
+    os.replace(atlas.path / "explanation_vectors.tmp.npy", atlas.path / VECTORS)
+    os.replace(tmp, out)
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# -- agreement with hand labels ------------------------------------------------------------------------------
+def cohen_kappa(a: list, b: list) -> float:
+    """Agreement of two labelings beyond chance (1 = perfect, 0 = chance level)."""
+    labels = sorted(set(a) | set(b), key=str)
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum((a.count(lab) / n) * (b.count(lab) / n) for lab in labels)
+    return 1.0 if expected == 1 else (observed - expected) / (1 - expected)
+
+
+def _bootstrap(truth: list, predicted: list, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(truth), len(truth))
+        t, p = [truth[i] for i in idx], [predicted[i] for i in idx]
+        values.append(cohen_kappa(t, p))
+    lo, hi = np.nanpercentile(values, [2.5, 97.5])
+    return round(float(lo), 3), round(float(hi), 3)
+
+
+def label_agreement(atlas_path: str | Path, labelled: list[dict], config: ExplainConfig | None = None) -> dict:
+    """The explainer's kinds against hand labels. ``labelled``: entries {"label", "triggers": [{"unit",
+    "input_ids"}]} of the atlas's corpus (the ids without the special prefix); each trigger is found in the atlas's
+    token store. Returns the 4-class and the binary (has-shallow, has-semantic) kappas with bootstrap 95 %
+    intervals, and the predictions."""
+    cfg = config or ExplainConfig()
+    atlas = Atlas.load(atlas_path)
+    store = atlas.store
+    T = max(len(e["triggers"]) for e in labelled)
+    positions = np.full((len(labelled), T), -1, np.int64)
+    for i, entry in enumerate(labelled):
+        for j, t in enumerate(entry["triggers"]):
+            u = int(t["unit"])
+            start = int(store.offset[u] + store.n_special[u])
+            if store.tokens[start: start + len(t["input_ids"])].tolist() != list(t["input_ids"]):
+                raise FfkvError(f"hand-labelled trigger of unit {u} is not in this atlas's token store (another "
+                                "corpus, unit or tokenizer)")
+            positions[i, j] = start + len(t["input_ids"]) - 1
+    embedder = Embedder(cache_dir=atlas.path / "explain_cache")
+    vocab = Vocabulary(atlas.tokenizer)
+    scanned = np.load(atlas.path / "scanned_units.npy")
+    null = CorpusNull(position_features(store, scanned, vocab, embedder), vocab, cfg)
+    units = np.union1d(scanned, store.unit_of(positions[positions >= 0]))
+    feats = position_features(store, units, vocab, embedder)
+    e = explain_layer_face(-1, "pos", np.arange(len(labelled)), positions, feats, null, vocab, cfg)
+    predicted = [face_kind(e.significant, i) for i in range(len(labelled))]
+    truth = [entry["label"] for entry in labelled]
+    out = {"n": len(truth), "predicted": predicted,
+           "accuracy": round(sum(a == b for a, b in zip(truth, predicted)) / len(truth), 3)}
+    for name, f in (("kappa", lambda x: x), ("kappa_shallow", lambda x: x in ("shallow", "both")),
+                    ("kappa_semantic", lambda x: x in ("semantic", "both"))):
+        t, p = [f(x) for x in truth], [f(x) for x in predicted]
+        out[name] = round(cohen_kappa(t, p), 3)
+        out[name + "_ci95"] = _bootstrap(t, p, seed=cfg.seed)
+    out["patterns"] = [[k for k in KINDS if e.significant[k][i]] for i in range(len(labelled))]
+    return out
+
+
+# -- what analysis.json keeps of the explanations --------------------------------------------------------------
+def read_explanations(atlas: Atlas) -> pa.Table | None:
+    """The atlas's explanations.parquet, or None when it is missing or belongs to an earlier scan."""
+    path = atlas.path / FILE
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    return table if meta.get(b"scan_id", b"").decode() == atlas.scan_id else None
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def patterns_block(atlas: Atlas, table: pa.Table, face: str, examples_per_layer: int = 2) -> dict:
+    """Fig 2 / Table 1 for one face from the explanations: per layer the share of trigger examples covered by
+    shallow only / semantic only / both / no pattern (the paper's unit; ``shallow`` ... ``none``), the share of
+    keys of each kind (``keys_shallow`` ...), patterns per key, the held-out scores, and the best-explained keys."""
+    rows = [r for r in table.to_pylist() if r["face"] == face]
+    n = atlas.n_layers
+    names = ("shallow", "semantic", "both", "none")
+    out: dict = {k: [None] * n for k in (*names, *(f"keys_{k}" for k in names), "coverage", "patterns_per_key",
+                                          "n_keys", "sim_corr", "f1", "precision", "recall", "shuffled_sim_corr",
+                                          "shuffled_f1", "lookup_sim_corr", "lookup_f1", "scored_keys")}
+    by_layer: dict[int, list[dict]] = {}
+    for r in rows:
+        by_layer.setdefault(r["layer"], []).append(r)
+    keys_out = []
+    for layer, rs in sorted(by_layer.items()):
+        cover = {k: 0 for k in names}
+        total = 0
+        for r in rs:
+            for sh, se, ok in zip(r["trigger_shallow"], r["trigger_semantic"], r["trigger_valid"]):
+                if ok:
+                    total += 1
+                    cover["both" if sh and se else "shallow" if sh else "semantic" if se else "none"] += 1
+        for k in names:
+            out[k][layer] = cover[k] / max(total, 1)
+            out[f"keys_{k}"][layer] = sum(r["kind"] == k for r in rs) / len(rs)
+        out["coverage"][layer] = 1 - cover["none"] / max(total, 1)
+        out["patterns_per_key"][layer] = float(np.mean([len(json.loads(r["patterns"])) for r in rs]))
+        out["n_keys"][layer] = len(rs)
+        if "sim_corr" in rs[0]:
+            fired = [r for r in rs if (r.get("heldout_fires") or 0) > 0]
+            for name in ("sim_corr", "shuffled_sim_corr", "lookup_sim_corr"):
+                out[name][layer] = _mean(r[name] for r in rs)
+            for name in ("f1", "precision", "recall", "shuffled_f1", "lookup_f1"):
+                out[name][layer] = _mean(r[name] for r in fired)
+            out["scored_keys"][layer] = len(fired)
+        best = sorted((r for r in rs if r["kind"] != "none"),
+                      key=lambda r: -(r.get("sim_corr") if r.get("sim_corr") is not None else 0))
+        for r in best[:examples_per_layer]:
+            keys_out.append(_example(atlas, r))
+    out["keys"] = keys_out
+    out["definition"] = ("shares of the top-25 trigger examples (counted per trigger, as the paper's experts did) "
+                         "covered by significant shallow / semantic patterns of their key (ffkv explain); keys_* are "
+                         "shares of keys by kind; scores on held-out units (see explanations.parquet)")
+    return out
+
+
+def _example(atlas: Atlas, r: dict) -> dict:
+    """One Table 1 row: the key, its patterns (with the trigger ranks each covers), description and triggers."""
+    triggers = atlas.triggers(r["layer"], r["key"], r["face"], len(r["trigger_valid"]))
+    patterns = []
+    for p in json.loads(r["patterns"]):
+        kind = "shallow" if p["kind"] in SHALLOW_KINDS else "semantic"
+        flags = r["trigger_shallow"] if kind == "shallow" else r["trigger_semantic"]
+        patterns.append({"kind": kind, "description": p["text"], "p_value": p["p_value"],
+                         "triggers": [i for i, f in enumerate(flags) if f]})
+    return {"layer": r["layer"], "key": r["key"], "face": r["face"], "label": r["kind"],
+            "description": r["description"], "sim_corr": r.get("sim_corr"), "f1": r.get("f1"),
+            "patterns": patterns, "triggers": [f"{t.context}[[{t.trigger_token}]]" for t in triggers]}

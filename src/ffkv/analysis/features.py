@@ -1,0 +1,173 @@
+"""What the explainer sees of a corpus position: token classes, n-gram codes, topic and article, and two meaning
+vectors from the independent sentence embedder (``ffkv.embedder``).
+
+* **word** of a position: the word the token ends (or continues) so far, e.g. " Berz" + "elius" → "Berzelius";
+  its vector is the embedder's vector of that word (lower-cased; words without a letter have none). This is
+  the "category" view: units of length, family relations, time words.
+* **subject** of a position: the mean of the vectors of the complete content words before the current word,
+  within the last ``SUBJECT_WINDOW`` tokens of the same unit (a bag-of-words subject of the prefix, built from
+  the same word vectors, so no extra embedder call per prefix). Prefixes with no content word have none.
+
+Tokens are compared by their lower-cased, stripped text (" Film", "film" are one code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..corpus import TokenStore
+from ..embedder import DIM, Embedder
+from .words import STOP_WORDS
+
+CLASSES = ("number", "punct", "piece", "first", "capital")
+"""Token classes of a position: a number or year, punctuation, a piece continuing a word, the first token of
+the unit, a capitalised word."""
+SUBJECT_WINDOW = 48
+
+
+class Vocabulary:
+    """Per token id: its text decoded alone, its code (lower-cased stripped text) and its surface classes."""
+
+    def __init__(self, tokenizer):
+        vocab = len(tokenizer)
+        self.text = tokenizer.batch_decode([[i] for i in range(vocab)])
+        norm = [t.strip().lower() for t in self.text]
+        index: dict[str, int] = {}
+        self.code = np.array([index.setdefault(t, len(index)) for t in norm], dtype=np.int64)
+        self.code_text = list(index)
+        self.n_codes = len(index)
+        stripped = [t.strip() for t in self.text]
+        # a word start: the token decodes with a leading space, or (SentencePiece / byte-level BPE, whose single
+        # tokens may decode without it) its piece carries the space marker
+        pieces = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+        self.space = np.array([t[:1].isspace() or (isinstance(p, str) and p[:1] in ("\u2581", "\u0120"))
+                               for t, p in zip(self.text, pieces)])
+        self.alpha = np.array([any(c.isalpha() for c in s) for s in stripped])
+        self.number = np.array([any(c.isdigit() for c in s) and not any(c.isalpha() for c in s) for s in stripped])
+        self.punct = np.array([bool(s) and not any(c.isalnum() for c in s) for s in stripped])
+        self.empty = np.array([not s for s in stripped])
+        self.capital = np.array([s[:1].isupper() for s in stripped])
+
+
+@dataclass
+class PositionFeatures:
+    """Features of every content position of a set of units, in store order (``pos`` sorted)."""
+
+    pos: np.ndarray
+    unit: np.ndarray
+    offset: np.ndarray
+    """Index of the position within its unit's content (0 = first token after any special prefix)."""
+    code: np.ndarray
+    prev: np.ndarray
+    """Code of the token before (-1 at the first position); ``prev2`` the one before that."""
+    prev2: np.ndarray
+    classes: np.ndarray
+    """[N, len(CLASSES)] bool."""
+    topic: np.ndarray
+    """Topic / article ids (-1: none), shared over the store (``topics`` / ``titles`` name them)."""
+    title: np.ndarray
+    word: list[str]
+    word_id: np.ndarray
+    """Index of ``word`` among the distinct words of these positions."""
+    category_word: np.ndarray
+    """Whether ``word`` can be a category member: a content word (function words all look alike to an embedder)
+    with a vector."""
+    word_vec: np.ndarray
+    """[N, DIM] float32 unit vectors (zero rows: no word vector)."""
+    subject_vec: np.ndarray
+    has_word_vec: np.ndarray
+    has_subject: np.ndarray
+    topics: list[str]
+    titles: list[str]
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """Row of each flat store position (-1 where the position is not covered)."""
+        positions = np.asarray(positions)
+        r = np.searchsorted(self.pos, positions).clip(0, max(len(self.pos) - 1, 0))
+        ok = (len(self.pos) > 0) & (self.pos[r] == positions) & (positions >= 0)
+        return np.where(ok, r, -1)
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
+def _ids(column, n: int) -> tuple[np.ndarray, list[str]]:
+    if column is None:
+        return np.full(n, -1, dtype=np.int64), []
+    values = [str(v) if v is not None else "" for v in column.tolist()]
+    names = sorted({v for v in values if v})
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index.get(v, -1) for v in values], dtype=np.int64), names
+
+
+def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, embedder: Embedder,
+                      progress: bool = False) -> PositionFeatures:
+    """Features of all content positions of ``units`` (any order; duplicates ignored)."""
+    units = np.unique(np.asarray(units, dtype=np.int64))
+    starts = store.offset[units] + store.n_special[units]
+    counts = np.maximum(store.length[units] - store.n_special[units], 0)
+    n = int(counts.sum())
+    unit = np.repeat(units, counts)
+    offset = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    pos = np.repeat(starts, counts) + offset
+    tok = np.asarray(store.tokens[pos] if n else np.zeros(0, np.uint32)).astype(np.int64)
+    code = vocab.code[tok]
+    first = offset == 0
+    prev = np.where(first, -1, np.roll(code, 1))
+    prev2 = np.where(offset <= 1, -1, np.roll(code, 2))
+    prev_punct = np.where(first, True, np.roll(vocab.punct[tok], 1))
+    word_start = first | vocab.space[tok] | vocab.punct[tok] | prev_punct | vocab.empty[tok]
+    piece = ~word_start & vocab.alpha[tok]
+    classes = np.stack([vocab.number[tok], vocab.punct[tok], piece, first,
+                        vocab.capital[tok] & word_start & vocab.alpha[tok]], axis=1)
+    # the word each position ends so far, and where complete words end
+    words: list[str] = []
+    current = ""
+    for i in range(n):
+        piece_text = vocab.text[tok[i]]
+        current = piece_text.strip() if word_start[i] else current + piece_text
+        words.append(current.strip().lower())
+    ends_word = np.ones(n, dtype=bool)
+    if n:
+        ends_word[:-1] = word_start[1:] | (unit[1:] != unit[:-1])
+    has_letter = vocab.alpha[tok]
+    wanted = sorted({w for w, ok in zip(words, has_letter) if ok and w})
+    vecs = embedder.encode(wanted, progress=progress) if wanted else np.zeros((0, DIM), np.float32)
+    where = {w: i for i, w in enumerate(wanted)}
+    word_vec = np.zeros((n, DIM), dtype=np.float32)
+    rows = [i for i in range(n) if has_letter[i] and words[i]]
+    if rows:
+        word_vec[rows] = vecs[[where[words[i]] for i in rows]]
+    content = np.array([ends_word[i] and has_letter[i] and len(words[i]) >= 3 and words[i] not in STOP_WORDS
+                        for i in range(n)], dtype=bool)
+    subject_vec = _subject_vectors(word_vec * content[:, None], word_start, unit, offset)
+    topic_ids, topics = _ids(store.columns.get("topic"), store.n_units)
+    title_ids, titles = _ids(store.columns.get("title"), store.n_units)
+    return PositionFeatures(pos=pos, unit=unit, offset=offset, code=code, prev=prev, prev2=prev2, classes=classes,
+                            topic=topic_ids[unit], title=title_ids[unit], word=words,
+                            word_id=np.unique(np.array(words, dtype=object), return_inverse=True)[1].astype(np.int64)
+                            if n else np.zeros(0, np.int64),
+                            category_word=np.array([bool(word_vec[i].any()) and len(w) >= 3 and w not in STOP_WORDS
+                                                    for i, w in enumerate(words)], dtype=bool), word_vec=word_vec,
+                            subject_vec=subject_vec, has_word_vec=np.abs(word_vec).sum(1) > 0,
+                            has_subject=np.abs(subject_vec).sum(1) > 0, topics=topics, titles=titles)
+
+
+def _subject_vectors(contrib: np.ndarray, word_start: np.ndarray, unit: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Unit-length mean of the content-word vectors ending before the current word, within SUBJECT_WINDOW
+    tokens of the same unit."""
+    n = len(contrib)
+    if n == 0:
+        return contrib
+    csum = np.concatenate([np.zeros((1, contrib.shape[1]), np.float64), np.cumsum(contrib, axis=0, dtype=np.float64)])
+    # start of the current word: the last word start at or before each position
+    idx = np.where(word_start, np.arange(n), 0)
+    current_word = np.maximum.accumulate(idx)
+    unit_start = np.arange(n) - offset
+    lo = np.maximum(unit_start, np.arange(n) - SUBJECT_WINDOW)
+    hi = np.maximum(current_word, lo)
+    sub = csum[hi] - csum[lo]
+    norm = np.linalg.norm(sub, axis=1, keepdims=True)
+    return np.where(norm > 1e-9, sub / np.maximum(norm, 1e-12), 0.0).astype(np.float32)

