@@ -45,10 +45,12 @@ def make_manifest(n_layers=12, signed=True, layers=None, name="default", **scan)
 def _keys(n_layers, face):
     out = []
     for layer in range(n_layers):
-        for key in (3 + layer, 40 + layer):
+        for j, key in enumerate((3 + layer, 40 + layer)):
             trig = [f"The film was shot in{' the' * (r % 3)} city of[[ Paris]]" for r in range(20)]
             trig[1] = "A <b>bold</b> & risky [[<script>]]"
             out.append({"layer": layer, "key": key, "face": face, "label": "both",
+                        "description": f"ends with ' Paris' <i>(layer {layer} key {key})</i>; topic: geography",
+                        "sim_corr": round(0.2 + 0.05 * layer - 0.1 * j, 4), "f1": round(0.3 + 0.02 * layer, 4),
                         "patterns": [{"kind": "shallow", "description": "ends with ' Paris'", "triggers": [0, 2, 3, 4],
                                       "p_value": 1e-6},
                                      {"kind": "semantic", "description": "topic: geography", "triggers": [5, 6, 7],
@@ -85,8 +87,7 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
         "definitions": {"active": "|m| > 0.1 × the layer's max |m| (ReLU: m > 0).",
                         "agreement": "argmax of v·E equals the next token of the key's top-1 trigger."},
         "n_layers": L, "layers": list(range(L)),
-        "patterns": {"shallow": up(0.6, 0.1), "semantic": up(0.1, 0.6), "both": [0.1] * L, "none": [0.2] * L,
-                     "patterns_per_key": [2.5] * L, "coverage": [0.7] * L, "keys": _keys(L, "pos")},
+        "patterns": make_patterns(L, up, reproduce),
         "token_removal": {"first": [-0.1] * L, "last": up(-0.7, -0.2), "random": [-0.15] * L, "n_keys": [10] * L,
                           "skipped": [1] * L},
         "values": values(),
@@ -107,6 +108,41 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
         a["values_neg"] = values(0.5)
         for m in a["values_neg"]["top_memories"]:
             m["face"] = "neg"
+    return a
+
+
+PATTERN_NEW_KEYS = ("keys_shallow", "keys_semantic", "keys_both", "keys_none", "n_keys", "sim_corr", "f1", "precision",
+                    "recall", "shuffled_sim_corr", "shuffled_f1", "lookup_sim_corr", "lookup_f1", "scored_keys",
+                    "definition")
+"""Keys of the patterns block that `ffkv explain` added (absent from older files)."""
+
+
+def make_patterns(L, up, reproduce=True):
+    """The patterns block as `ffkv.analysis.explain.patterns_block` writes it: shallow ... none are shares of
+    trigger examples, keys_* shares of keys, and the held-out scores of the explanations and their baselines
+    (reproduce=False: explanations no better than the last-token lookup, well below Neuron-to-Graph)."""
+    f1 = _ramp(L, 0.7, 0.45) if reproduce else [0.12] * L
+    return {"shallow": up(0.6, 0.1), "semantic": up(0.1, 0.6), "both": [0.1] * L, "none": [0.2] * L,
+            "keys_shallow": up(0.5, 0.1), "keys_semantic": up(0.1, 0.5), "keys_both": [0.3] * L,
+            "keys_none": [0.1] * L, "patterns_per_key": [2.5] * L, "coverage": [0.8] * L, "n_keys": [128] * L,
+            "sim_corr": _ramp(L, 0.5, 0.3) if reproduce else [0.1] * L, "f1": f1,
+            "precision": [v + 0.05 for v in f1], "recall": [v - 0.05 for v in f1],
+            "shuffled_sim_corr": [0.02] * L, "shuffled_f1": [0.03] * L,
+            "lookup_sim_corr": _ramp(L, 0.3, 0.1) if reproduce else [0.2] * L,
+            "lookup_f1": _ramp(L, 0.4, 0.2) if reproduce else [0.2] * L, "scored_keys": [100] * L,
+            "definition": "shares of the top-25 trigger examples ...", "keys": _keys(L, "pos")}
+
+
+def old_patterns(a: dict) -> dict:
+    """An analysis.json whose patterns blocks were written before `ffkv explain`: shares of keys, no keys_*, no
+    scores, keys without a description."""
+    for name in ("patterns", "patterns_neg"):
+        if name in a:
+            for k in PATTERN_NEW_KEYS:
+                a[name].pop(k, None)
+            for key in a[name]["keys"]:
+                for k in ("label", "description", "sim_corr", "f1"):
+                    key.pop(k, None)
     return a
 
 
@@ -247,7 +283,7 @@ def test_paper_beside_ours_dashed_when_approx(full_report):
 
 def test_signed_model_has_both_faces(full_report, tmp_path):
     got = specs(full_report[1])
-    for fid in ("fig2", "fig3", "fig4", "fig5", "fig6"):
+    for fid in ("fig2", "explain", "fig3", "fig4", "fig5", "fig6"):
         faces = {t["meta"]["face"] for t in got[fid]["data"] if t["meta"]["role"] == "ours"}
         assert faces == {"pos", "neg"}, fid
         assert "xaxis2" in got[fid]["layout"]
@@ -263,7 +299,7 @@ def test_verdicts_follow_the_numbers(tmp_path):
     bad = build_figures(load_inputs(make_atlas(tmp_path / "bad", make_analysis(12, False, reproduce=False),
                                                signed=False)))
     good, bad = {f.id: f for f in good}, {f.id: f for f in bad}
-    for fid in ("fig2", "fig3", "fig4", "fig5", "fig6", "fig9", "fig10"):
+    for fid in ("fig2", "explain", "fig3", "fig4", "fig5", "fig6", "fig9", "fig10"):
         assert good[fid].verdict.status == "yes", (fid, good[fid].verdict.text)
         assert bad[fid].verdict.status in ("no", "partly"), (fid, bad[fid].verdict.text)
         assert good[fid].verdict.text != bad[fid].verdict.text
@@ -274,6 +310,127 @@ def test_verdicts_follow_the_numbers(tmp_path):
     assert pct(sum(a[9:]) / 3) in good["fig4"].verdict.text
     # and names what differs in the setting (here: a 60k-token scan, an instruct model, its vocabulary)
     assert "60k tokens" in good["fig4"].verdict.text and "instruct" in good["fig4"].verdict.text
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fig2_bars_are_trigger_shares_with_the_key_share_line(tmp_path, signed):
+    a = make_analysis(12, signed)
+    fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "atlas", a, signed=signed)))}["fig2"]
+    for face in ("pos", "neg") if signed else ("pos",):
+        b = a["patterns" if face == "pos" else "patterns_neg"]
+        traces = {t["name"]: t for t in fig.spec["data"] if t["meta"]["face"] == face and t["meta"]["role"] == "ours"}
+        for k, label in (("shallow", "shallow only"), ("both", "shallow + semantic"), ("semantic", "semantic only"),
+                         ("none", "no pattern")):
+            bar = traces[f"ours: triggers, {label}"]
+            assert bar["type"] == "bar" and bar["y"] == b[k], (face, k)
+        line = traces["ours: keys with a semantic pattern"]
+        assert line["type"] == "scatter" and line["y"] == pytest.approx(
+            [x + y for x, y in zip(b["keys_semantic"], b["keys_both"])])
+        assert traces["ours: triggers covered by a pattern"]["y"] == b["coverage"]
+    assert "trigger examples" in fig.caption and "share of keys with at least one semantic pattern" in fig.caption
+    assert "trigger examples" in fig.spec["layout"]["yaxis"]["title"]["text"]
+    assert "of the covered trigger examples" in fig.verdict.text and "of keys have a semantic pattern" in \
+        fig.verdict.text
+    assert not any("before `ffkv explain`" in n for n in fig.notes)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_explanation_scores_figure(tmp_path, signed):
+    a = make_analysis(12, signed)
+    fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "atlas", a, signed=signed)))}["explain"]
+    assert fig.section == "keys" and fig.missing is None and fig.spec is not None
+    faces = ("pos", "neg") if signed else ("pos",)
+    assert ("xaxis2" in fig.spec["layout"]) == signed
+    n2g = load_paper_reference()["n2g_firing_f1"]
+    assert n2g["f1"] == [0.74, 0.64, 0.6, 0.48, 0.46, 0.42] and n2g["source"].startswith("Foote et al. 2023")
+    for face in faces:
+        b = a["patterns" if face == "pos" else "patterns_neg"]
+        traces = {t["name"]: t for t in fig.spec["data"] if t["meta"]["face"] == face}
+        for name, key, role in (("ours: simulation correlation", "sim_corr", "ours"), ("ours: firing F1", "f1", "ours"),
+                                ("ours: shuffled-explanation baseline, sim. corr.", "shuffled_sim_corr", "baseline"),
+                                ("ours: shuffled-explanation baseline, F1", "shuffled_f1", "baseline"),
+                                ("ours: last-token lookup baseline, sim. corr.", "lookup_sim_corr", "baseline"),
+                                ("ours: last-token lookup baseline, F1", "lookup_f1", "baseline")):
+            t = traces[name]
+            assert t["y"] == b[key] and t["meta"]["role"] == role, name
+            assert t["x"] == pytest.approx([(i + 1) / 12 for i in range(12)], abs=1e-5)  # our relative depth
+    paper = [t for t in fig.spec["data"] if t["meta"]["role"] == "paper"]
+    assert len(paper) == len(faces) and all("Neuron-to-Graph" in t["name"] and t["name"].startswith("paper:")
+                                            for t in paper)
+    assert paper[0]["y"] == n2g["f1"] and paper[0]["x"] == pytest.approx([(i + 1) / 6 for i in range(6)], abs=1e-5)
+    assert not paper[0]["meta"]["approx"] and paper[0]["line"]["dash"] == "dot"
+    v = fig.verdict
+    assert v.status == "yes" and "N2G" in v.text and "shuffled explanation" in v.text and "lookup" in v.text
+    assert "0.69 in the lowest third → 0.44 in the top third" in v.text  # N2G on relative depth
+    assert ("negative face" in v.text) == signed
+    assert any("fired on held-out text" in n for n in fig.notes)
+    # below N2G and below the lookup table: not a 'yes', and the sentence says why
+    bad = {f.id: f for f in build_figures(load_inputs(make_atlas(
+        tmp_path / "bad", make_analysis(12, signed, reproduce=False), signed=signed)))}["explain"]
+    assert bad.verdict.status == "partly" and bad.verdict.text.startswith("Below N2G's level")
+    assert "the last-token lookup in 0 of 12 layers on F1" in bad.verdict.text
+
+
+def test_best_explained_table_and_table1_descriptions(full_report):
+    text = full_report[1]
+    best = text[text.index('<article class="table-block" id="best">'):]
+    best = best[:best.index("</article>")]
+    rows = re.findall(r"<tr><td class=num>(\d+)<span", best)
+    assert len(rows) == 20  # the 20 best of 2 faces × 12 layers × 2 keys
+    a = make_analysis(12, True)
+    keys = a["patterns"]["keys"] + a["patterns_neg"]["keys"]
+    top = sorted(keys, key=lambda k: -k["sim_corr"])[:20]
+    sims = [float(x) for x in re.findall(r"<td class=num>(-?\d\.\d\d)</td><td class=num>-?\d\.\d\d</td></tr>", best)]
+    assert sims == sorted(sims, reverse=True) and sims[0] == pytest.approx(top[0]["sim_corr"], abs=0.005)
+    assert "ends with &#x27; Paris&#x27; &lt;i&gt;(layer 11 key 14)&lt;/i&gt;" in best and "<i>" not in best
+    assert '<span class="kind kind-both">both</span>' in best and "28 more in analysis.json" in best
+    assert 'href="#best"' in text
+    # Table 1: each key's one line, kind and scores
+    t1 = text[text.index('<article class="table-block" id="table1">'):]
+    t1 = t1[:t1.index("</article>")]
+    assert "Explanation (one line" in t1 and "&lt;i&gt;(layer 0 key 3)&lt;/i&gt;" in t1
+    assert "sim. corr. 0.20 · F1 0.30" in t1
+    # order on the page: Fig 2, Table 1, Fig E1, best-explained, Fig 3
+    order = [text.index(f'id="{x}"') for x in ("fig2", "table1", "explain", "best", "fig3")]
+    assert order == sorted(order)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_old_patterns_block_still_renders(tmp_path, signed):
+    """An analysis.json written before `ffkv explain`: Fig 2 draws its key shares and says so, Fig E1 and the
+    best-explained table say what is missing, Table 1 has no explanation column; the rest is drawn."""
+    a = old_patterns(make_analysis(12, signed))
+    atlas = make_atlas(tmp_path / "atlas", a, signed=signed)
+    text = write_report(atlas).read_text()
+    got = specs(text)
+    assert set(got) == set(FIGURE_IDS) - {"explain"}
+    assert 'data-missing="explain"' in text and "no explanation scores" in text
+    assert 'data-missing="best"' in text
+    names = {t["name"] for t in got["fig2"]["data"]}
+    assert "ours: keys, shallow only" in names and "ours: keys with a semantic pattern" not in names
+    assert not any(n.startswith("ours: triggers,") for n in names)
+    assert "shares of keys, not of trigger examples" in text
+    assert "Explanation (one line" not in text and '<mark class="trig"> Paris</mark>' in text
+    fig2 = {f.id: f for f in build_figures(load_inputs(atlas))}["fig2"]
+    assert fig2.verdict.status == "yes" and "shares of keys" in fig2.verdict.text
+    # a patterns block with only the key shares of the new format still draws Fig 2
+    b = make_analysis(12, signed)
+    for name in ("patterns", "patterns_neg"):
+        if name in b:
+            for k in ("sim_corr", "f1"):
+                del b[name][k]
+    figs = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "half", b, signed=signed)))}
+    assert figs["fig2"].spec is not None and figs["explain"].spec is None  # baselines alone are not drawn
+    assert "--no-score" in figs["explain"].missing
+    # one face scored, the other not: the scored face is drawn, the other named
+    if signed:
+        c = make_analysis(12, signed)
+        for k in ("sim_corr", "f1"):
+            del c["patterns_neg"][k]
+        fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "one", c, signed=signed)))}["explain"]
+        assert fig.spec is not None and {t["meta"]["face"] for t in fig.spec["data"]} == {"pos"}
+        assert any(n.startswith("negative face (−v): analysis.json 'patterns_neg' has no explanation scores")
+                   for n in fig.notes), fig.notes
 
 
 def test_partial_analysis_renders_what_exists(tmp_path):
@@ -381,7 +538,7 @@ def test_aggregation_without_the_sweep_keys_still_draws(tmp_path, signed):
 
 def test_unscanned_layers_and_subset_command(tmp_path):
     a = make_analysis(12, True)
-    a["config"] = {"keys_per_layer": 4, "examples": 4000, "only": "values", "seed": 0}
+    a["config"] = {"removal_keys": 4, "examples": 4000, "only": "values", "seed": 0}
     a["layers"] = [0, 1, 2, 3, 5]
     for block in ("values", "values_neg"):
         a[block]["agreement_rate"] = [v if i in a["layers"] else None for i, v in enumerate(a[block]["agreement_rate"])]
@@ -389,7 +546,7 @@ def test_unscanned_layers_and_subset_command(tmp_path):
     text = write_report(atlas).read_text()
     assert "only layers 0–3, 5 of 0–11 were scanned" in text
     assert "--layers 0-3,5" in text and "--unit document" in text
-    assert "ffkv analyze --keys-per-layer 4 " in text and "--examples" not in text and "--only" not in text
+    assert "ffkv analyze --removal-keys 4 " in text and "--examples" not in text and "--only" not in text
 
 
 def test_no_analysis_at_all(tmp_path):

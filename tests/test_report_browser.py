@@ -90,6 +90,21 @@ def test_full_report_renders_every_figure(browser, tmp_path_factory):
             fills = page.evaluate(f"() => Array.from(document.querySelectorAll('#plot-{fid} .scatterlayer "
                                   "path.js-fill')).filter(p => (p.getAttribute('d') || '').length > 10).length")
             assert fills >= 1, f"{fid}: the quartile band is not drawn"
+        # Fig E1, the explanation scores: per face 2 scores + 4 baselines + Neuron-to-Graph's dotted F1 curve
+        explain = state["explain"]
+        assert explain["traces"] == 2 * 7 and explain["paper"] == 2 and explain["lines"] >= 2 * 7, explain
+        drawn = page.evaluate("() => Array.from(document.querySelectorAll('#plot-explain .scatterlayer path.js-line'))"
+                              ".filter(p => (p.getAttribute('d') || '').length > 10).length")
+        assert drawn >= 2 * 7
+        dotted = page.evaluate("() => Array.from(document.querySelectorAll('#plot-explain .scatterlayer path.js-line'))"
+                               ".filter(p => (p.style.strokeDasharray || '').length > 0).length")
+        assert dotted == 2  # N2G on each face's panel
+        assert page.locator("#plot-explain").get_attribute("data-rendered") == "14"
+        assert "N2G" in page.locator("#explain .verdict").inner_text()
+        assert page.locator("#plot-fig2 .scatterlayer path.js-line").count() >= 2 * 2  # coverage + key-share line
+        # the best-explained memories and Table 1's one-line explanations
+        assert page.locator("#best table.best tbody tr").count() == 20
+        assert page.locator("#table1 td.desc").first.is_visible()
         # hover works (plotly's hover layer shows our text)
         box = page.locator("#plot-fig9 .nsewdrag").first.bounding_box()
         assert box is not None

@@ -21,10 +21,11 @@ from pathlib import Path
 from ..errors import FfkvError
 from .data import ReportInputs, load_inputs, load_paper_reference
 from .figures import Figure, build_figures
-from .html import TriggerSplitter, page, table1, table2
+from .html import TriggerSplitter, page, table1, table2, table_best
 
-FIGURE_IDS = ("fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11")
-"""Figure ids, also the html ids and the names `ffkv.report.screenshot --figure` takes (plus table1, table2)."""
+FIGURE_IDS = ("fig2", "explain", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11")
+"""Figure ids, also the html ids and the names `ffkv.report.screenshot --figure` takes (plus table1, table2 and
+best, the best-explained memories). ``explain`` (Fig E1, the explanation scores) is not a figure of the paper."""
 
 
 def plotly_js() -> str:
@@ -44,7 +45,7 @@ def build_report(atlas_path: str | Path, atlas_arg: str | None = None) -> str:
     split = TriggerSplitter(inp)
 
     def tables():
-        return table1(inp, split), table2(inp, split)
+        return table1(inp, split), table2(inp, split), table_best(inp)
 
     return page(inp, figures, atlas_arg or str(atlas_path), plotly_js(), tables)
 

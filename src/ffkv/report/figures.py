@@ -12,6 +12,10 @@ with the paper's 16 layers. Styles are the same in every figure:
 
 Each trace carries ``meta = {"role": "ours" | "baseline" | "paper", "approx": bool, "face": "pos" | "neg"}`` so
 tests (and readers of the JSON) can tell them apart. Signed models get one panel per face.
+
+One figure is not the paper's: Fig E1 (id ``explain``), the held-out scores of `ffkv explain`'s explanations beside
+their baselines, with Neuron-to-Graph's published firing F1 (Foote et al. 2023, a 6-layer model) as its reference
+curve: a number stated in that paper's text, drawn dotted on its own relative depth layer/6 and named in its label.
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ COLORS = {
     "semantic": "#2563a8",
     "none": "#cfd3d8",
     "coverage": "#1d2330",
+    "sim": "#2563a8",
+    "f1": "#1f9e89",
+    "sim_shuffled": "#9dbde3",
+    "f1_shuffled": "#93d3c6",
+    "sim_lookup": "#7b5ea7",
+    "f1_lookup": "#e07b2a",
+    "keys_semantic": "#b0307a",
     "freq": "#e07b2a",
     "uniform": "#8b919a",
     "stopword": "#e07b2a",
@@ -299,29 +310,54 @@ def _finish(fig: Figure, inp: ReportInputs, plot: Plot, drawn: bool, block: str,
 
 
 # -- §3 keys ---------------------------------------------------------------------------------------------------
+PATTERN_PARTS = ("shallow", "both", "semantic", "none")
+PART_LABEL = {"shallow": "shallow only", "both": "shallow + semantic", "semantic": "semantic only",
+              "none": "no pattern"}
+
+
+def _keys_unit(b: dict | None) -> bool:
+    """True for a patterns block written before `ffkv explain` (the old classifier): its shallow / semantic /
+    both / none are shares of keys, and it has no keys_* entries. The current block's are shares of trigger
+    examples, with the key shares under keys_*."""
+    return isinstance(b, dict) and not any(f"keys_{k}" in b for k in PATTERN_PARTS)
+
+
 def fig2(inp: ReportInputs) -> Figure:
     fig = Figure("fig2", "2", "keys", "Patterns of the keys' trigger examples, per layer",
-                 "Bars: share of the analysed keys of each layer whose top triggers share only shallow patterns "
-                 "(surface: a shared last token or phrase), only semantic ones (a shared topic or article), both, or "
-                 "none (tests in Definitions). Black line: share of the trigger examples that some pattern covers. "
-                 "The paper's experts labelled trigger examples, so its bars are shares of triggers.")
+                 "Bars: share of the top trigger examples of the analysed keys of each layer that are covered only by "
+                 "shallow patterns of their key (surface: last token, last two tokens, token class …), by shallow "
+                 "and semantic ones, only by semantic ones (topic, article, words or subjects alike in meaning), or "
+                 "by none (ffkv explain; tests in Definitions): the paper's unit, whose experts labelled trigger "
+                 "examples. Black line: share of trigger examples some pattern covers. Line: share of keys with at "
+                 "least one semantic pattern (semantic only or both), the same split counted in keys.")
     ref = inp.paper["fig2_patterns"]
     plot = Plot(inp, inp.faces)
     summary = {}
+    old_faces = []
     for p, face in enumerate(inp.faces):
         b = inp.block("patterns", face)
-        parts = {k: inp.series(b, k) for k in ("shallow", "both", "semantic", "none")}
+        parts = {k: inp.series(b, k) for k in PATTERN_PARTS}
         cov = inp.series(b, "coverage")
         if b is None or (all(v is None for v in parts.values()) and cov is None):
             plot.no_data(p, _why(inp, "patterns", face, b, "per-layer shares"), face)
             continue
-        for k, label in (("shallow", "shallow"), ("both", "shallow + semantic"), ("semantic", "semantic"),
-                         ("none", "no pattern")):
+        old = _keys_unit(b)
+        if old:
+            old_faces.append(face)
+        unit = "keys" if old else "triggers"
+        for k in PATTERN_PARTS:
             if parts[k] is not None:
-                plot.bars(p, f"ours: {label}", parts[k], COLORS[k], face=face)
+                plot.bars(p, f"ours: {unit}, {PART_LABEL[k]}", parts[k], COLORS[k], face=face)
         if cov is not None:
-            plot.ours(p, "ours: covered by a pattern", cov, COLORS["coverage"], face=face)
+            plot.ours(p, "ours: triggers covered by a pattern", cov, COLORS["coverage"], face=face)
             _note_gaps(fig, inp, f"{FACE_LABEL[face]} coverage", cov)
+        ksem = None
+        if not old:
+            ks, kb = inp.series(b, "keys_semantic"), inp.series(b, "keys_both")
+            if ks is not None or kb is not None:
+                ksem = [None if x is None and y is None else (x or 0.0) + (y or 0.0)
+                        for x, y in zip(ks or [None] * inp.n_layers, kb or [None] * inp.n_layers)]
+                plot.ours(p, "ours: keys with a semantic pattern", ksem, COLORS["keys_semantic"], face=face)
         lo, hi = ref["coverage_range"]
         plot.paper_hline(p, f"{lo:.0%}–{hi:.0%} of triggers covered", lo, COLORS["coverage"])
         plot.paper_hline(p, f"{lo:.0%}–{hi:.0%} of triggers covered", hi, COLORS["coverage"])
@@ -329,14 +365,21 @@ def fig2(inp: ReportInputs) -> Figure:
         plot.paper_vline(p, f"shallow → semantic from layer {t} of {PAPER_LAYERS}", (t - 0.5) / PAPER_LAYERS, 0, 1,
                          COLORS["semantic"])
         ppk = inp.series(b, "patterns_per_key")
-        summary[face] = _fig2_summary(parts, cov, ppk)
+        summary[face] = _fig2_summary(parts, cov, ppk, ksem, old)
+    if old_faces:
+        faces = join_words([FACE_LABEL[f] for f in old_faces])
+        fig.notes.append(f"{faces}: this analysis.json was written before `ffkv explain` (its patterns block has no "
+                         "keys_* shares), so its bars are shares of keys, not of trigger examples; rerun "
+                         f"`ffkv analyze {inp.atlas_path} --only patterns` for the paper's unit")
     if summary:
         fig.verdict = _fig2_verdict(inp, summary)
-    return _finish(fig, inp, plot, bool(summary), "patterns",
-                   ytitle="share of keys / of triggers covered (%)", yrange=[0, 1.02], barmode="stack")
+    unit = "keys / of triggers covered" if old_faces and len(old_faces) == len(summary) else \
+        "trigger examples / of keys"
+    return _finish(fig, inp, plot, bool(summary), "patterns", ytitle=f"share of {unit} (%)", yrange=[0, 1.02],
+                   barmode="stack")
 
 
-def _fig2_summary(parts, cov, ppk) -> dict:
+def _fig2_summary(parts, cov, ppk, ksem, old) -> dict:
     n = len(next(v for v in [*parts.values(), cov] if v is not None))
     sh, se, bo = (parts[k] or [None] * n for k in ("shallow", "semantic", "both"))
     shallow_share, semantic_share = [], []
@@ -347,7 +390,8 @@ def _fig2_summary(parts, cov, ppk) -> dict:
         semantic_share.append(b / covered if ok else None)
     ppk_pts = points(ppk)
     return {"shallow": points(shallow_share), "semantic": points(semantic_share), "coverage": points(cov),
-            "ppk": sum(v for _, _, v in ppk_pts) / len(ppk_pts) if ppk_pts else None}
+            "ppk": sum(v for _, _, v in ppk_pts) / len(ppk_pts) if ppk_pts else None,
+            "keys_semantic": points(ksem), "old": old}
 
 
 def _fig2_verdict(inp, summary) -> Verdict:
@@ -357,15 +401,23 @@ def _fig2_verdict(inp, summary) -> Verdict:
     e_sh, e_se, l_sh, l_se = early(s["shallow"]), early(s["semantic"]), late(s["shallow"]), late(s["semantic"])
     low_ok, high_ok = e_sh > e_se, l_se > l_sh
     status = "yes" if low_ok and high_ok else "partly" if low_ok or high_ok else "no"
-    claim = (f"of the keys with a pattern, {pct(e_sh)} have only shallow ones in the lowest third of layers and "
-             f"{pct(l_se)} only semantic ones in the top third")
+    if s["old"]:
+        claim = (f"of the keys with a pattern, {pct(e_sh)} have only shallow ones in the lowest third of layers and "
+                 f"{pct(l_se)} only semantic ones in the top third (shares of keys: an analysis.json from before "
+                 "ffkv explain)")
+    else:
+        claim = (f"of the covered trigger examples, {pct(e_sh)} are covered only by shallow patterns in the lowest "
+                 f"third of layers and {pct(l_se)} only by semantic ones in the top third")
     cov = [v for _, _, v in s["coverage"]]
     if cov:
         claim += f"; {pct_span(min(cov), max(cov))} of triggers are covered"
     if s["ppk"] is not None:
         claim += f", {num(s['ppk'])} patterns per key"
+    if s["keys_semantic"]:
+        ks = s["keys_semantic"]
+        claim += f"; {pct(early(ks))} of keys have a semantic pattern low and {pct(late(ks))} high"
     ref = inp.paper["fig2_patterns"]
-    paper = (f"≥{ref['shallow_share_of_covered_layer1_min']:.0%} shallow at layer 1, ≈"
+    paper = (f"of covered triggers ≥{ref['shallow_share_of_covered_layer1_min']:.0%} shallow at layer 1, ≈"
              f"{ref['semantic_share_of_covered_layer16_approx']:.0%} semantic at layer 16, shallow → semantic from "
              f"layer {ref['transition_layer']}, {ref['coverage_range'][0]:.0%}–{ref['coverage_range'][1]:.0%} "
              f"covered, {ref['patterns_per_key']} patterns per key")
@@ -375,6 +427,146 @@ def _fig2_verdict(inp, summary) -> Verdict:
         extra = _face_clause("negative face", f"{pct(early(n['shallow']))} shallow low, {pct(late(n['semantic']))} "
                                               "semantic high")
     return verdict(inp, status, claim, paper, ("patterns", "corpus", "instruct"), extra)
+
+
+SCORE_SERIES = (
+    # key in the patterns block, legend name, colour, baseline?
+    ("sim_corr", "ours: simulation correlation", "sim", False),
+    ("f1", "ours: firing F1", "f1", False),
+    ("shuffled_sim_corr", "ours: shuffled-explanation baseline, sim. corr.", "sim_shuffled", True),
+    ("shuffled_f1", "ours: shuffled-explanation baseline, F1", "f1_shuffled", True),
+    ("lookup_sim_corr", "ours: last-token lookup baseline, sim. corr.", "sim_lookup", True),
+    ("lookup_f1", "ours: last-token lookup baseline, F1", "f1_lookup", True),
+)
+
+
+def _score(v):
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def fig_explain(inp: ReportInputs) -> Figure:
+    fig = Figure("explain", "E1", "keys", "Explanation scores per layer",
+                 "Not a figure of the paper: how well each memory face's explanation (ffkv explain: its patterns, "
+                 "fitted on its top triggers) predicts the face's coefficient on held-out text. Simulation "
+                 "correlation: Pearson correlation of the activation simulated from the explanation alone with the "
+                 "coefficient, over the face's top and random held-out prefixes (mean over keys). Firing F1: the "
+                 "explanation's prediction that the face fires (coefficient ≥ 0.5 × its top scanned coefficient) "
+                 "against where it does, over every held-out prefix (mean over the keys that fired there). Thin lines: "
+                 "the same scores of two baselines, another key's explanation (shuffled) and a last-token lookup table "
+                 "fitted on the same triggers. Dotted: Neuron-to-Graph's firing F1 per layer of a 6-layer model "
+                 "(Foote et al. 2023), on its relative depth layer/6.")
+    ref = inp.paper["n2g_firing_f1"]
+    plot = Plot(inp, inp.faces)
+    per_face = {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("patterns", face)
+        s = {k: inp.series(b, k) for k, *_ in SCORE_SERIES}
+        if b is None or (s["sim_corr"] is None and s["f1"] is None):
+            why = _why(inp, "patterns", face, b, "explanation scores") + \
+                (" (written before `ffkv explain`)" if _keys_unit(b) else "")
+            plot.no_data(p, why, face)
+            continue
+        for key, name, color, baseline in SCORE_SERIES:
+            if s[key] is not None:
+                plot.ours(p, name, s[key], COLORS[color], _score, baseline=baseline, face=face)
+        plot.paper(p, f"Neuron-to-Graph firing F1, {ref['n_layers']}-layer model (Foote et al. 2023)", ref["f1"],
+                   COLORS["f1"], _score, approx=False)
+        _note_gaps(fig, inp, f"{FACE_LABEL[face]} simulation correlation", s["sim_corr"])
+        scored, nk = inp.series(b, "scored_keys"), inp.series(b, "n_keys")
+        bits = []
+        if scored:
+            sc = [v for v in scored if v is not None]
+            bits.append(f"F1 over {num(sum(sc) / len(sc))} keys per layer on average that fired on held-out text"
+                        + (f" (of {num(_mean(points(nk)))} explained)" if nk else ""))
+        prec, rec = (_mean(points(inp.series(b, k))) for k in ("precision", "recall"))
+        if prec is not None and rec is not None:
+            bits.append(f"mean precision {_score(prec)}, recall {_score(rec)}")
+        if bits:
+            fig.notes.append(f"{FACE_LABEL[face]}: " + "; ".join(bits))
+        per_face[face] = {k: s[k] for k, *_ in SCORE_SERIES}
+    if per_face:
+        fig.verdict = _explain_verdict(inp, per_face)
+    vals = [v for t in plot.data if t["meta"]["role"] != "paper" for v in t.get("y") or [] if v is not None]
+    low = min([0.0, *vals])
+    drawn = bool(per_face)
+    fig = _finish(fig, inp, plot, drawn, "patterns", ytitle="score (mean over keys)", yformat=".1f",
+                  yrange=[low - 0.05 if low < 0 else 0, 1.02])
+    b = inp.block("patterns")
+    if not drawn and b is not None:
+        fig.missing = ("analysis.json 'patterns' has no explanation scores (written before `ffkv explain`): run "
+                       f"`ffkv explain {inp.atlas_path}` and `ffkv analyze {inp.atlas_path} --only patterns`"
+                       ) if _keys_unit(b) else (
+            "analysis.json 'patterns' has no explanation scores (sim_corr and f1 are null: was `ffkv explain` run "
+            f"with --no-score?): run `ffkv explain {inp.atlas_path}` and `ffkv analyze {inp.atlas_path} --only "
+            "patterns`")
+    return fig
+
+
+def _interp(pts_x: list[float], pts_y: list[float], x: float) -> float:
+    """Linear interpolation on a curve given on increasing x, held constant beyond its ends."""
+    if x <= pts_x[0]:
+        return pts_y[0]
+    for (x0, y0), (x1, y1) in zip(zip(pts_x, pts_y), zip(pts_x[1:], pts_y[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts_y[-1]
+
+
+def _beats(ours, base) -> tuple[int, int]:
+    """(layers where ours is above the baseline, layers with both)."""
+    if ours is None or base is None:
+        return 0, 0
+    both = [(a, b) for a, b in zip(ours, base) if a is not None and b is not None]
+    return sum(a > b for a, b in both), len(both)
+
+
+def _explain_verdict(inp, per_face) -> Verdict:
+    s = per_face.get("pos") or next(iter(per_face.values()))
+    f1, sim = points(s["f1"]), points(s["sim_corr"])
+    ref = inp.paper["n2g_firing_f1"]
+    n2g = paper_points(ref["f1"])
+    n2g_text = (f"Neuron-to-Graph, Foote et al. 2023: firing F1 {_score(early(n2g))} in the lowest third → "
+                f"{_score(late(n2g))} in the top third of a {ref['n_layers']}-layer model")
+    if not f1 and not sim:
+        return no_verdict("no explanation scores")
+    bits = []
+    gap = None
+    if f1:
+        xs, ys = [x for x, _, _ in n2g], [v for _, _, v in n2g]
+        gap = float(sum(v - _interp(xs, ys, x) for x, _, v in f1) / len(f1))
+        bits.append(f"our explanations' firing F1 is {_score(early(f1))} in the lowest third of layers and "
+                    f"{_score(late(f1))} in the top third ({'+' if gap >= 0 else '−'}{abs(gap):.2f} against N2G at "
+                    "the same relative depth, on average)")
+    if sim:
+        bits.append(f"their simulation correlation {_score(_mean(sim))} on average")
+    wins, base_bits = {}, []
+    for base, label in (("shuffled", "the shuffled explanation"), ("lookup", "the last-token lookup")):
+        w = {m: _beats(s[m], s[f"{base}_{m}"]) for m in ("f1", "sim_corr")}
+        wins[base] = (sum(a for a, _ in w.values()), sum(n for _, n in w.values()))
+        said = [f"{a} of {n} layers on {what}" for m, what in (("f1", "F1"), ("sim_corr", "simulation correlation"))
+                for a, n in [w[m]] if n]
+        if said:
+            base_bits.append(f"{label} in {join_words(said)}")
+    claim = "; ".join(bits)
+    if base_bits:
+        claim += "; they beat " + "; ".join(base_bits)
+    share = {b: (w / n if n else None) for b, (w, n) in wins.items()}
+    beat_all = all(v is not None and v >= 0.8 for v in share.values())
+    beat_shuffled = share["shuffled"] is not None and share["shuffled"] >= 0.5
+    at_n2g = gap is not None and gap >= -0.1
+    status = "yes" if beat_all and at_n2g else "partly" if beat_shuffled else "no"
+    level = "no F1 to set beside N2G's" if gap is None else "above N2G's level" if gap > 0.1 else \
+        "at N2G's level" if at_n2g else "below N2G's level"
+    lead = level + \
+        (", above both baselines" if beat_all else ", above the shuffled explanation" if beat_shuffled else
+         ", not above the shuffled explanation")
+    extra = ""
+    if "neg" in per_face and points(per_face["neg"]["f1"]):
+        n = per_face["neg"]
+        extra = _face_clause("negative face", f"F1 {_score(_mean(points(n['f1'])))} and simulation correlation "
+                                              f"{_score(_mean(points(n['sim_corr'])))} on average")
+    text = f"{lead[0].upper()}{lead[1:]}: {claim} (paper: {n2g_text}){extra}."
+    return Verdict(status, text)
 
 
 def fig3(inp: ReportInputs) -> Figure:
@@ -1007,31 +1199,32 @@ def _fig11_verdict(inp, parts) -> Verdict:
 
 
 FIGURE_INFO = {
-    "fig2": ("keys", "Patterns of the keys' trigger examples, per layer"),
-    "fig3": ("keys", "Relative change of the memory coefficient when a token is removed"),
-    "fig4": ("values", "Agreement rate: a value's top token is its key's top-1 trigger's next token"),
-    "fig5": ("values", "Rank of the trigger's next token under the value's distribution"),
-    "fig6": ("values", "Agreement rate against the value's maximal probability"),
-    "fig7": ("aggregation", "Active memories per layer"),
-    "fig8": ("aggregation", "The layer's prediction is not any single memory's"),
-    "fig9": ("aggregation", "The residual's top token is already the model's final prediction"),
-    "fig10": ("aggregation", "Probability the residual gives to the final prediction"),
-    "fig11": ("aggregation", "How the FFN output changes the residual's top token"),
+    "fig2": ("2", "keys", "Patterns of the keys' trigger examples, per layer"),
+    "explain": ("E1", "keys", "Explanation scores per layer"),
+    "fig3": ("3", "keys", "Relative change of the memory coefficient when a token is removed"),
+    "fig4": ("4", "values", "Agreement rate: a value's top token is its key's top-1 trigger's next token"),
+    "fig5": ("5", "values", "Rank of the trigger's next token under the value's distribution"),
+    "fig6": ("6", "values", "Agreement rate against the value's maximal probability"),
+    "fig7": ("7", "aggregation", "Active memories per layer"),
+    "fig8": ("8", "aggregation", "The layer's prediction is not any single memory's"),
+    "fig9": ("9", "aggregation", "The residual's top token is already the model's final prediction"),
+    "fig10": ("10", "aggregation", "Probability the residual gives to the final prediction"),
+    "fig11": ("11", "aggregation", "How the FFN output changes the residual's top token"),
 }
-"""Section and title of each figure (also used when a figure fails to draw)."""
+"""Number, section and title of each figure by id (also used when a figure fails to draw)."""
 
-FIGURES = (fig2, fig3, fig4, fig5, fig6, fig7, fig8, fig9, fig10, fig11)
+FIGURES = {"fig2": fig2, "explain": fig_explain, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6,
+           "fig7": fig7, "fig8": fig8, "fig9": fig9, "fig10": fig10, "fig11": fig11}
 
 
 def build_figures(inp: ReportInputs) -> list[Figure]:
     """Every figure; a figure whose inputs are missing comes back with ``missing`` set instead of a spec."""
     out = []
-    for make in FIGURES:
+    for fid, make in FIGURES.items():
         try:
             out.append(make(inp))
         except Exception as exc:  # a malformed block must not cost the rest of the report
-            n = make.__name__[3:]
-            section, title = FIGURE_INFO[make.__name__]
-            out.append(Figure(make.__name__, n, section, title, "", missing=f"could not draw it from analysis.json "
+            n, section, title = FIGURE_INFO[fid]
+            out.append(Figure(fid, n, section, title, "", missing=f"could not draw it from analysis.json "
                               f"({type(exc).__name__}: {exc})"))
     return out

@@ -39,6 +39,8 @@ DEFAULT_DEFINITIONS = {
 
 FIGURE_SHORT = {
     "fig2": "Shallow patterns in lower layers, semantic ones in upper layers",
+    "explain": "Not in the paper: explanations predict held-out firing (Neuron-to-Graph: F1 0.74 → 0.42 over 6 "
+               "layers) better than baselines",
     "fig3": "Removing the last token hurts most, less so with depth",
     "fig4": "Values predict their keys' next token in upper layers",
     "fig5": "The next token's rank under the value improves with depth",
@@ -159,7 +161,37 @@ def _face_tag(face) -> str:
     return f'<span class="face face-{face}">{"+v" if face == "pos" else "−v"}</span>'
 
 
-def _key_rows(inp, keys, split: TriggerSplitter, n_triggers: int) -> str:
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _score_text(v) -> str:
+    return f"{v:.2f}" if _finite(v) else "n/a"
+
+
+def _kind_tag(kind) -> str:
+    kind = kind if kind in ("shallow", "semantic", "both", "none") else "other"
+    return f'<span class="kind kind-{kind}">{esc(kind)}</span>'
+
+
+def _has_description(keys) -> bool:
+    return any(isinstance(k.get("description"), str) and k["description"] for k in keys)
+
+
+def _description_cell(k) -> str:
+    """A key's one-line explanation (ffkv explain), its kind and held-out scores."""
+    desc = k.get("description")
+    if not isinstance(desc, str) or not desc:
+        return '<td class="desc muted">—</td>'
+    scores = ""
+    if any(isinstance(k.get(x), (int, float)) for x in ("sim_corr", "f1")):
+        scores = (f'<span class="scores">sim. corr. {_score_text(k.get("sim_corr"))} · F1 '
+                  f'{_score_text(k.get("f1"))}</span>')
+    label = _kind_tag(k["label"]) if k.get("label") is not None else ""
+    return f'<td class="desc">{label}{esc(desc)}{scores}</td>'
+
+
+def _key_rows(inp, keys, split: TriggerSplitter, n_triggers: int, describe: bool = False) -> str:
     rows = []
     for k in keys:
         patterns = [p for p in (k.get("patterns") or []) if isinstance(p, dict)]
@@ -186,7 +218,8 @@ def _key_rows(inp, keys, split: TriggerSplitter, n_triggers: int) -> str:
             trig_html.append(f'<li class="more">… {more} more</li>')
         rows.append(
             f"<tr><td class=\"num\">{_depth(inp, k.get('layer'))}</td><td class=\"num\">{esc(k.get('key', '?'))}"
-            f"{_face_tag(k.get('face', 'pos'))}</td><td><ol class=\"patterns\">"
+            f"{_face_tag(k.get('face', 'pos'))}</td>{_description_cell(k) if describe else ''}"
+            f"<td><ol class=\"patterns\">"
             f"{''.join(pat_html) or '<li class=muted>no pattern found</li>'}</ol></td>"
             f"<td><ol class=\"triggers\">{''.join(trig_html)}</ol></td></tr>")
     return "".join(rows)
@@ -196,7 +229,8 @@ def _key_score(k) -> tuple:
     ps = [p for p in (k.get("patterns") or []) if isinstance(p, dict)]
     kinds = {p.get("kind") for p in ps}
     pvals = [p["p_value"] for p in ps if isinstance(p.get("p_value"), (int, float))]
-    return (-len(kinds), -len(ps), min(pvals) if pvals else 1.0)
+    sim = k.get("sim_corr") if _finite(k.get("sim_corr")) else 0.0
+    return (-len(kinds), -len(ps), -sim, min(pvals) if pvals else 1.0)
 
 
 def table1(inp: ReportInputs, split: TriggerSplitter) -> tuple[str, str | None]:
@@ -221,11 +255,14 @@ def table1(inp: ReportInputs, split: TriggerSplitter) -> tuple[str, str | None]:
             cands = [k for k in by_layer[layer] if k.get("face", "pos") == face]
             if cands:
                 examples.append(min(cands, key=_key_score))
-    head = ("<thead><tr><th>Layer</th><th>Key</th><th>Patterns (numbered)</th><th>Top trigger examples "
+    describe = _has_description(keys)
+    head = ("<thead><tr><th>Layer</th><th>Key</th>"
+            + ("<th>Explanation (one line, ffkv explain)</th>" if describe else "")
+            + "<th>Patterns (numbered)</th><th>Top trigger examples "
             "(trigger token highlighted, → next token; the numbers say which pattern a trigger shares)</th>"
             "</tr></thead>")
-    out = [f'<div class="table-wrap"><table class="keys">{head}<tbody>{_key_rows(inp, examples, split, 6)}'
-           "</tbody></table></div>"]
+    out = [f'<div class="table-wrap"><table class="keys">{head}<tbody>'
+           f'{_key_rows(inp, examples, split, 6, describe)}</tbody></table></div>']
     capped = sorted(keys, key=lambda k: (k.get("layer") if isinstance(k.get("layer"), int) else -1,
                                          k.get("face", "pos"), k.get("key") if isinstance(k.get("key"), int) else 0))
     limit = 400
@@ -233,8 +270,41 @@ def table1(inp: ReportInputs, split: TriggerSplitter) -> tuple[str, str | None]:
                f'{f" (first {limit} shown)" if len(keys) > limit else ""}, layers '
                f'{esc(layer_ranges(sorted({k["layer"] for k in keys if isinstance(k.get("layer"), int)})))}</summary>'
                f'<div class="table-wrap"><table class="keys">{head}<tbody>'
-               f'{_key_rows(inp, capped[:limit], split, 10)}</tbody></table></div></details>')
+               f'{_key_rows(inp, capped[:limit], split, 10, describe)}</tbody></table></div></details>')
     return "".join(out), None
+
+
+def table_best(inp: ReportInputs, limit: int = 20) -> tuple[str, str | None]:
+    """The best-explained memories: the keys of the patterns block(s) by held-out simulation correlation, with
+    their kind, one-line explanation and scores. Returns (html, missing note)."""
+    keys = []
+    for face in inp.faces:
+        b = inp.block("patterns", face)
+        keys += [dict(k, face=k.get("face", face)) for k in ((b or {}).get("keys") or []) if isinstance(k, dict)]
+    scored = [k for k in keys if _finite(k.get("sim_corr")) and isinstance(k.get("description"), str)]
+    if not scored:
+        b = inp.block("patterns")
+        if b is None:
+            return "", inp.missing_reason("patterns")
+        why = "analysis.json 'patterns' has no 'keys'" if not keys else \
+            ("its keys have no explanations or held-out scores (analysis.json written before `ffkv explain`): run "
+             f"`ffkv explain {inp.atlas_path}` and `ffkv analyze {inp.atlas_path} --only patterns`")
+        return "", why
+    scored.sort(key=lambda k: (-k["sim_corr"], -(k["f1"] if _finite(k.get("f1")) else -1)))
+    rows = []
+    for k in scored[:limit]:
+        rows.append(f"<tr><td class=num>{_depth(inp, k.get('layer'))}</td><td class=num>{esc(k.get('key', '?'))}"
+                    f"{_face_tag(k.get('face', 'pos'))}</td><td>{_kind_tag(k.get('label'))}</td>"
+                    f"<td class=desc>{esc(k['description'])}</td>"
+                    f"<td class=num>{_score_text(k['sim_corr'])}</td><td class=num>{_score_text(k.get('f1'))}</td>"
+                    "</tr>")
+    more = f'<p class="muted">{len(scored) - limit} more in analysis.json.</p>' if len(scored) > limit else ""
+    table = ('<div class="table-wrap"><table class="best"><thead><tr><th>Layer</th><th>Key</th><th>Kind</th>'
+             "<th>Explanation (one line)</th><th title=\"Pearson correlation of the simulated activation with the "
+             "coefficient on held-out prefixes\">Sim. corr.</th><th title=\"firing F1 on held-out text "
+             "(fires: coefficient ≥ 0.5 × its top scanned coefficient)\">F1</th></tr></thead><tbody>"
+             f"{''.join(rows)}</tbody></table></div>{more}")
+    return table, None
 
 
 def table2(inp: ReportInputs, split: TriggerSplitter) -> tuple[str, str | None]:
@@ -452,8 +522,11 @@ def definitions_html(inp: ReportInputs) -> str:
 
 
 def page(inp: ReportInputs, figures: list[Figure], atlas_arg: str, plotly_js: str,
-         table_fn: Callable[[], tuple[tuple[str, str | None], tuple[str, str | None]]]) -> str:
-    (t1, t1_missing), (t2, t2_missing) = table_fn()
+         table_fn: Callable[[], tuple[tuple[str, str | None], ...]]) -> str:
+    """The whole page. ``table_fn`` gives (html, missing note) of Table 1, Table 2 and, where it gives a third, the
+    best-explained memories."""
+    (t1, t1_missing), (t2, t2_missing), *rest = table_fn()
+    tb, tb_missing = rest[0] if rest else (None, None)
     by_section: dict[str, list[Figure]] = {}
     for f in figures:
         by_section.setdefault(f.section, []).append(f)
@@ -464,8 +537,9 @@ def page(inp: ReportInputs, figures: list[Figure], atlas_arg: str, plotly_js: st
                  "below says what it needs.</div>"
     else:
         gone = [f"Fig {f.number}" for f in figures if f.missing]
-        if gone or t1_missing or t2_missing:
-            parts = gone + (["Table 1"] if t1_missing else []) + (["Table 2"] if t2_missing else [])
+        if gone or t1_missing or t2_missing or tb_missing:
+            parts = gone + (["Table 1"] if t1_missing else []) + (["Table 2"] if t2_missing else []) + \
+                (["best-explained memories"] if tb_missing else [])
             banner = (f'<div class="banner partial">Partial analysis: {esc(", ".join(parts))} could not be drawn; '
                       "each says why below.</div>")
     toc_items = ['<li><a href="#overview">Overview</a><ul><li><a href="#reproduce">How to reproduce</a></li></ul>'
@@ -480,12 +554,23 @@ def page(inp: ReportInputs, figures: list[Figure], atlas_arg: str, plotly_js: st
             sub.append(f'<li><a href="#{f.id}">Fig {f.number}</a> <span class="dot dot-{state}"></span> '
                        f'<span class="toc-short">{esc(FIGURE_SHORT.get(f.id, ""))}</span></li>')
             blocks.append(figure_html(f))
-        extra = ""
+        extra = best = ""
         if sid == "keys":
             sub.insert(1, '<li><a href="#table1">Table 1</a> <span class="toc-short">example keys</span></li>')
+            if tb is not None:
+                sub.insert(3 if any(f.id == "explain" for f in figs) else 2,
+                           '<li><a href="#best">Best-explained memories</a> <span class="toc-short">held-out scores'
+                           "</span></li>")
             extra = table_html("table1", "Table 1 — example keys per depth, with their patterns", t1, t1_missing,
-                               "For a few layers spread over depth, the analysed key with the most distinct pattern "
-                               "kinds (per face), its patterns and top trigger examples; all analysed keys below.")
+                               "For a few layers spread over depth, of the keys analysis.json lists (with ffkv "
+                               "explain: the best-explained of each layer), the one with the most distinct pattern "
+                               "kinds (per face), with its one-line explanation, patterns and top trigger examples; "
+                               "all listed keys below.")
+            best = "" if tb is None else table_html(
+                "best", "Best-explained memories", tb, tb_missing,
+                "Of the keys analysis.json lists (the best-explained of each layer and face), those whose explanation "
+                "best predicts their coefficient on held-out text (simulation correlation), with its kind (which "
+                "patterns it has), its one line and its firing F1.")
         if sid == "values":
             sub.append('<li><a href="#table2">Table 2</a> <span class="toc-short">top values</span></li>')
             extra = table_html("table2", "Table 2 — values that predict their keys' next token", t2, t2_missing,
@@ -495,8 +580,10 @@ def page(inp: ReportInputs, figures: list[Figure], atlas_arg: str, plotly_js: st
         toc_items.append(f'<li><a href="#{sid}">{esc(stitle)}</a><ul>{"".join(sub)}</ul></li>')
         grid = "".join(blocks)
         if sid == "keys":
-            first, rest = (blocks[0], "".join(blocks[1:])) if blocks else ("", "")
-            content = f'<div class="grid">{first}</div>{extra}<div class="grid">{rest}</div>'
+            by_id = {f.id: b for f, b in zip(figs, blocks)}
+            others = "".join(b for fid, b in by_id.items() if fid not in ("fig2", "explain"))
+            content = (f'<div class="grid">{by_id.get("fig2", "")}</div>{extra}<div class="grid">'
+                       f'{by_id.get("explain", "")}</div>{best}<div class="grid">{others}</div>')
         else:
             content = f'<div class="grid">{grid}</div>{extra}'
         body.append(f'<section id="{sid}"><h2>{esc(stitle)}</h2>{content}</section>')
@@ -504,6 +591,7 @@ def page(inp: ReportInputs, figures: list[Figure], atlas_arg: str, plotly_js: st
     about = (f'<section id="about"><h2>About this report</h2><p>Written by <code>ffkv report</code> {esc(__version__)}'
              f" from <code>{esc(inp.atlas_path / 'manifest.json')}</code> and <code>analysis.json</code>; the paper's "
              f"numbers come from the copy of its reference data shipped with ffkv ({esc(inp.paper.get('source', ''))})"
+             f"; the Neuron-to-Graph reference of Fig E1 is {esc(inp.paper.get('n2g_firing_f1', {}).get('source', ''))}"
              f". Paper curves are placed at relative depth (layer+1)/{PAPER_LAYERS}. The page is self-contained: "
              "plotly.js is embedded once and nothing is fetched from the network.</p></section>")
     title = f"ffkv report — {t['display_name']}"
@@ -585,7 +673,9 @@ ol.patterns .pnum{margin:0 6px 0 0}
 ol.patterns{list-style:none;padding-left:0}
 .kind{font-size:11px;font-weight:600;padding:0 6px;border-radius:4px;margin-right:4px}
 .kind-shallow{background:#fcefd6;color:#7a5000}.kind-semantic{background:#dde9f7;color:#1d4f8a}
-.kind-other{background:#eee;color:#444}
+.kind-both{background:#e6f0d8;color:#3d5a1a}.kind-none,.kind-other{background:#eee;color:#444}
+td.desc{min-width:220px}td.desc .kind{margin-right:6px}
+.scores{display:block;color:var(--muted);font-size:12px;font-variant-numeric:tabular-nums}
 .pv{color:var(--muted);font-size:12px;margin-left:4px}
 code.tok{display:inline-block;background:#f1f3f6;border:1px solid var(--line);border-radius:4px;padding:0 4px;
 margin:1px 3px 1px 0;white-space:pre}
