@@ -145,7 +145,8 @@ def test_pearson_and_f1_sums_match_numpy():
     st.add_pearson(0, a[:100], s[:100])
     st.add_pearson(0, a[100:], s[100:])
     pred, fires = a > 0.5, s > 0.5
-    st.add_counts(0, pred, fires)
+    st.add_counts(0, pred[:120], np.nonzero(fires[:120]), fires[:120].sum(0))
+    st.add_counts(0, pred[120:], np.nonzero(fires[120:]), fires[120:].sum(0))
     r = st.result()
     for k in range(3):
         assert r["sim_corr"][k] == pytest.approx(np.corrcoef(a[:, k], s[:, k])[0, 1], abs=1e-9)

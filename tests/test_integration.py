@@ -89,8 +89,8 @@ def test_analyze_and_report_on_a_real_atlas(tmp_path):
     loaded = ffkv.load_model("default")
     config = ffkv.ScanConfig(max_tokens=2500, layers="1,28", top_k=10, value_top=5)
     atlas = ffkv.scan(loaded, "default", tmp_path / "atlas", config, progress=False)
-    result = analyze(atlas.path, AnalyzeConfig(keys_per_layer=3, triggers=10, removal_keys=2, removal_triggers=3,
-                                               examples=40), model=loaded, progress=False)
+    result = analyze(atlas.path, AnalyzeConfig(removal_keys=2, removal_triggers=3, examples=40), model=loaded,
+                     progress=False)
     on_disk = json.loads((atlas.path / "analysis.json").read_text())
     assert on_disk["layers"] == [1, 28] and on_disk["n_layers"] == 30
     for block in ("patterns", "patterns_neg", "token_removal", "token_removal_neg", "values", "values_neg",

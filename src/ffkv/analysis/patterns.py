@@ -50,6 +50,8 @@ MIN_SUPPORT = 3
 CLASS_WORDS = {"number": "a number or year", "punct": "punctuation", "piece": "a piece continuing a word",
                "first": "the first token of a sentence", "capital": "a capitalised word"}
 OFFSET_BUCKETS = np.array([0, 1, 2, 4, 8, 16, 32])
+NULL_POSITIONS = 5000
+"""Random scanned positions on which a meaning group's corpus rate (the base of its lift) is measured."""
 
 
 @dataclass
@@ -110,7 +112,7 @@ class CorpusNull:
         self.last = np.bincount(feats.code, minlength=vocab.n_codes) / n
         bigram = feats.prev * vocab.n_codes + feats.code
         uniq, counts = np.unique(bigram[feats.prev >= 0], return_counts=True)
-        self.bigram = dict(zip(uniq.tolist(), (counts / n).tolist()))
+        self.bigram_codes, self.bigram_rates = uniq, counts / n
         near = np.unique(np.concatenate([np.stack([np.arange(len(feats)), feats.prev], 1),
                                          np.stack([np.arange(len(feats)), feats.prev2], 1)]), axis=0)
         near = near[near[:, 1] >= 0]
@@ -131,14 +133,18 @@ class CorpusNull:
         pick = rng.permutation(np.nonzero(has_subject)[0])
         _, first = np.unique(feats.unit[pick], return_index=True)  # one random prefix per unit
         self.subject_pool = feats.subject_vec[pick[first]]
-        self.word_positions = feats.word_vec[rng.choice(len(feats), min(len(feats), 20000), replace=False)] \
-            if len(feats) else feats.word_vec
-        self.subject_positions = feats.subject_vec[rng.choice(len(feats), min(len(feats), 20000), replace=False)] \
-            if len(feats) else feats.subject_vec
+        sample = rng.choice(len(feats), min(len(feats), NULL_POSITIONS), replace=False)
+        self.word_positions, self.subject_positions = feats.word_vec[sample], feats.subject_vec[sample]
         self.group_null = {
             "category": _null_group_sizes(self.word_pool, cfg.word_cosine, cfg.triggers, cfg.null_sets, rng),
             "subject": _null_group_sizes(self.subject_pool, cfg.subject_cosine, cfg.triggers, cfg.null_sets, rng),
         }
+
+    def bigram_rate(self, codes: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.bigram_codes, codes).clip(0, max(len(self.bigram_codes) - 1, 0))
+        if len(self.bigram_codes) == 0:
+            return np.full(len(codes), 1.0 / self.n)
+        return np.where(self.bigram_codes[i] == codes, self.bigram_rates[i], 1.0 / self.n)
 
     def max_p(self, kind: str, support: np.ndarray, n: np.ndarray) -> np.ndarray:
         """P(some candidate of the kind is shared by >= support of n units) under the null, bounded by the sum over
@@ -146,7 +152,7 @@ class CorpusNull:
         shared candidate, which was chosen by looking at the triggers."""
         if not hasattr(self, "_rates"):
             self._rates = {"last": self.last[self.last > 0], "near": self.near[self.near > 0],
-                           "bigram": np.fromiter(self.bigram.values(), float, len(self.bigram)),
+                           "bigram": self.bigram_rates,
                            "topic": self.topic[self.topic > 0], "article": self.title[self.title > 0]}
             self._max_p_cache: dict = {}
         out = np.ones(len(support))
@@ -292,7 +298,7 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
     record("last", best, support, null.last[np.maximum(best, 0)], code == best[:, None])
     bigram = np.where(valid & (feats.prev[r] >= 0), feats.prev[r] * vocab.n_codes + feats.code[r], -1)
     best, support = _mode_by_units(bigram, units, valid)
-    record("bigram", best, support, np.array([null.bigram.get(int(b), 1.0 / null.n) for b in best]),
+    record("bigram", best, support, null.bigram_rate(best),
            bigram == best[:, None])
     near_codes = np.concatenate([np.where(valid, feats.prev[r], -1), np.where(valid, feats.prev2[r], -1)], axis=1)
     best, support = _mode_by_units(near_codes, np.concatenate([units, units], 1), np.concatenate([valid, valid], 1))

@@ -62,6 +62,7 @@ class Simulator:
         K = len(e.keys)
         self.weight = {k: np.where(e.significant[k], np.maximum(e.lift[k], 1e-3), 0.0).astype(np.float32)
                        for k in KINDS}
+        self.significant_cols = {k: np.nonzero(e.significant[k])[0] for k in KINDS}
         # last-token tables over the codes present in ``feats`` (last row: any other code). The explanation's
         # "ends with" pattern is the set of last tokens of >= 2 units (and the most shared one); the lookup
         # baseline takes every last token of the triggers.
@@ -108,7 +109,29 @@ class Simulator:
         return a
 
     def dense(self, rows: np.ndarray) -> np.ndarray:
-        return self.evaluate(rows[:, None], np.arange(len(self.e.keys))[None, :])
+        """a(x) [len(rows), K] for every key: the same sums as ``evaluate``, each kind computed only for the keys
+        where it is significant (most kinds hold for few keys)."""
+        f, e, w = self.f, self.e, self.weight
+        a = self.last[self.code_index[f.code[rows]]]
+        code, prev, prev2 = f.code[rows][:, None], f.prev[rows][:, None], f.prev2[rows][:, None]
+        for kind in KINDS:
+            cols = self.significant_cols[kind]
+            if kind == "last" or len(cols) == 0:
+                continue
+            if kind == "bigram":
+                match = (prev >= 0) & (prev * self.n_codes + code == e.value[kind][cols][None, :])
+            elif kind == "near":
+                v = e.value[kind][cols][None, :]
+                match = (prev == v) | (prev2 == v)
+            elif kind in CLASSES:
+                match = f.classes[rows, CLASSES.index(kind)][:, None]
+            elif kind in ("topic", "article"):
+                match = (f.topic if kind == "topic" else f.title)[rows][:, None] == e.value[kind][cols][None, :]
+            else:
+                vec = f.word_vec if kind == "category" else f.subject_vec
+                match = vec[rows] @ e.centroid[kind][cols].T >= e.radius[kind][cols][None, :]
+            a[:, cols] += np.where(match, w[kind][cols][None, :], np.float32(0))
+        return a
 
     def pairs(self, rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """a of key ``keys[k]``'s explanation at rows[k, j] (-1: 0)."""
@@ -143,10 +166,13 @@ class FaceScores:
         self.cross = np.zeros((len(PREDICTORS), K))
         self.top = TopK(K, top, largest=True)
 
-    def add_counts(self, p: int, predicted: np.ndarray, fires: np.ndarray) -> None:
-        self.counts[p, 0] += (predicted & fires).sum(0)
-        self.counts[p, 1] += (predicted & ~fires).sum(0)
-        self.counts[p, 2] += (~predicted & fires).sum(0)
+    def add_counts(self, p: int, predicted: np.ndarray, fires_at: tuple[np.ndarray, np.ndarray],
+                   n_fires: np.ndarray) -> None:
+        """``fires_at``: (rows, keys) where the face fires (rare), ``n_fires`` their count per key."""
+        tp = np.bincount(fires_at[1][predicted[fires_at]], minlength=predicted.shape[1])
+        self.counts[p, 0] += tp
+        self.counts[p, 1] += predicted.sum(0) - tp
+        self.counts[p, 2] += n_fires - tp
 
     def add_pearson(self, p: int, a: np.ndarray, s: np.ndarray) -> None:
         a, s = a.astype(np.float64), s.astype(np.float64)
@@ -217,9 +243,10 @@ def score_explanations(model, store, explanations: list[LayerFaceExplanation], f
                 predictions = (a, a[:, perms[key]], sim.lookup_at(rows))
                 thresholds = (e.fire_threshold, e.fire_threshold[perms[key]], e.lookup_threshold)
                 fires = s >= 0.5 * face_max[key][None, :]
+                fires_at, n_fires = np.nonzero(fires), fires.sum(0)
                 rnd = random_rows[rows]
                 for p, pred in enumerate(predictions):
-                    st.add_counts(p, pred >= thresholds[p][None, :], fires)
+                    st.add_counts(p, pred >= thresholds[p][None, :], fires_at, n_fires)
                     if rnd.any():
                         st.add_pearson(p, pred[rnd], s[rnd])
                 st.top.add(torch.from_numpy(s), torch.from_numpy(rows.astype(np.int64)))

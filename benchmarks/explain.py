@@ -1,0 +1,118 @@
+"""How fast and how good are the explanations of `ffkv explain`?
+
+    python benchmarks/explain.py ATLAS                 # per-layer score table of ATLAS/explanations.parquet, and
+                                                       # memory faces explained and scored per CPU-minute
+    python benchmarks/explain.py ATLAS --labels FILE   # agreement with hand labels (kappa, bootstrap 95 % CI)
+    python benchmarks/explain.py ATLAS --raters FILE   # agreement among the raters of a blind label file
+
+Speed comes from the timings the parquet records (``ffkv explain`` / ``ffkv run`` measure every stage) and the CPU
+count, so it reads as faces per CPU-minute. The score table sits beside Neuron-to-Graph's published firing F1 of a
+6-layer model on relative depth (N2G: 0.74, 0.64, 0.60, 0.48, 0.46, 0.42 for its layers 1..6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+N2G_F1 = [0.74, 0.64, 0.60, 0.48, 0.46, 0.42]
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def n2g_at(depth: float) -> float:
+    """N2G's F1 at relative depth (layer + 1) / n_layers, interpolated between its six layers."""
+    return float(np.interp(depth, [(i + 1) / 6 for i in range(6)], N2G_F1))
+
+
+def scores(atlas: Path) -> None:
+    table = pq.read_table(atlas / "explanations.parquet")
+    meta = table.schema.metadata or {}
+    timings = json.loads(meta.get(b"timings", b"{}"))
+    rows = table.to_pylist()
+    n_layers = json.loads((atlas / "manifest.json").read_text())["model"]["n_layers"]
+    seconds = sum(v for k, v in timings.items() if k in ("features", "patterns", "scoring"))
+    cpus = os.cpu_count() or 1
+    print(f"{len(rows)} memory faces explained and scored in {seconds:.0f} s on {cpus} CPUs "
+          f"({timings}) -> {len(rows) / max(seconds * cpus / 60, 1e-9):.0f} faces per CPU-minute")
+    if "sim_corr" not in rows[0]:
+        print("(not scored: run ffkv explain without --no-score)")
+        return
+    print(f"{'layer':>5} {'depth':>5} {'kinds sh/se/both/none':>22} {'corr':>6} {'shuf':>6} {'lookup':>6} "
+          f"{'F1':>6} {'shuf':>6} {'lookup':>6} {'fired':>6} {'N2G F1':>7}")
+    for layer in sorted({r["layer"] for r in rows}):
+        rs = [r for r in rows if r["layer"] == layer]
+        fired = [r for r in rs if (r["heldout_fires"] or 0) > 0]
+        kinds = "/".join(f"{sum(r['kind'] == k for r in rs) / len(rs):.2f}" for k in ("shallow", "semantic", "both",
+                                                                                          "none"))
+        depth = (layer + 1) / n_layers
+        print(f"{layer:>5} {depth:>5.2f} {kinds:>22} {_mean(r['sim_corr'] for r in rs):>6.3f} "
+              f"{_mean(r['shuffled_sim_corr'] for r in rs):>6.3f} {_mean(r['lookup_sim_corr'] for r in rs):>6.3f} "
+              f"{_mean(r['f1'] for r in fired):>6.3f} {_mean(r['shuffled_f1'] for r in fired):>6.3f} "
+              f"{_mean(r['lookup_f1'] for r in fired):>6.3f} {len(fired):>6} {n2g_at(depth):>7.2f}")
+    fired = [r for r in rows if (r["heldout_fires"] or 0) > 0]
+    def m(name, rs):
+        return _mean(r[name] for r in rs)
+
+    print(f"all: corr {m('sim_corr', rows):.3f} (shuffled {m('shuffled_sim_corr', rows):.3f}, lookup "
+          f"{m('lookup_sim_corr', rows):.3f}); F1 {m('f1', fired):.3f} (shuffled {m('shuffled_f1', fired):.3f}, "
+          f"lookup {m('lookup_f1', fired):.3f}) over {len(fired)} faces that fired on held-out text; "
+          f"faces with corr >= 0.8: {sum((r['sim_corr'] or 0) >= 0.8 for r in rows)}")
+
+
+def labels(atlas: Path, path: Path) -> None:
+    from ffkv.analysis.explain import label_agreement
+
+    doc = json.loads(path.read_text())
+    r = label_agreement(atlas, doc["keys"])
+    print(f"{path.name}: n = {r['n']}, accuracy {r['accuracy']:.3f}")
+    for name in ("kappa", "kappa_shallow", "kappa_semantic"):
+        lo, hi = r[name + "_ci95"]
+        print(f"  {name:<15} {r[name]:+.3f}  (95 % bootstrap CI {lo:+.3f} .. {hi:+.3f})")
+    truth = [e["label"] for e in doc["keys"]]
+    confusion = {}
+    for t, p in zip(truth, r["predicted"]):
+        confusion[t, p] = confusion.get((t, p), 0) + 1
+    print("  confusion (label -> explainer):", ", ".join(f"{t}->{p}: {n}" for (t, p), n in sorted(confusion.items())))
+
+
+def raters(path: Path) -> None:
+    from ffkv.analysis.explain import cohen_kappa
+
+    keys = json.loads(path.read_text())["keys"]
+    n = len(keys[0]["raters"])
+    for name, f in (("4-class", lambda x: x["label"]), ("has_shallow", lambda x: x["has_shallow"]),
+                    ("has_semantic", lambda x: x["has_semantic"])):
+        pairs = [cohen_kappa([f(k["raters"][i]) for k in keys], [f(k["raters"][j]) for k in keys])
+                 for i, j in itertools.combinations(range(n), 2)]
+        print(f"{path.name}: rater-pair kappa {name:<12} " + ", ".join(f"{x:.3f}" for x in pairs)
+              + f"  (mean {np.mean(pairs):.3f})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("atlas", type=Path, nargs="?")
+    ap.add_argument("--labels", type=Path, help="hand-label file (tests/data/hand_labels*.json)")
+    ap.add_argument("--raters", type=Path, help="blind label file with per-rater labels")
+    args = ap.parse_args()
+    if args.raters:
+        raters(args.raters)
+    if args.atlas and args.labels:
+        labels(args.atlas, args.labels)
+    elif args.atlas:
+        scores(args.atlas)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
