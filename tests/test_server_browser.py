@@ -141,3 +141,79 @@ def test_a_server_with_a_token_works_in_chromium_after_the_first_page(tmp_path_f
             finally:
                 browser.close()
     assert not bad, bad
+
+
+@pytest.fixture(scope="module")
+def explained_server(tmp_path_factory):
+    from server_fixtures import build_explained_atlas
+
+    _, atlas_dir = build_explained_atlas(tmp_path_factory.getbasetemp() / "ffkv_server_tiny")
+    with running_server(atlas_dir, log=tmp_path_factory.mktemp("serve") / "serve.log") as (base, _):
+        yield base
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (make install-test installs it)")
+def test_explanations_and_concept_search_in_chromium(explained_server, tmp_path):
+    """A memory page shows each face's description, patterns and scores; a concept search from the search form
+    (with a minimum score) lists described memories."""
+    server = explained_server
+    memory = next(r for r in httpx.get(server + "/api/search", params={"concept": "the", "limit": 200},
+                                       timeout=60).json()["results"] if r["kind"] != "none")
+    bad: list[str] = []
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.on("console", lambda m: bad.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: bad.append(str(e)))
+            page.on("response", lambda r: bad.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+
+            page.goto(f"{server}/memory/{memory['layer']}/{memory['key']}")
+            panel = page.locator(f"#face-{memory['face']} .explanation")
+            panel.wait_for()
+            assert panel.locator("p.description .text").inner_text() == memory["description"]
+            assert panel.locator(f".badge.kind-{memory['kind']}").count() >= 1
+            assert panel.locator("ul.patterns li").count() >= 1
+            assert panel.locator("table.scores tbody tr").count() == 4
+            assert page.locator(f"#face-{memory['face']} table.triggers .badge.kind").count() >= 1  # covered triggers
+            assert page.locator("#explanations-missing").count() == 0
+            assert "[object" not in page.inner_text("main") and "null" not in page.inner_text("main")
+            page.screenshot(path=str(tmp_path / "memory.png"), full_page=True)
+
+            page.goto(server + "/search")
+            page.fill("#concept-q", "the")
+            page.fill("#min-sim-corr", "0.3")
+            page.press("#concept-q", "Enter")
+            page.wait_for_url(re.compile(r"concept=the"))
+            page.wait_for_selector("#concept-results tbody tr")
+            descriptions = page.locator("#concept-results td.description").all_inner_texts()
+            assert descriptions and all(d.strip() for d in descriptions)
+            assert "pass sim. corr. ≥ 0.3" in page.inner_text("#search-results")
+            sims = [float(x) for x in page.locator("#concept-results tbody tr td:nth-child(6)").all_inner_texts()]
+            assert all(s >= 0.3 for s in sims)
+            page.screenshot(path=str(tmp_path / "concept.png"), full_page=True)
+
+            # text search lists the explanations that mention the phrase
+            page.fill("#text-q", "ends with")
+            page.press("#text-q", "Enter")
+            page.wait_for_selector("#description-results tbody tr")
+            assert page.locator("#description-results mark.phrase").count() > 0
+        finally:
+            browser.close()
+    assert not bad, bad
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (make install-test installs it)")
+def test_a_memory_page_says_when_explanations_are_missing(server):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(server + "/memory/1/3")
+            page.wait_for_selector("#face-pos table.triggers tbody tr")
+            assert "ffkv explain" in page.inner_text("#explanations-missing")
+            assert page.locator(".explanation").count() == 0
+        finally:
+            browser.close()

@@ -46,6 +46,7 @@ from .service import (
     Busy,
     NotFound,
     Service,
+    Unavailable,
 )
 
 STATIC = Path(__file__).parent / "static"
@@ -276,6 +277,10 @@ def create_app(service: Service, allowed_hosts: Iterable[str] = (), token: str |
         response.headers["Retry-After"] = "5"
         return response
 
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable):
+        return _error(503, str(exc))
+
     # -- pages ---------------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
     def overview_page():
@@ -326,12 +331,22 @@ def create_app(service: Service, allowed_hosts: Iterable[str] = (), token: str |
     @app.get("/api/search")
     def search(promotes: str | None = Query(default=None, min_length=1, max_length=MAX_QUERY_CHARS),
                text: str | None = Query(default=None, min_length=1, max_length=MAX_QUERY_CHARS),
+               concept: str | None = Query(default=None, min_length=1, max_length=MAX_QUERY_CHARS),
                limit: int = Query(default=20, ge=1, le=MAX_LIMIT),
-               projection: Literal["raw", "normed"] = "raw"):
-        if (promotes is None) == (text is None):
-            return _error(422, "give exactly one of promotes=TOKEN or text=QUERY")
+               projection: Literal["raw", "normed"] = "raw",
+               min_sim_corr: float | None = Query(default=None, ge=-1, le=1, allow_inf_nan=False),
+               min_f1: float | None = Query(default=None, ge=0, le=1, allow_inf_nan=False),
+               kind: Literal["shallow", "semantic", "both", "none"] | None = None):
+        """A plain `def`: FastAPI runs it in its thread pool, so a concept search's embedding (and the first
+        one's loading of the embedder) never blocks the event loop."""
+        if sum(q is not None for q in (promotes, text, concept)) != 1:
+            return _error(422, "give exactly one of promotes=TOKEN, text=QUERY or concept=QUERY")
+        if concept is None and (min_sim_corr is not None or min_f1 is not None or kind is not None):
+            return _error(422, "min_sim_corr, min_f1 and kind filter a concept search only (concept=QUERY)")
         if promotes is not None:
             return service.search_promotes(promotes, projection, limit)
+        if concept is not None:
+            return service.search_concept(concept, limit, min_sim_corr, min_f1, kind)
         return service.search_text(text, limit)
 
     @app.post("/api/run")

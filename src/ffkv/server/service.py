@@ -6,7 +6,8 @@ Concurrency: reads of the atlas and the index are safe from any thread; every us
 taken through ``queue`` (a ``ModelQueue``), so model runs are serialised and one client's interventions can never
 reach another client's run; at most ``queue_size`` runs wait for it, each at most ``queue_timeout`` seconds, and
 the others are refused (``Busy``, HTTP 503) instead of piling up. The model's tokenizer (its encoder is not
-re-entrant) has a lock of its own, so searches never wait for a model run.
+re-entrant) has a lock of its own, so searches never wait for a model run. The sentence embedder of concept search
+(``explanations.QueryEmbedder``) is loaded on its first use and has a bounded queue of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ..models import LoadedModel, check_dtype, load_model
 from ..projection import face_top_tokens
 from . import debugger
 from .debugger import Intervention
+from .explanations import KINDS as EXPLANATION_KINDS
+from .explanations import ExplanationFiles, QueryEmbedder
 from .index import MAX_TEXT_UNITS, PROJECTIONS, SearchIndex
 
 MAX_PROMPT_CHARS = 2000
@@ -33,6 +36,8 @@ MAX_PROMPT_TOKENS = 256
 MAX_NEW_TOKENS = 64
 MAX_SET_VALUE = 1e4
 MAX_INTERVENTIONS = 64
+MAX_CONCEPT_CHARS = 200
+MAX_CONCEPT_LIMIT = 200
 MEMORY_TOKENS = 6
 """Value tokens shown next to a memory in lists (search results, debugger)."""
 SIMILAR = 8
@@ -54,6 +59,10 @@ class BadRequest(Exception):
 
 class Busy(Exception):
     """The model is taken and its queue is full, or a run waited too long for it (HTTP 503)."""
+
+
+class Unavailable(Exception):
+    """Something a request needs cannot be loaded on this server (the sentence embedder; HTTP 503)."""
 
 
 class ModelQueue:
@@ -245,6 +254,9 @@ class Service:
             self.value_norms = torch.stack([self.parts.values(layer).detach().float().norm(dim=1)
                                             for layer in range(self.parts.n_layers)]).cpu()
         self._overview = self._make_overview()
+        self.explanations = ExplanationFiles(self.atlas)
+        self.explanations.get()  # read once now: the first page does not wait for it
+        self.query_embedder = QueryEmbedder(ModelQueue(queue_size, queue_timeout))
 
     # -- overview ------------------------------------------------------------------------------------------
     @property
@@ -282,7 +294,8 @@ class Service:
     def overview(self) -> dict:
         a = self.analyses
         return dict(self._overview, analysis={"present": a.present, "stale": a.stale, "tables": a.tables,
-                                              "definitions": a.definitions, "missing": a.missing})
+                                              "definitions": a.definitions, "missing": a.missing},
+                    explanations=self.explanations.get().status())
 
     # -- memories ------------------------------------------------------------------------------------------
     def check_memory(self, layer: int, key: int) -> None:
@@ -331,7 +344,8 @@ class Service:
 
     def memory(self, layer: int, key: int, n: int = 10) -> dict:
         """The `ffkv show --json` document of every face (triggers with their highlighted parts, raw and normed
-        value tokens), coefficient statistics, neighbours, similar memories and analysis records."""
+        value tokens), coefficient statistics, neighbours, similar memories, analysis records and, per face, the
+        explanation of `ffkv explain` (None for a face it did not explain; all None when there are none)."""
         self.check_memory(layer, key)
         n = max(1, min(n, self.top_k))
         faces = {}
@@ -351,7 +365,13 @@ class Service:
                 "faces": faces, "stats": stats,
                 "prev": self._neighbour(layer, key, -1), "next": self._neighbour(layer, key, 1),
                 "similar": self.similar(layer, key),
-                "analysis": self.analyses.per_memory.get((layer, key), [])[:50]}
+                "analysis": self.analyses.per_memory.get((layer, key), [])[:50],
+                "explanations": self._explanations_of(layer, key)}
+
+    def _explanations_of(self, layer: int, key: int) -> dict:
+        e = self.explanations.get()
+        return {"present": e.present, "message": e.message,
+                "faces": {face: e.face_doc(layer, key, face) if e.present else None for face in self.atlas.faces}}
 
     # -- search --------------------------------------------------------------------------------------------
     def _example(self, layer: int, key: int, face: str, rank: int, position: int) -> dict:
@@ -381,17 +401,58 @@ class Service:
                 "results": results, "note": note}
 
     def search_text(self, text: str, limit: int) -> dict:
+        """Memories whose triggers contain the phrase, and (``descriptions``) the faces whose explanation's
+        description contains it."""
         try:
+            words, _ = self.index.phrase(text)
             results, units, truncated = self.index.text(text, limit, self.max_text_units)
         except ValueError as exc:
             raise BadRequest(str(exc))
+        e = self.explanations.get()
+        descriptions = e.text(words, limit) if e.present else []
         for r in results:
             r["example"] = self._example(r["layer"], r["key"], r["face"], r.pop("best_rank"), r.pop("best_position"))
             r["top_tokens"] = self.value_tokens(r["layer"], r["key"], r["face"])
         note = (f"{text!r} is in more than {self.max_text_units} corpus units: only the first {self.max_text_units} "
                 "were read, so the counts are partial; a longer phrase is counted in full") if truncated else None
         return {"kind": "text", "query": text, "units_matched": units, "truncated": truncated,
-                "units_limit": self.max_text_units, "results": results, "note": note}
+                "units_limit": self.max_text_units, "results": results, "note": note,
+                "descriptions": descriptions, "explanations": {"present": e.present, "message": e.message}}
+
+    def search_concept(self, query: str, limit: int, min_sim_corr: float | None = None, min_f1: float | None = None,
+                       kind: str | None = None) -> dict:
+        """Memory faces whose concept vector (``explanation_vectors.npy``) is closest to the embedded query, among
+        those whose held-out scores reach the given minimums (and of the given kind)."""
+        query = query.strip()
+        if not query:
+            raise BadRequest("the concept query is empty")
+        if len(query) > MAX_CONCEPT_CHARS:
+            raise BadRequest(f"the concept query is longer than {MAX_CONCEPT_CHARS} characters")
+        if not 1 <= limit <= MAX_CONCEPT_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {MAX_CONCEPT_LIMIT}")
+        for name, value, lo in (("min_sim_corr", min_sim_corr, -1.0), ("min_f1", min_f1, 0.0)):
+            if value is not None and not (math.isfinite(value) and lo <= value <= 1.0):
+                raise BadRequest(f"{name} must be a number between {lo:g} and 1")
+        if kind is not None and kind not in EXPLANATION_KINDS:
+            raise BadRequest(f"kind must be one of {', '.join(EXPLANATION_KINDS)}")
+        e = self.explanations.get()
+        if not e.present:
+            raise BadRequest(f"concept search needs the explanations: {e.message}")
+        if e.vectors is None:
+            raise BadRequest(e.vectors_message)
+        if (min_sim_corr is not None or min_f1 is not None) and not e.scores:
+            raise BadRequest("these explanations were not scored (`ffkv explain` without scores): drop min_sim_corr "
+                             "and min_f1, or rerun `ffkv explain` with scoring")
+        try:
+            vector = self.query_embedder.encode(query)
+        except FfkvError as exc:
+            raise Unavailable(f"concept search is not available on this server: {exc}")
+        results, passed = e.concept(vector, limit, min_sim_corr, min_f1, kind)
+        for r in results:
+            r["top_tokens"] = self.value_tokens(r["layer"], r["key"], r["face"])
+        return {"kind": "concept", "query": query, "filters": {"min_sim_corr": min_sim_corr, "min_f1": min_f1,
+                                                               "kind": kind},
+                "faces_passing": passed, "faces": e.n, "results": results}
 
     # -- prompt debugger -----------------------------------------------------------------------------------
     def _encode(self, prompt: str) -> torch.Tensor:

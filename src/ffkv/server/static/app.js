@@ -137,7 +137,7 @@
   function searchForms(values) {
     values = values || {};
     const text = el("form", {class: "search", action: "/search", method: "get", id: "text-form"},
-      el("label", {for: "text-q"}, "Triggers contain"),
+      el("label", {for: "text-q", title: "memories whose top trigger prefixes (or whose explanations) contain a word or phrase"}, "Triggers or explanations contain"),
       el("input", {type: "text", name: "text", id: "text-q", placeholder: "a word or phrase, e.g. river",
         value: values.text || "", required: true, maxlength: 200}),
       el("button", {type: "submit"}, "Search"));
@@ -149,7 +149,34 @@
       el("input", {type: "text", name: "promotes", id: "promotes-q", placeholder: "a token, e.g. Paris",
         value: values.promotes || "", required: true, maxlength: 200}),
       proj, el("button", {type: "submit"}, "Search"));
-    return el("div", {class: "grid"}, panel(null, promotes), panel(null, text));
+    const kind = el("select", {name: "kind", id: "concept-kind", title: "kind of the explanation"},
+      el("option", {value: ""}, "any kind"), ["shallow", "semantic", "both", "none"].map((k) => el("option", {value: k}, k)));
+    kind.value = values.kind || "";
+    const concept = el("form", {class: "search", action: "/search", method: "get", id: "concept-form"},
+      el("label", {for: "concept-q", title: "memories whose explanation is about this, by meaning (sentence embedder)"},
+        "Explanation is about"),
+      el("input", {type: "text", name: "concept", id: "concept-q", placeholder: "a concept, e.g. rivers and water",
+        value: values.concept || "", required: true, maxlength: 200}),
+      el("label", {for: "min-sim-corr", class: "muted small", title: "held-out correlation of the explanation's " +
+        "simulated activation with the real one; faces below it are left out"}, "min. sim. corr."),
+      el("input", {type: "number", name: "min_sim_corr", id: "min-sim-corr", min: -1, max: 1, step: "any",
+        placeholder: "any", value: values.min_sim_corr || "", class: "score-filter"}),
+      kind, el("button", {type: "submit"}, "Search"));
+    return el("div", {},
+      el("div", {class: "grid"}, panel(null, promotes), panel(null, text)),
+      el("div", {class: "concept-row"}, panel(null, concept)));
+  }
+
+  // explanations (`ffkv explain`): a kind badge, scores beside their baselines
+  function kindBadge(kind) {
+    const titles = {shallow: "its triggers share surface patterns (tokens, classes)",
+      semantic: "its triggers share meaning (topic, category of words, subjects)",
+      both: "shallow and semantic patterns", none: "no significant pattern among its triggers"};
+    return el("span", {class: "badge kind kind-" + kind, title: titles[kind] || ""}, kind);
+  }
+  function scoreCell(x, base) {
+    const better = x !== null && x !== undefined && base.every((b) => b === null || b === undefined || x > b);
+    return el("td", {class: "num" + (better ? " better" : ""), title: better ? "above both baselines" : null}, fmt(x));
   }
 
   // ---------------------------------------------------------------------------------------------------------
@@ -211,6 +238,9 @@
         panel("Scan", kv([["scanned", `${(r.units_scanned || 0).toLocaleString()} units, ${(r.tokens_scanned || 0).toLocaleString()} prefixes`],
           ["layers", d.layers.length === d.n_layers ? `all ${d.n_layers}` : d.layers.join(", ")],
           ["faces", d.faces.join(", ")], ["top-k", s.top_k],
+          ["explanations", d.explanations && d.explanations.present ?
+            `${d.explanations.faces.toLocaleString()} faces (ffkv explain)${d.explanations.concept_search ? "" : "; no concept search"}` :
+            el("span", {class: "muted small", id: "explanations-status"}, d.explanations ? d.explanations.message : "–")],
           ["time", r.seconds !== undefined ? `${Math.round(r.seconds)} s (${Math.round(r.tokens_per_second || 0)} tok/s)` : null]]))),
       el("h2", {}, "Find memories"),
       searchForms(),
@@ -238,17 +268,26 @@
       d.next ? el("a", {href: `/memory/${d.next.layer}/${d.next.key}`, id: "next", title: "next key"}, `L${d.next.layer}:${d.next.key} →`) : null,
       el("a", {href: `/debug#iv=${d.layer}:${d.key}:off`, title: "open the prompt debugger with this memory switched off"}, "debug ↗"));
     const stat = (label, value) => el("div", {}, el("b", {}, value), el("span", {}, label));
+    const ex = d.explanations || {present: false, faces: {}};
     const faces = Object.entries(d.faces).map(([face, f]) => {
+      const e = ex.present ? ex.faces[face] : null;
+      const cover = new Map(e ? e.triggers.map((t) => [t.rank, t]) : []);
       const maxAbs = Math.max(...f.triggers.map((t) => Math.abs(t.score || 0)), 1e-9);
-      const rows = f.triggers.map((t) => el("tr", {},
-        el("td", {class: "num"}, String(t.rank + 1)),
-        el("td", {class: "num"}, el("div", {}, signed(t.score, 2)), bar(Math.abs(t.score) / maxAbs, face)),
-        el("td", {}, trigger(t), el("div", {class: "src"}, [t.title, t.topic].filter(Boolean).join(" · ")))));
+      const rows = f.triggers.map((t) => {
+        const c = cover.get(t.rank);
+        const marks = c ? [c.shallow ? el("span", {class: "badge kind kind-shallow", title: "covered by a shallow pattern"}, "shallow") : null,
+          c.semantic ? el("span", {class: "badge kind kind-semantic", title: "covered by a semantic pattern"}, "semantic") : null] : [];
+        return el("tr", {},
+          el("td", {class: "num"}, String(t.rank + 1)),
+          el("td", {class: "num"}, el("div", {}, signed(t.score, 2)), bar(Math.abs(t.score) / maxAbs, face)),
+          el("td", {}, trigger(t), el("div", {class: "src"}, marks, [t.title, t.topic].filter(Boolean).join(" · "))));
+      });
       const more = n < d.top_k ? el("a", {href: `?n=${d.top_k}`}, `show all ${d.top_k} triggers`) :
         (n > 10 ? el("a", {href: "?"}, "show the top 10") : null);
       return el("section", {class: "face", id: `face-${face}`},
         el("h2", {}, faceBadge(face), face === "pos" ? "Positive face" : "Negative face",
           el("span", {class: "muted small"}, face === "pos" ? "largest coefficients; adds +v" : "most negative coefficients; adds −v")),
+        ex.present ? explanationPanel(face, e) : null,
         el("div", {class: "cols"},
           el("div", {class: "panel"}, el("h3", {}, "Top triggers"),
             f.triggers.length ? table(["#", "coef.", "prefix → next token"], rows, {class: "triggers"}) :
@@ -259,6 +298,43 @@
             el("p", {class: "muted small"}, "through the final norm"),
             toks(f.value_normed.top_tokens, face))));
     });
+    function explanationPanel(face, e) {
+      if (!e) return el("div", {class: "panel explanation", "data-face": face},
+        el("p", {class: "muted"}, "This face is not in the atlas's explanations (ffkv explain ran on other keys)."));
+      const patterns = e.patterns.length ? el("ul", {class: "patterns"}, e.patterns.map((p) => el("li", {},
+        el("span", {class: "badge kind kind-" + p.class}, p.class), " ", el("b", {}, p.text),
+        el("span", {class: "muted small"}, ` · ${p.support} unit(s) · p = ${p.p_value === null ? "–" : p.p_value.toPrecision(2)}` +
+          ` · ${p.class} patterns cover trigger${p.triggers.length === 1 ? "" : "s"} ` +
+          (p.triggers.length ? p.triggers.map((r) => r + 1).join(", ") : "none"))))) :
+        el("p", {class: "muted small"}, `No significant pattern among its top ${e.triggers_read} triggers.`);
+      const concept = (coherent, coherence) => coherent ? el("span", {class: "badge concept",
+        title: `mean pairwise cosine ${fmt(coherence)}: more alike than random words (p < 0.05)`}, "one concept") :
+        el("span", {class: "muted small", title: "mean pairwise cosine of the words"}, `coherence ${fmt(coherence)}`);
+      const side = (title, list, coherent, coherence) => el("div", {class: "row"}, el("span", {class: "muted small side"}, title),
+        toks(list.slice(0, 10), title === "promotes" ? face : (face === "pos" ? "neg" : "pos")), concept(coherent, coherence));
+      let scores = el("p", {class: "muted small"}, "Not scored on held-out text.");
+      if (e.scores) {
+        const names = {sim_corr: "sim. corr.", f1: "F1", precision: "precision", recall: "recall"};
+        scores = el("div", {}, table(["score", ["explanation", {class: "num"}], ["shuffled", {class: "num", title: "another key's explanation"}],
+          ["last-token lookup", {class: "num", title: "a lookup table of the triggers' last tokens"}]],
+        Object.entries(names).map(([k, label]) => {
+          const s = e.scores[k];
+          return el("tr", {}, el("td", {}, label), scoreCell(s.explanation, [s.shuffled, s.lookup]),
+            el("td", {class: "num"}, fmt(s.shuffled)), el("td", {class: "num"}, fmt(s.lookup)));
+        }), {class: "scores"}),
+        el("p", {class: "muted small"}, `Held out: the face fires on ${e.heldout_fires === null ? "–" : e.heldout_fires} unseen prefix(es). ` +
+          "Sim. corr.: correlation of the activation simulated from the explanation with the real one; F1 of its " +
+          "“fires” (≥ half the top coefficient). Baselines: another key's explanation, and a last-token lookup."));
+      }
+      return el("div", {class: "panel explanation", "data-face": face},
+        el("p", {class: "description"}, kindBadge(e.kind), " ", el("span", {class: "text"}, e.description)),
+        el("div", {class: "cols"},
+          el("div", {}, el("h3", {}, "Patterns of the top triggers"), patterns,
+            el("h3", {}, "When it fires (through the final norm)"),
+            side("promotes", e.promotes, e.promote_coherent, e.promote_coherence),
+            side("suppresses", e.suppresses, e.suppress_coherent, e.suppress_coherence)),
+          el("div", {}, el("h3", {}, "Held-out scores"), scores)));
+    }
     const similar = d.similar.map((s) => el("tr", {},
       el("td", {}, memLink(s.layer, s.key)), el("td", {class: "num"}, fmt(s.cosine)), el("td", {}, toks(s.top_tokens, "pos"))));
     const shown = (k, v) => k === "patterns" ? el("ul", {class: "patterns"}, v.map((p) => el("li", {}, p))) :
@@ -276,6 +352,7 @@
         stat("min", signed(st.min, 2)), stat("max", signed(st.max, 2)), stat("‖v‖", fmt(st.value_norm)),
         stat("layer range", `${signed(st.layer_min, 1)} … ${signed(st.layer_max, 1)}`),
         stat("prefixes scanned", (st.count || 0).toLocaleString())),
+      ...(ex.present ? [] : [el("p", {class: "notice", id: "explanations-missing"}, "Explanations are missing: " + ex.message)]),
       ...faces,
       el("h2", {}, "Similar values"),
       el("p", {class: "muted small"}, `Memories of layer ${d.layer} whose value vectors have the largest cosine with this one.`),
@@ -289,17 +366,25 @@
   async function search() {
     const params = new URLSearchParams(location.search);
     const values = {text: params.get("text") || "", promotes: params.get("promotes") || "",
-      projection: params.get("projection") || "raw"};
+      projection: params.get("projection") || "raw", concept: params.get("concept") || "",
+      min_sim_corr: params.get("min_sim_corr") || "", kind: params.get("kind") || ""};
     const results = el("div", {id: "search-results"});
     main.replaceChildren(el("h1", {}, "Search memories"), searchForms(values), results);
-    if (!values.text && !values.promotes) {
+    if (!values.text && !values.promotes && !values.concept) {
       results.append(el("p", {class: "muted"}, "Find memories whose value promotes a token (its exact rank in the " +
-        "value's vocabulary projection), or whose top trigger prefixes contain a word or phrase."));
+        "value's vocabulary projection), whose top trigger prefixes (or explanations) contain a word or phrase, or " +
+        "whose explanation is about a concept (by meaning, from ffkv explain)."));
       return;
     }
     results.append(el("p", {class: "muted"}, "Searching…"));
-    const q = values.promotes ? `promotes=${encodeURIComponent(values.promotes)}&projection=${values.projection}`
-      : `text=${encodeURIComponent(values.text)}`;
+    let q;
+    if (values.promotes) q = `promotes=${encodeURIComponent(values.promotes)}&projection=${values.projection}`;
+    else if (values.text) q = `text=${encodeURIComponent(values.text)}`;
+    else {
+      q = `concept=${encodeURIComponent(values.concept)}`;
+      if (values.min_sim_corr.trim()) q += `&min_sim_corr=${encodeURIComponent(values.min_sim_corr.trim())}`;
+      if (values.kind) q += `&kind=${encodeURIComponent(values.kind)}`;
+    }
     let d;
     try {
       d = await api(`/api/search?${q}&limit=50`);
@@ -319,6 +404,25 @@
           ["logit", {class: "num"}], "value promotes"], rows, {class: "results"})) :
           (d.note ? null : el("p", {class: "muted"}, "No memory ranks this token among its value's top tokens."))]
         .filter(Boolean));
+    } else if (d.kind === "concept") {
+      const rows = d.results.map((r, i) => el("tr", {},
+        el("td", {class: "num"}, String(i + 1)), el("td", {}, memLink(r.layer, r.key, r.face)),
+        el("td", {class: "num"}, fmt(r.cosine)), el("td", {}, kindBadge(r.kind)),
+        el("td", {class: "description"}, r.description),
+        scoreCell(r.sim_corr, [r.shuffled_sim_corr, r.lookup_sim_corr]),
+        el("td", {class: "num muted small"}, `${fmt(r.shuffled_sim_corr, 2)} / ${fmt(r.lookup_sim_corr, 2)}`),
+        scoreCell(r.f1, [r.shuffled_f1, r.lookup_f1])));
+      const f = d.filters;
+      const filters = [f.min_sim_corr !== null ? `sim. corr. ≥ ${f.min_sim_corr}` : null, f.min_f1 !== null ? `F1 ≥ ${f.min_f1}` : null,
+        f.kind ? `kind ${f.kind}` : null].filter(Boolean);
+      results.replaceChildren(
+        el("p", {class: "muted"}, `Memory faces whose explanation is closest in meaning to ${JSON.stringify(d.query)}: the ` +
+          "cosine of the query's sentence vector with each face's concept vector (its trigger words and the words it promotes). " +
+          (filters.length ? `${d.faces_passing} of ${d.faces} explained faces pass ${filters.join(", ")}.` : `${d.faces} explained faces.`)),
+        d.results.length ? el("div", {class: "panel scroll"}, table(["#", "memory", ["cosine", {class: "num"}], "kind", "description",
+          ["sim. corr.", {class: "num"}], ["baselines", {class: "num", title: "shuffled / last-token lookup"}], ["F1", {class: "num"}]],
+        rows, {class: "results", id: "concept-results"})) :
+          el("p", {class: "muted"}, "No explained face passes these filters."));
     } else {
       const rows = d.results.map((r, i) => el("tr", {},
         el("td", {class: "num"}, String(i + 1)), el("td", {}, memLink(r.layer, r.key, r.face)),
@@ -332,6 +436,19 @@
         d.results.length ? el("div", {class: "panel"}, table(["#", "memory", ["triggers", {class: "num"}],
           "best trigger containing it", "value promotes"], rows, {class: "results"})) :
           el("p", {class: "muted"}, "No memory has a trigger containing this."));
+      const ex = d.explanations || {};
+      if (ex.present) {
+        const drows = d.descriptions.map((r, i) => el("tr", {},
+          el("td", {class: "num"}, String(i + 1)), el("td", {}, memLink(r.layer, r.key, r.face)), el("td", {}, kindBadge(r.kind)),
+          el("td", {class: "description"}, marked(r.description, phraseRegex(d.query))),
+          scoreCell(r.sim_corr, [r.shuffled_sim_corr, r.lookup_sim_corr]), scoreCell(r.f1, [r.shuffled_f1, r.lookup_f1])));
+        results.append(el("h2", {}, "Explanations that mention it"),
+          d.descriptions.length ? el("div", {class: "panel scroll"}, table(["#", "memory", "kind", "description",
+            ["sim. corr.", {class: "num"}], ["F1", {class: "num"}]], drows, {class: "results", id: "description-results"})) :
+            el("p", {class: "muted"}, "No explanation's description contains this."));
+      } else {
+        results.append(el("p", {class: "muted small"}, "Descriptions not searched: " + ex.message));
+      }
     }
   }
 
