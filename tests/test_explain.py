@@ -27,7 +27,7 @@ blanket hammer island jacket kettle lemon marble needle onion parrot puzzle rabb
 wagon zipper anchor barrel cactus dragon feather glove helmet insect jungle koala lantern magnet""".split()
 FAMILY = ["mother", "father", "sister", "brother", "uncle", "aunt", "daughter", "cousin", "grandmother", "nephew"]
 MARK = "substitutes"
-CFG = ExplainConfig(null_sets=300)
+CFG = ExplainConfig(null_sets=300, triggers=25)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +221,7 @@ def test_f1_of_explain_matches_a_direct_recomputation(tiny_atlas):
     vocab = Vocabulary(atlas.tokenizer)
     scan_feats = position_features(atlas.store, np.load(atlas.path / "scanned_units.npy"), vocab, embedder)
     null = CorpusNull(scan_feats, vocab, cfg)
+    cfg = cfg.for_top_k(atlas.manifest["scan"]["top_k"])
     positions = atlas.layer_tensors(layer)["pos_positions"][:, : cfg.triggers].numpy()
     e = explain_layer_face(layer, "pos", np.arange(atlas.d_ff), positions, scan_feats, null, vocab, cfg)
     e.fire_threshold, e.lookup_threshold = Simulator(e, scan_feats, vocab.n_codes, null.last).fit_thresholds(
@@ -249,6 +250,7 @@ def test_f1_of_explain_matches_a_direct_recomputation(tiny_atlas):
 # -- bad input --------------------------------------------------------------------------------------------------
 def test_cli_key_out_of_range_is_one_line(tiny_atlas, capsys):
     atlas, _ = tiny_atlas
+    capsys.readouterr()
     assert main(["explain", str(atlas.path), "--keys", f"0:{atlas.d_ff}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "key" in err[0]
@@ -264,6 +266,7 @@ def test_no_held_out_units_is_one_line(tiny_model, corpus_txt, tmp_path, capsys)
     loaded = tiny_model("gpt2")
     atlas = ffkv.scan(model=loaded, corpus=ffkv.load_corpus(str(corpus_txt)), out=tmp_path / "all",
                       config=ffkv.ScanConfig(top_k=4), progress=False)  # the whole corpus: nothing held out
+    capsys.readouterr()
     assert main(["explain", str(atlas.path), "--layers", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "held-out" in err[0]

@@ -9,6 +9,7 @@ mean embedder vector of its trigger words plus that of the words it promotes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -78,8 +79,7 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
     atlas = Atlas.load(atlas_path)
     faces = _faces(atlas, face)
     top_k = atlas.manifest["scan"]["top_k"]
-    if not 3 <= cfg.triggers <= top_k:
-        raise FfkvError(f"--triggers must be between 3 and the atlas's top-k {top_k}")
+    cfg = cfg.for_top_k(top_k)
     for layer in layers or []:
         atlas.check(layer)
     for layer, key in keys or []:
@@ -148,6 +148,8 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
                     "trigger_shallow": ((cover >= 0) & (cover & SHALLOW_MASK > 0)).tolist(),
                     "trigger_semantic": ((cover >= 0) & (cover & SEMANTIC_MASK > 0)).tolist(),
                     "trigger_valid": (cover >= 0).tolist(),
+                    "last_tokens": json.dumps({vocab.code_text[c]: n for c, n in sorted(
+                        e.last_codes[i].items(), key=lambda x: -x[1])}, ensure_ascii=False),
                     "promotes": promotes, "suppresses": suppresses,
                     "promotes_raw": [vocab.text[int(x)] for x in lists["raw", f][i]],
                     "suppresses_raw": [vocab.text[int(x)] for x in lists["raw", other][i]],
@@ -218,10 +220,10 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
     "input_ids"}]} of the atlas's corpus (the ids without the special prefix); each trigger is found in the atlas's
     token store. Returns the 4-class and the binary (has-shallow, has-semantic) kappas with bootstrap 95 %
     intervals, and the predictions."""
-    cfg = config or ExplainConfig()
     atlas = Atlas.load(atlas_path)
     store = atlas.store
     T = max(len(e["triggers"]) for e in labelled)
+    cfg = dataclasses.replace(config or ExplainConfig(), triggers=T)
     positions = np.full((len(labelled), T), -1, np.int64)
     for i, entry in enumerate(labelled):
         for j, t in enumerate(entry["triggers"]):

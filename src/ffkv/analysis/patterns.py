@@ -31,6 +31,7 @@ shallow / semantic / both / no pattern (Fig 2's unit). Scores on held-out text: 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ import torch
 from scipy.stats import binom
 
 from ..embedder import DIM, Embedder
+from ..errors import FfkvError
 from .features import CLASSES, PositionFeatures, Vocabulary
 
 SHALLOW_KINDS = ("last", "bigram", "near", *CLASSES)
@@ -58,7 +60,8 @@ NULL_POSITIONS = 5000
 class ExplainConfig:
     """Settings of `ffkv explain`; every field is also a flag."""
 
-    triggers: int = field(default=25, metadata={"help": "top triggers per face read for patterns (paper: 25)"})
+    triggers: int | None = field(default=None, metadata={"help": "top triggers per face read for patterns "
+                                 "(default: 25 as in the paper, or the atlas's top-k where smaller)"})
     alpha: float = field(default=0.05, metadata={"help": "family-wise significance level over the 12 pattern kinds"})
     word_cosine: float = field(default=0.45, metadata={"help": "embedder cosine above which two trigger words "
                                "mean alike (category patterns)"})
@@ -69,6 +72,13 @@ class ExplainConfig:
     heldout_random: int = field(default=300, metadata={"help": "random held-out prefixes in the simulation score"})
     heldout_top: int = field(default=20, metadata={"help": "top held-out prefixes per face in the simulation score"})
     seed: int = field(default=0, metadata={"help": "seed of every sample"})
+
+    def for_top_k(self, top_k: int) -> ExplainConfig:
+        """This config with ``triggers`` set (25, or ``top_k`` where smaller); FfkvError if it cannot be read."""
+        triggers = self.triggers if self.triggers is not None else min(25, top_k)
+        if not 3 <= triggers <= top_k:
+            raise FfkvError(f"--triggers must be between 3 and the atlas's top-k {top_k}")
+        return dataclasses.replace(self, triggers=triggers)
 
 
 @dataclass

@@ -104,7 +104,6 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
     from .aggregation import aggregation_experiment
     from .explain import explain, patterns_block, read_explanations
     from .keys import token_removal_experiment
-    from .patterns import ExplainConfig
     from .values import values_experiment
 
     cfg = config or AnalyzeConfig()
@@ -141,8 +140,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         t = time.time()
         table = read_explanations(atlas)
         if table is None:  # explain is a stage of its own (`ffkv explain`); run it here when it has not run
-            explain(atlas.path, ExplainConfig(triggers=min(ExplainConfig.triggers, atlas.manifest["scan"]["top_k"])),
-                    model=model, progress=progress)
+            explain(atlas.path, model=model, progress=progress)
             table = read_explanations(atlas)
         for face in faces:
             result["patterns" + suffix(face)] = patterns_block(atlas, table, face)

@@ -5,14 +5,16 @@ not use) with at least ``ExplainConfig.heldout_tokens`` content tokens in all; e
 units is a held-out prefix. The model runs once over them for all memories (one forward per batch, every layer
 read, nothing stored per memory but running sums and a top-k).
 
-**Predictor (the simulation).** From an explanation alone, without the model: the simulated activation of a
-face at a prefix x is a(x) = the sum of lift_j over the face's significant patterns j that match x (0 when none
-matches), where lift_j = log(share of the face's triggers with pattern j / rate of j in the scanned corpus) is
-fitted on the triggers. A pattern matches x when x has the same last token / last two tokens / token one or two
-before the last, the class, the topic or the article; a meaning pattern matches when the embedder vector of x's
-word (category) or subject has cosine >= the group's radius with the group's centroid. The explanation predicts
-that the face fires where a(x) >= its firing threshold: the median of a over the face's own triggers (also fitted
-on the triggers only).
+**Predictor (the simulation).** From an explanation alone, without the model: the simulated activation of a face at
+a prefix x is a(x) = lift of x's last token among the face's trigger tokens, where positive, plus the sum of lift_j
+over the face's significant patterns j that match x (0 when nothing matches), where lift = log(share of the face's
+triggers with the token / pattern j / its rate in the scanned corpus) is fitted on the triggers. The token part is
+the explanation's list of trigger tokens (``last_tokens``); the lookup baseline below is that list alone, so the
+difference between the two is what the patterns add. A pattern matches x when x has the same last two tokens /
+token one or two before the last, the class, the topic or the article; a meaning pattern matches when the embedder
+vector of x's word (category) or subject has cosine >= the group's radius with the group's centroid. The
+explanation predicts that the face fires where a(x) >= its firing threshold: the median of a over the face's own
+triggers (also fitted on the triggers only).
 
 **Scores** per face, with s(x) = m(x) on the positive face and -m(x) on the negative one:
 
@@ -63,9 +65,9 @@ class Simulator:
         self.weight = {k: np.where(e.significant[k], np.maximum(e.lift[k], 1e-3), 0.0).astype(np.float32)
                        for k in KINDS}
         self.significant_cols = {k: np.nonzero(e.significant[k])[0] for k in KINDS}
-        # last-token tables over the codes present in ``feats`` (last row: any other code). The explanation's
-        # "ends with" pattern is the set of last tokens of >= 2 units (and the most shared one); the lookup
-        # baseline takes every last token of the triggers.
+        # last-token tables over the codes present in ``feats`` (last row: any other code): the lookup baseline
+        # (every last token of the triggers, at its lift); the explanation keeps the tokens that are more common
+        # among the triggers than in the corpus (lift > 0), which is the token list it names
         codes = np.unique(feats.code)
         self.code_index = np.full(n_codes, len(codes), np.int64)
         self.code_index[codes] = np.arange(len(codes))
@@ -78,8 +80,7 @@ class Simulator:
                 if i < len(codes):
                     lift = np.log((units / n) / max(corpus_last_rate[c], 1e-9))
                     self.lookup[i, k] = lift
-                    if e.significant["last"][k] and (units >= 2 or c == e.value["last"][k]):
-                        self.last[i, k] = max(lift, 1e-3)
+                    self.last[i, k] = max(lift, 0.0)
 
     def evaluate(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """a(x) for broadcast ``rows`` (rows of the features) and ``cols`` (key indices): rows [P, 1] with cols
