@@ -27,6 +27,7 @@ blanket hammer island jacket kettle lemon marble needle onion parrot puzzle rabb
 wagon zipper anchor barrel cactus dragon feather glove helmet insect jungle koala lantern magnet""".split()
 FAMILY = ["mother", "father", "sister", "brother", "uncle", "aunt", "daughter", "cousin", "grandmother", "nephew"]
 MARK = "substitutes"
+YEARS = ["1984", "2001", "1776", "1848", "1969", "1917", "1066", "1945", "1812", "1492"]
 CFG = ExplainConfig(null_sets=300, triggers=25)
 
 
@@ -45,7 +46,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     path = root / "synthetic.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in docs))
-    words = ["<unk>", "."] + FILLER + FAMILY + [MARK]
+    words = ["<unk>", "."] + FILLER + FAMILY + YEARS + [MARK]
     vocab = {("\u2581" + w if w not in ("<unk>",) else w): i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
@@ -99,6 +100,16 @@ def test_shared_ending_is_shallow(world):
     assert e.significant["last"][0] and face_kind(e.significant, 0) in ("shallow", "both")
     assert (e.cover[0, :8] & 1).all()  # the eight planted triggers are covered by the "last" pattern
     assert not (e.cover[0, 8:] & 1).any()
+
+
+def test_token_class_is_shallow(world):
+    """Triggers that end with different years: no shared token, one token class."""
+    rng = random.Random(6)
+    ids = [world[1].convert_tokens_to_ids("\u2581" + y) for y in YEARS]
+    store, positions = _planted(world, ids, rng, len(ids), 15)
+    e = _explain(_with_store(world, store), positions)
+    assert e.significant["number"][0] and not e.significant["last"][0]
+    assert face_kind(e.significant, 0) == "shallow"
 
 
 def test_shared_topic_is_semantic(world):
