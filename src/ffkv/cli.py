@@ -19,6 +19,8 @@ RUN_MAX_TOKENS = 40_000
 15 minutes on 2 CPU cores."""
 RUN_ANALYZE = {"removal_keys": 4, "removal_triggers": 8, "examples": 1000}
 """Experiment sizes of `ffkv run` (smaller than `ffkv analyze`'s paper-sized defaults, same budget reason)."""
+RUN_EXPLAIN = {"heldout_tokens": 4000}
+"""`ffkv explain` settings of `ffkv run` (held-out text for the scores: 6,000 tokens by default)."""
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
@@ -101,10 +103,11 @@ def cmd_run(args) -> int:
     if atlas is None:
         return 0
     _print_summary(atlas)
-    print("ffkv run: explaining every memory face (ffkv explain)", flush=True)
+    print(f"ffkv run: explaining every memory face (ffkv explain, {RUN_EXPLAIN})", flush=True)
     from .analysis.explain import explain
+    from .analysis.patterns import ExplainConfig
 
-    _print_explain(explain(atlas.path, model=model, progress=not args.quiet))
+    _print_explain(explain(atlas.path, ExplainConfig(**RUN_EXPLAIN), model=model, progress=not args.quiet))
     print(f"ffkv run: analyses with {RUN_ANALYZE} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
     result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), model=model, progress=not args.quiet)
     _print_analysis(result)

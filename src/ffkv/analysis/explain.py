@@ -117,10 +117,9 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
         for proj in ("normed", "raw"):
             for sign in ("pos", "neg"):
                 lists[proj, sign] = tensors[f"value_{proj}_{sign}_ids"][layer_keys].numpy()
-        words = {sign: [[vocab.text[int(i)].strip() for i in row] for row in lists["normed", sign]]
-                 for sign in ("pos", "neg")}
-        coh = {sign: coherence.score(words[sign]) for sign in ("pos", "neg")}
-        word_mean = {sign: coherence.mean_vectors(words[sign]) for sign in ("pos", "neg")}
+        texts = {key: [[vocab.text[int(x)] for x in row] for row in ids] for key, ids in lists.items()}
+        coh = {sign: coherence.score([[t.strip() for t in row] for row in texts["normed", sign]])
+               for sign in ("pos", "neg")}
         for f in faces:
             other = "neg" if f == "pos" else "pos"
             positions = tensors[f"{f}_positions"][layer_keys, : cfg.triggers].numpy()
@@ -130,29 +129,32 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
             e.fire_threshold, e.lookup_threshold = Simulator(e, feats, vocab.n_codes, null.last).fit_thresholds(
                 trig_rows)
             trig_vec = np.where((trig_rows >= 0)[..., None], feats.word_vec[np.maximum(trig_rows, 0)], 0).sum(1)
-            concept = _unit(trig_vec) + _unit(word_mean[f])
+            concept = _unit(trig_vec) + _unit(coh[f][2])
             vectors.append(_unit(concept).astype(np.float16))
+            found = {k: np.nonzero(e.significant[k])[0] for k in KINDS}
+            sig_kinds: list[list[str]] = [[] for _ in layer_keys]
+            for k in KINDS:
+                for i in found[k].tolist():
+                    sig_kinds[i].append(k)
+            shallow = ((e.cover >= 0) & (e.cover & SHALLOW_MASK > 0)).tolist()
+            semantic = ((e.cover >= 0) & (e.cover & SEMANTIC_MASK > 0)).tolist()
+            valid = (e.cover >= 0).tolist()
             for i, key in enumerate(layer_keys.tolist()):
-                promotes = [vocab.text[int(x)] for x in lists["normed", f][i]]
-                suppresses = [vocab.text[int(x)] for x in lists["normed", other][i]]
                 p_ok, s_ok = bool(coh[f][1][i] < cfg.alpha), bool(coh[other][1][i] < cfg.alpha)
-                cover = e.cover[i]
+                phrases = {k: pattern_phrase(k, e, i, vocab, feats) for k in sig_kinds[i]}
                 rows.append({
                     "layer": layer, "key": key, "face": f, "kind": face_kind(e.significant, i),
-                    "description": describe(e, i, vocab, feats, promotes, suppresses, p_ok, s_ok),
+                    "description": describe(e, i, vocab, feats, texts["normed", f][i], texts["normed", other][i],
+                                            p_ok, s_ok, phrases),
                     "n_units": int(e.n_units[i]),
-                    "patterns": json.dumps([{"kind": k, "text": pattern_phrase(k, e, i, vocab, feats),
-                                             "support": int(e.support[k][i]), "p_value": float(e.p_value[k][i]),
-                                             "lift": round(float(e.lift[k][i]), 4)}
-                                            for k in KINDS if e.significant[k][i]]),
-                    "trigger_shallow": ((cover >= 0) & (cover & SHALLOW_MASK > 0)).tolist(),
-                    "trigger_semantic": ((cover >= 0) & (cover & SEMANTIC_MASK > 0)).tolist(),
-                    "trigger_valid": (cover >= 0).tolist(),
+                    "patterns": json.dumps([{"kind": k, "text": phrases[k], "support": int(e.support[k][i]),
+                                             "p_value": float(e.p_value[k][i]), "lift": round(float(e.lift[k][i]), 4)}
+                                            for k in sig_kinds[i]]),
+                    "trigger_shallow": shallow[i], "trigger_semantic": semantic[i], "trigger_valid": valid[i],
                     "last_tokens": json.dumps({vocab.code_text[c]: n for c, n in sorted(
                         e.last_codes[i].items(), key=lambda x: -x[1])}, ensure_ascii=False),
-                    "promotes": promotes, "suppresses": suppresses,
-                    "promotes_raw": [vocab.text[int(x)] for x in lists["raw", f][i]],
-                    "suppresses_raw": [vocab.text[int(x)] for x in lists["raw", other][i]],
+                    "promotes": texts["normed", f][i], "suppresses": texts["normed", other][i],
+                    "promotes_raw": texts["raw", f][i], "suppresses_raw": texts["raw", other][i],
                     "promote_coherence": float(coh[f][0][i]), "promote_coherent": p_ok,
                     "suppress_coherence": float(coh[other][0][i]), "suppress_coherent": s_ok,
                 })

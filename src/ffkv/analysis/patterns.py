@@ -52,7 +52,7 @@ MIN_SUPPORT = 3
 CLASS_WORDS = {"number": "a number or year", "punct": "punctuation", "piece": "a piece continuing a word",
                "first": "the first token of a sentence", "capital": "a capitalised word"}
 OFFSET_BUCKETS = np.array([0, 1, 2, 4, 8, 16, 32])
-NULL_POSITIONS = 5000
+NULL_POSITIONS = 2000
 """Random scanned positions on which a meaning group's corpus rate (the base of its lift) is measured."""
 
 
@@ -335,7 +335,8 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
         p = _empirical_p(null.group_null[kind], m, size)
         p = np.where(support >= MIN_SUPPORT, p, 1.0)
         pool = null.word_positions if kind == "category" else null.subject_positions
-        rate = ((pool @ c.T) >= rad[None, :]).mean(0) if len(pool) else np.ones(K)
+        # add-one smoothing: a group no null prefix matches gets a rate of 1 / (pool + 1), not 0
+        rate = (((pool @ c.T) >= rad[None, :]).sum(0) + 1) / (len(pool) + 1)
         sig[kind], sup[kind], pv[kind], val[kind] = p < threshold, support, p, np.full(K, -1)
         share = support / np.maximum(n_units, 1)
         lift[kind] = np.log(np.maximum(share, 1e-9) / np.clip(rate, 1e-9, 1.0))
@@ -383,12 +384,15 @@ def _meaning_groups(kind, feats, r, valid, units, cfg):
         slot = np.arange(len(uniq)) - start[uniq[:, 0]]  # item index within its key
         trig_k, trig_t = np.nonzero(usable)
         item_of[trig_k, trig_t] = slot[inverse]
-        flat = torch.from_numpy(items.reshape(K * T, -1))  # shares memory with ``items``
-        flat.index_add_(0, torch.from_numpy(trig_k * T + slot[inverse]), torch.from_numpy(vec_all[r[trig_k, trig_t]]))
         mask[uniq[:, 0], slot] = True
         first_trigger[uniq[:, 0], slot] = trig_t[first]
-    norm = np.linalg.norm(items, axis=2, keepdims=True)
-    items = np.where(norm > 0, items / np.maximum(norm, 1e-12), 0)
+        if kind == "category":  # the triggers of one item share its word, hence its (unit) vector
+            items[uniq[:, 0], slot] = vec_all[r[uniq[:, 0], trig_t[first]]]
+        else:  # the mean over the unit's triggers, made unit-length again
+            flat = torch.from_numpy(items.reshape(K * T, -1))  # shares memory with ``items``
+            flat.index_add_(0, torch.from_numpy(trig_k * T + slot[inverse]),
+                            torch.from_numpy(vec_all[r[trig_k, trig_t]]))
+            items /= np.maximum(np.linalg.norm(items, axis=2, keepdims=True), 1e-12)
     size, members = _largest_groups(items, mask, threshold)
     m = mask.sum(1)
     c = (items * members[:, :, None]).sum(1)
@@ -423,8 +427,8 @@ class Coherence:
         self.null = np.sort(_mean_pair_cos(pool[idx], np.ones(idx.shape, bool)))
         self.embedder = embedder
 
-    def score(self, token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """(mean pairwise cosine, p-value) per list (words without a letter are left out)."""
+    def score(self, token_lists: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean pairwise cosine, p-value, mean vector) per list (words without a letter are left out)."""
         cleaned = [[w.lower() for w in ws if any(ch.isalpha() for ch in w)][: self.size] for ws in token_lists]
         vocab = sorted({w for ws in cleaned for w in ws})
         vecs = self.embedder.encode(vocab) if vocab else np.zeros((0, DIM), np.float32)
@@ -436,20 +440,8 @@ class Coherence:
                 arr[i, j], mask[i, j] = vecs[where[w]], True
         cos = _mean_pair_cos(arr, mask)
         p = (1 + len(self.null) - np.searchsorted(self.null, cos, side="left")) / (len(self.null) + 1)
-        return cos, np.where(mask.sum(1) >= 3, p, 1.0)
-
-
-    def mean_vectors(self, token_lists: list[list[str]]) -> np.ndarray:
-        """[len(lists), DIM] mean embedder vector of each list's words (zero where none has a letter)."""
-        cleaned = [[w.lower() for w in ws if any(ch.isalpha() for ch in w)][: self.size] for ws in token_lists]
-        vocab = sorted({w for ws in cleaned for w in ws})
-        vecs = self.embedder.encode(vocab) if vocab else np.zeros((0, DIM), np.float32)
-        where = {w: i for i, w in enumerate(vocab)}
-        out = np.zeros((len(cleaned), DIM), np.float32)
-        for i, ws in enumerate(cleaned):
-            if ws:
-                out[i] = vecs[[where[w] for w in ws]].mean(0)
-        return out
+        mean = arr.sum(1) / np.maximum(mask.sum(1), 1)[:, None]
+        return cos, np.where(mask.sum(1) >= 3, p, 1.0), mean
 
 
 def _mean_pair_cos(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -493,11 +485,12 @@ def face_kind(sig: dict[str, np.ndarray], i: int) -> str:
 
 
 def describe(e: LayerFaceExplanation, i: int, vocab: Vocabulary, feats: PositionFeatures, promotes: list[str],
-             suppresses: list[str], promote_coherent: bool, suppress_coherent: bool) -> str:
-    """One line: the significant patterns, strongest first; then what firing promotes and suppresses."""
+             suppresses: list[str], promote_coherent: bool, suppress_coherent: bool,
+             phrases: dict[str, str] | None = None) -> str:
+    """One line: the significant patterns, strongest first (``phrases``: their texts, when already made); then
+    what firing promotes and suppresses."""
     found = sorted((k for k in KINDS if e.significant[k][i]), key=lambda k: e.p_value[k][i])
-    # a class implied by a stronger token pattern says nothing more (e.g. "ends with ','" and "punctuation")
-    parts = [pattern_phrase(k, e, i, vocab, feats) for k in found[:4]]
+    parts = [phrases[k] if phrases is not None else pattern_phrase(k, e, i, vocab, feats) for k in found[:4]]
     fires = "; ".join(parts) if parts else "no shared pattern"
     promotes, suppresses = _distinct_words(promotes), _distinct_words(suppresses)
     out = [f"promotes {' / '.join(_quote(t) for t in promotes[:3])}" + (" (one concept)" if promote_coherent else "")]
