@@ -301,7 +301,7 @@ def analyzable(cli_atlas, tmp_path, monkeypatch):
     return out, loaded
 
 
-ANALYZE_SMALL = ["--only", "patterns", "--keys-per-layer", "2", "--triggers", "4", "--removal-triggers", "4", "--quiet"]
+ANALYZE_SMALL = ["--only", "patterns", "--removal-triggers", "4", "--quiet"]
 
 
 @pytest.mark.parametrize("flags,dtype", [([], "float64"), (["--dtype", "float32"], "float32"),

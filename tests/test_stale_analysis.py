@@ -12,7 +12,7 @@ from conftest import DOCUMENTS
 import ffkv
 from ffkv.cli import main
 
-ANALYZE_FLAGS = ["--keys-per-layer", "2", "--triggers", "4", "--removal-keys", "2", "--removal-triggers", "3",
+ANALYZE_FLAGS = ["--removal-keys", "2", "--removal-triggers", "3",
                  "--examples", "12", "--quiet"]
 BLOCKS = ("patterns", "token_removal", "values", "aggregation")
 

@@ -101,7 +101,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
     With ``config.only``, the other experiments' blocks are kept from an existing analysis.json of the same scan
     (same ``scan_id``); one of an earlier scan of the folder (``scan --force``) is discarded, not merged."""
     from ..models import load_model
-    from .aggregation import aggregation_experiment
+    from .aggregation import aggregation_experiment, held_out_units
     from .explain import explain, patterns_block, read_explanations
     from .keys import token_removal_experiment
     from .values import values_experiment
@@ -140,7 +140,8 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         t = time.time()
         table = read_explanations(atlas)
         if table is None:  # explain is a stage of its own (`ffkv explain`); run it here when it has not run
-            explain(atlas.path, model=model, progress=progress)
+            # scores need held-out units; Fig 2 does not: an atlas of the whole corpus gets unscored explanations
+            explain(atlas.path, model=model, progress=progress, score=len(held_out_units(atlas)) > 0)
             table = read_explanations(atlas)
         for face in faces:
             result["patterns" + suffix(face)] = patterns_block(atlas, table, face)
