@@ -1,10 +1,11 @@
 """Build the blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled.
 
-Writes ``hand_labels_test.json`` (the keys with their top-25 triggers; labels are added by the raters) and a
-rater packet (the trigger texts only: no layer, key or face) to label from. Run once, before the explainer
-has seen these keys:
+Writes ``NAME`` (default ``hand_labels_test.json``: the keys with their top-25 triggers; labels are added by
+the raters) and a rater packet (the trigger texts only: no layer, key or face) to label from. Run once per set,
+before the explainer has seen its keys; a later set (``--seed``, ``--name``) leaves out the keys of the earlier
+sets in this folder:
 
-    python tests/data/make_test_labels.py ATLAS PACKET.md
+    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME]
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ EXTRA = 4  # four more keys on random odd layers and faces: 64 in all
 PACKET_CHARS = 160  # the end of each prefix is what a key reads most; raters see the last 160 characters
 
 
-def main(atlas_dir: str, packet: str) -> None:
+def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_labels_test.json") -> None:
     atlas = Atlas.load(atlas_dir)
-    rng = random.Random(20261202)
+    rng = random.Random(int(seed))
+    earlier = {(k["layer"], k["key"], k["face"]) for f in Path(__file__).parent.glob("hand_labels*.json")
+               if f.name != name for k in json.loads(f.read_text())["keys"]}
     odd = [layer for layer in atlas.layers if layer % 2 == 1]
     picks = [(layer, face) for layer in odd for face in ("pos", "neg") for _ in range(KEYS_PER_LAYER_FACE)]
     picks += [(rng.choice(odd), rng.choice(["pos", "neg"])) for _ in range(EXTRA)]
@@ -47,7 +50,7 @@ def main(atlas_dir: str, packet: str) -> None:
         while True:
             key = rng.randrange(atlas.d_ff)
             triggers = atlas.triggers(layer, key, face, N_TRIGGERS)
-            if (layer, key, face) not in chosen and len(triggers) == N_TRIGGERS:
+            if (layer, key, face) not in chosen | earlier and len(triggers) == N_TRIGGERS:
                 break
         chosen.add((layer, key, face))
         entries.append({"layer": layer, "key": key, "face": face, "triggers": [
@@ -63,7 +66,7 @@ def main(atlas_dir: str, packet: str) -> None:
                      "unit": atlas.manifest["scan"]["unit"], "max_tokens": atlas.manifest["scan"]["max_tokens"],
                      "seed": atlas.manifest["scan"]["seed"], "max_length": atlas.manifest["scan"]["max_length"]},
            "keys": entries}
-    Path(__file__).with_name("hand_labels_test.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+    Path(__file__).with_name(name).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
     lines = []
     for entry in entries:
         lines.append(f"## Item {entry['item']}\n")
