@@ -88,7 +88,7 @@ def _planted(world, ending_ids, rng, n_planted, n_random=0):
 
 def _with_store(world, store):
     _, tokenizer, vocab, _, null = world
-    feats = position_features(store, np.arange(store.n_units), vocab, Embedder())
+    feats = position_features(store, np.arange(store.n_units), vocab, Embedder(), centre=world[3].centre)
     return store, tokenizer, vocab, feats, null
 
 
@@ -238,7 +238,7 @@ def test_f1_of_explain_matches_a_direct_recomputation(tiny_atlas):
     e.fire_threshold, e.lookup_threshold = Simulator(e, scan_feats, vocab.n_codes, null.last).fit_thresholds(
         scan_feats.rows(positions))
     units = heldout_sample(atlas.store, held_out_units(atlas), cfg.heldout_tokens, cfg.seed)
-    feats = position_features(atlas.store, units, vocab, embedder)
+    feats = position_features(atlas.store, units, vocab, embedder, centre=scan_feats.centre)
     sim = Simulator(e, feats, vocab.n_codes, null.last)
     face_max = atlas.layer_tensors(layer)["pos_scores"][:, 0].numpy()
     tp = np.zeros(atlas.d_ff)

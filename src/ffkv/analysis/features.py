@@ -81,6 +81,8 @@ class PositionFeatures:
     has_subject: np.ndarray
     topics: list[str]
     titles: list[str]
+    centre: tuple[np.ndarray, np.ndarray]
+    """The mean word and subject vectors these features were centred on."""
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """Row of each flat store position (-1 where the position is not covered)."""
@@ -103,8 +105,13 @@ def _ids(column, n: int) -> tuple[np.ndarray, list[str]]:
 
 
 def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, embedder: Embedder,
-                      progress: bool = False) -> PositionFeatures:
-    """Features of all content positions of ``units`` (any order; duplicates ignored)."""
+                      progress: bool = False, centre: tuple[np.ndarray, np.ndarray] | None = None) -> PositionFeatures:
+    """Features of all content positions of ``units`` (any order; duplicates ignored).
+
+    Word and subject vectors are centred (the mean over these positions subtracted, then made unit-length again):
+    sentence-embedder vectors share a large common direction, so that uncentred, any two Wikipedia prefixes
+    look alike. Pass ``centre`` (another set's ``PositionFeatures.centre``) to centre on the same means, as the
+    held-out features must be centred like the scanned ones."""
     units = np.unique(np.asarray(units, dtype=np.int64))
     starts = store.offset[units] + store.n_special[units]
     counts = np.maximum(store.length[units] - store.n_special[units], 0)
@@ -143,6 +150,9 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
     content = np.array([ends_word[i] and has_letter[i] and len(words[i]) >= 3 and words[i] not in STOP_WORDS
                         for i in range(n)], dtype=bool)
     subject_vec = _subject_vectors(word_vec * content[:, None], word_start, unit, offset)
+    if centre is None:
+        centre = tuple(_mean_of_nonzero(v) for v in (word_vec, subject_vec))
+    word_vec, subject_vec = (_centred(v, mu) for v, mu in zip((word_vec, subject_vec), centre))
     topic_ids, topics = _ids(store.columns.get("topic"), store.n_units)
     title_ids, titles = _ids(store.columns.get("title"), store.n_units)
     return PositionFeatures(pos=pos, unit=unit, offset=offset, code=code, prev=prev, prev2=prev2, classes=classes,
@@ -152,7 +162,22 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
                             category_word=np.array([bool(word_vec[i].any()) and len(w) >= 3 and w not in STOP_WORDS
                                                     for i, w in enumerate(words)], dtype=bool), word_vec=word_vec,
                             subject_vec=subject_vec, has_word_vec=np.abs(word_vec).sum(1) > 0,
-                            has_subject=np.abs(subject_vec).sum(1) > 0, topics=topics, titles=titles)
+                            has_subject=np.abs(subject_vec).sum(1) > 0, topics=topics, titles=titles,
+                            centre=centre)
+
+
+def _mean_of_nonzero(v: np.ndarray) -> np.ndarray:
+    rows = np.abs(v).sum(1) > 0
+    return v[rows].mean(0) if rows.any() else np.zeros(v.shape[1], np.float32)
+
+
+def _centred(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Unit vectors of v - mu for the rows that have a vector (zero rows stay zero)."""
+    rows = np.abs(v).sum(1) > 0
+    out = np.zeros_like(v)
+    c = v[rows] - mu
+    out[rows] = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def _subject_vectors(contrib: np.ndarray, word_start: np.ndarray, unit: np.ndarray, offset: np.ndarray) -> np.ndarray:

@@ -63,10 +63,10 @@ class ExplainConfig:
     triggers: int | None = field(default=None, metadata={"help": "top triggers per face read for patterns "
                                  "(default: 25 as in the paper, or the atlas's top-k where smaller)"})
     alpha: float = field(default=0.05, metadata={"help": "family-wise significance level over the 12 pattern kinds"})
-    word_cosine: float = field(default=0.45, metadata={"help": "embedder cosine above which two trigger words "
-                               "mean alike (category patterns)"})
-    subject_cosine: float = field(default=0.6, metadata={"help": "embedder cosine above which two prefixes have "
-                                  "alike subjects (subject patterns)"})
+    word_cosine: float = field(default=0.3, metadata={"help": "centred embedder cosine above which two trigger "
+                               "words mean alike (category patterns; tuned on the development labels)"})
+    subject_cosine: float = field(default=0.25, metadata={"help": "centred embedder cosine above which two prefixes "
+                                  "have alike subjects (subject patterns; tuned on the development labels)"})
     null_sets: int = field(default=1000, metadata={"help": "random sets per size in the null of the meaning tests"})
     heldout_tokens: int = field(default=6000, metadata={"help": "held-out tokens the explanations are scored on"})
     heldout_random: int = field(default=300, metadata={"help": "random held-out prefixes in the simulation score"})
