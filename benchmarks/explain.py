@@ -83,6 +83,9 @@ def labels(atlas: Path, path: Path) -> None:
     confusion = {}
     for t, p in zip(truth, r["predicted"]):
         confusion[t, p] = confusion.get((t, p), 0) + 1
+    kinds = ("shallow", "semantic", "both", "none")
+    print("  shares, labels:    " + ", ".join(f"{k} {truth.count(k) / len(truth):.0%}" for k in kinds))
+    print("  shares, explainer: " + ", ".join(f"{k} {r['predicted'].count(k) / len(truth):.0%}" for k in kinds))
     print("  confusion (label -> explainer):", ", ".join(f"{t}->{p}: {n}" for (t, p), n in sorted(confusion.items())))
 
 
