@@ -4,7 +4,8 @@ Values: the positive face of memory i adds +v_i and promotes the top of v_i.E; t
 promotes the bottom. ``raw`` is the paper's v.E; ``normed`` is v.diag(gamma).E, v through the final norm's gain (and
 centring, for LayerNorm), what the model does to a direction before the unembedding. Residuals: the logit lens
 final_norm(x).E. Products go in chunks of memories and, for top-token lists, of the vocabulary; work is in float32
-(float64 for a float64 model; 16-bit weights are widened first).
+(float64 for a float64 model; 16-bit weights are widened first). Top-token lists read only the best blocks of each
+row of logits, and equal the whole row's topk byte for byte (``_screened_top``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ MEMORY_CHUNK = 256
 """Memories per vocabulary product."""
 VOCAB_CHUNK = 65536
 """Vocabulary columns per product when only top tokens are kept (a 262k vocabulary takes four)."""
+PRODUCT_LOGITS = 2**27
+"""Most logits of one product in ``project_values`` on a CPU (512 MiB of float32)."""
+SCREEN_BLOCK = 256
+"""Widest vocabulary block of the top-token screen (see ``_screened_top``)."""
 KINDS = ("raw", "normed")
 
 
@@ -53,6 +58,60 @@ def value_logits(parts: ModelParts, layer: int, *, normed: bool = False,
         yield start, (parts.through_final_norm(v) if normed else v) @ e.T
 
 
+def _full_top(logits: torch.Tensor, n: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, values) of the top ``n`` of ``logits`` (largest) or of ``-logits`` (not largest): the reference."""
+    top = (logits if largest else -logits).topk(min(n, logits.shape[1]), dim=1)
+    return top.indices, top.values
+
+
+def _screened_top(logits: torch.Tensor, n: int, largest: bool, block: int,
+                  redo: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_full_top`` byte for byte, reading about n + 1 blocks of ``block`` columns per row instead of the row,
+    and whether each row's top holds a NaN.
+
+    The n + 1 blocks with the best maxima (largest; else minima) hold n + 1 distinct elements at least as good as
+    any element outside them. So when the top n + 1 of those blocks' elements are strictly ordered, every other
+    element is strictly worse than the n-th: the top n is unique and any exact top-k returns it. Rows with a tie
+    there, or ``redo`` (a NaN, which sorts as the largest), take the full row."""
+    rows, width = logits.shape
+    full = width // block * block
+    blocks = logits[:, :full].unflatten(1, (-1, block))
+    bounds = blocks.amax(dim=2) if largest else blocks.amin(dim=2)  # both propagate NaN
+    chosen = bounds.topk(n + 1, dim=1, largest=largest).indices  # [rows, n + 1] block numbers
+    cand = blocks[torch.arange(rows, device=logits.device)[:, None], chosen].flatten(1)
+    if full < width:  # the ragged last columns are always candidates
+        cand = torch.cat([cand, logits[:, full:]], dim=1)
+    top = cand.topk(n + 1, dim=1, largest=largest)
+    at, vals = top.indices, top.values
+    inside = (n + 1) * block
+    ids = torch.where(at < inside, chosen.gather(1, (at // block).clamp_max(n)) * block + at % block,
+                      at - inside + full)
+    nan = vals[:, 0].isnan()  # a NaN anywhere in the row is the largest: in its block's max, first here
+    again = ~((vals[:, :-1] > vals[:, 1:]) if largest else (vals[:, :-1] < vals[:, 1:])).all(dim=1)
+    again = again | nan if redo is None else again | redo
+    ids, vals = ids[:, :n], vals[:, :n]
+    if not largest:
+        vals = -vals  # the negative face's logits are those of -v (negation is exact)
+    if bool(again.any()):
+        rows_again = again.nonzero().squeeze(1)
+        ids[rows_again], vals[rows_again] = _full_top(logits[rows_again], n, largest)
+    return ids, vals, nan
+
+
+def _faces_top(logits: torch.Tensor, n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Both faces' top ``n`` (ids, logits) of one product [rows, width], equal to ``_full_top`` of each."""
+    rows, width = logits.shape
+    n = min(n, width)
+    block = SCREEN_BLOCK
+    while block > 16 and width // block < 4 * (n + 1):
+        block //= 2
+    if width // block < 4 * (n + 1) or rows == 0:
+        return {"pos": _full_top(logits, n, True), "neg": _full_top(logits, n, False)}
+    pos_ids, pos_vals, nan = _screened_top(logits, n, True, block)
+    neg_ids, neg_vals, _ = _screened_top(logits, n, False, block, redo=nan)
+    return {"pos": (pos_ids, pos_vals), "neg": (neg_ids, neg_vals)}
+
+
 def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int,
                    vocab_chunk: int = VOCAB_CHUNK) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Top ``n`` tokens of ``vectors @ e.T`` for each face: {'pos': (ids, logits), 'neg': (ids, logits)}, where
@@ -63,9 +122,8 @@ def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int,
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"pos": [], "neg": []}
     for start in range(0, vocab, vocab_chunk):
         logits = vectors @ e[start: start + vocab_chunk].T
-        for face, signed in (("pos", logits), ("neg", -logits)):
-            top = signed.topk(min(n, signed.shape[1]), dim=1)
-            found[face].append((top.indices + start, top.values))
+        for face, (ids, vals) in _faces_top(logits, n).items():
+            found[face].append((ids + start, vals))
     out = {}
     for face, chunks in found.items():  # several vocabulary chunks: the top n of their top n
         ids, vals = (torch.cat(x, dim=1) for x in zip(*chunks))
@@ -74,12 +132,25 @@ def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int,
     return out
 
 
+def product_rows(n_memories: int, vocab: int, device: torch.device) -> int:
+    """Memories per product in ``project_values``: on a CPU as many as ``PRODUCT_LOGITS`` allows, split evenly
+    (fewer, larger products: the BLAS packs E once per product, and each pass over the logits has a fixed cost);
+    elsewhere ``MEMORY_CHUNK``. A product's logits do not depend on how many rows it has (MKL; checked)."""
+    if device.type != "cpu":
+        return MEMORY_CHUNK
+    most = max(MEMORY_CHUNK, PRODUCT_LOGITS // max(1, min(vocab, VOCAB_CHUNK)))
+    products = max(1, -(-n_memories // most))
+    return max(1, -(-n_memories // products))
+
+
 @torch.inference_mode()
-def project_values(parts: ModelParts, layer: int, n_top: int, chunk: int = MEMORY_CHUNK) -> dict[str, torch.Tensor]:
+def project_values(parts: ModelParts, layer: int, n_top: int, chunk: int | None = None) -> dict[str, torch.Tensor]:
     """The atlas's value lists: top ``n_top`` token ids and logits per memory, both faces, both projections
-    (``value_{raw|normed}_{pos|neg}_{ids|logits}``, float32 logits)."""
+    (``value_{raw|normed}_{pos|neg}_{ids|logits}``, float32 logits). ``chunk``: memories per product (default
+    ``product_rows``)."""
     values = value_vectors(parts, layer, dtype=torch.float32)
     e = unembedding(parts, torch.float32)
+    chunk = chunk or product_rows(values.shape[0], e.shape[0], values.device)
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, values.shape[0], chunk):
         v = values[start: start + chunk]
