@@ -61,6 +61,16 @@ def scores(atlas: Path) -> None:
               f"{_mean(r['f1'] for r in fired):>6.3f} {_mean(r['shuffled_f1'] for r in fired):>6.3f} "
               f"{_mean(r['lookup_f1'] for r in fired):>6.3f} {len(fired):>6} {n2g_at(depth):>7.2f}")
     fired = [r for r in rows if (r["heldout_fires"] or 0) > 0]
+    layers = sorted({r["layer"] for r in rows})
+
+    def layer_mean(name, layer):
+        return _mean(r[name] for r in (fired if name.endswith("f1") else rows) if r["layer"] == layer)
+
+    above = {name: sum(layer_mean(name, layer) > layer_mean("lookup_" + name, layer) for layer in layers)
+             for name in ("sim_corr", "f1")}
+    print(f"layers where the explanation beats the last-token lookup: correlation {above['sim_corr']} of "
+          f"{len(layers)}, F1 {above['f1']} of {len(layers)}")
+
     def m(name, rs):
         return _mean(r[name] for r in rs)
 
