@@ -25,7 +25,8 @@ ORDER = [
     "analysis.words", "analysis.keys", "analysis.values", "analysis.aggregation",
     "analysis.features", "analysis.patterns", "analysis.simulate", "analysis.explain", "analysis.run", "analysis",
     "report.data", "report.compare", "report.figures", "report.html", "report", "report.screenshot",
-    "server.index", "server.debugger", "server.explanations", "server.service", "server.app", "server", "server.screenshot",
+    "server.index", "server.debugger", "server.explanations", "server.service", "server.app", "server",
+    "server.screenshot",
     "cli",
     "",  # the package itself: its public API re-exports from below
     "__main__",
