@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..arch import check_memory
 from ..atlas import Atlas
-from ..embedder import Embedder
+from ..embedder import DIM, Embedder
 from ..errors import FfkvError
 from .aggregation import held_out_units
 from .features import Vocabulary, position_features
@@ -128,7 +128,8 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
             trig_rows = feats.rows(positions)
             e.fire_threshold, e.lookup_threshold = Simulator(e, feats, vocab.n_codes, null.last).fit_thresholds(
                 trig_rows)
-            trig_vec = np.where((trig_rows >= 0)[..., None], feats.word_vec[np.maximum(trig_rows, 0)], 0).sum(1)
+            # concept vectors live in the embedder's own (uncentred) space, where search queries are embedded
+            trig_vec = _raw_word_vectors(embedder, feats, trig_rows).sum(1)
             concept = _unit(trig_vec) + _unit(coh[f][2])
             vectors.append(_unit(concept).astype(np.float16))
             found = {k: np.nonzero(e.significant[k])[0] for k in KINDS}
@@ -189,6 +190,15 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
     np.save(atlas.path / "explanation_vectors.tmp.npy", np.concatenate(vectors) if vectors else np.zeros((0, 384)))
     os.replace(atlas.path / "explanation_vectors.tmp.npy", atlas.path / VECTORS)
     os.replace(tmp, out)
+    return out
+
+
+def _raw_word_vectors(embedder: Embedder, feats, rows: np.ndarray) -> np.ndarray:
+    """[*rows.shape, DIM] the embedder's vectors of the words at ``rows`` (zero where -1 or no vector)."""
+    ok = (rows >= 0) & feats.has_word_vec[np.maximum(rows, 0)]
+    out = np.zeros((*rows.shape, DIM), np.float32)
+    if ok.any():
+        out[ok] = embedder.encode([feats.word[int(r)] for r in rows[ok]])
     return out
 
 
