@@ -282,11 +282,21 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def patterns_block(atlas: Atlas, table: pa.Table, face: str, examples_per_layer: int = 2) -> dict:
+BLOCK_COLUMNS = ("layer", "key", "face", "kind", "description", "patterns", "trigger_shallow", "trigger_semantic",
+                 "trigger_valid", "sim_corr", "f1", "precision", "recall", "heldout_fires", "shuffled_sim_corr",
+                 "shuffled_f1", "lookup_sim_corr", "lookup_f1")
+
+
+def block_rows(table: pa.Table) -> list[dict]:
+    """The rows ``patterns_block`` reads, converted once for all faces (the token lists are left out)."""
+    return table.select([c for c in BLOCK_COLUMNS if c in table.column_names]).to_pylist()
+
+
+def patterns_block(atlas: Atlas, rows: list[dict], face: str, examples_per_layer: int = 2) -> dict:
     """Fig 2 / Table 1 for one face from the explanations: per layer the share of trigger examples covered by
     shallow only / semantic only / both / no pattern (the paper's unit; ``shallow`` ... ``none``), the share of
     keys of each kind (``keys_shallow`` ...), patterns per key, the held-out scores, and the best-explained keys."""
-    rows = [r for r in table.to_pylist() if r["face"] == face]
+    rows = [r for r in rows if r["face"] == face]
     n = atlas.n_layers
     names = ("shallow", "semantic", "both", "none")
     out: dict = {k: [None] * n for k in (*names, *(f"keys_{k}" for k in names), "coverage", "patterns_per_key",

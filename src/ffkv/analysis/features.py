@@ -149,7 +149,7 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
         word_vec[rows] = vecs[[where[words[i]] for i in rows]]
     content = np.array([ends_word[i] and has_letter[i] and len(words[i]) >= 3 and words[i] not in STOP_WORDS
                         for i in range(n)], dtype=bool)
-    subject_vec = _subject_vectors(word_vec * content[:, None], word_start, unit, offset)
+    subject_vec = _subject_vectors(word_vec * content[:, None], word_start, offset)
     if centre is None:
         centre = tuple(_mean_of_nonzero(v) for v in (word_vec, subject_vec))
     word_vec, subject_vec = (_centred(v, mu) for v, mu in zip((word_vec, subject_vec), centre))
@@ -180,7 +180,7 @@ def _centred(v: np.ndarray, mu: np.ndarray) -> np.ndarray:
     return out
 
 
-def _subject_vectors(contrib: np.ndarray, word_start: np.ndarray, unit: np.ndarray, offset: np.ndarray) -> np.ndarray:
+def _subject_vectors(contrib: np.ndarray, word_start: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Unit-length mean of the content-word vectors ending before the current word, within SUBJECT_WINDOW
     tokens of the same unit."""
     n = len(contrib)

@@ -102,7 +102,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
     (same ``scan_id``); one of an earlier scan of the folder (``scan --force``) is discarded, not merged."""
     from ..models import load_model
     from .aggregation import aggregation_experiment, held_out_units
-    from .explain import explain, patterns_block, read_explanations
+    from .explain import block_rows, explain, patterns_block, read_explanations
     from .keys import token_removal_experiment
     from .values import values_experiment
 
@@ -143,8 +143,9 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
             # scores need held-out units; Fig 2 does not: an atlas of the whole corpus gets unscored explanations
             explain(atlas.path, model=model, progress=progress, score=len(held_out_units(atlas)) > 0)
             table = read_explanations(atlas)
+        rows = block_rows(table)
         for face in faces:
-            result["patterns" + suffix(face)] = patterns_block(atlas, table, face)
+            result["patterns" + suffix(face)] = patterns_block(atlas, rows, face)
         timings["patterns"] = round(time.time() - t, 1)
     if "token_removal" in wanted:
         t = time.time()

@@ -83,8 +83,8 @@ class Simulator:
                     self.last[i, k] = max(lift, 0.0)
 
     def evaluate(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """a(x) for broadcast ``rows`` (rows of the features) and ``cols`` (key indices): rows [P, 1] with cols
-        [1, K] gives a dense [P, K]; rows [K', J] with cols [K', 1] gives each key's own rows."""
+        """a(x) of each key's own rows: ``rows`` [K', J] (rows of the features) with ``cols`` [K', 1] (key
+        indices). ``dense`` computes the same sums for every key at once."""
         f, e, w = self.f, self.e, self.weight
         rows, cols = np.asarray(rows), np.asarray(cols)
         a = self.last[self.code_index[f.code[rows]], cols].astype(np.float32)
@@ -102,10 +102,7 @@ class Simulator:
             v = e.value[kind][cols]
             take(kind, (v >= 0) & (column[rows] == v))
         for kind, vec in (("category", f.word_vec), ("subject", f.subject_vec)):
-            if rows.shape[-1] == 1 and cols.shape[0] == 1:  # dense: one matrix product
-                sims = vec[rows[:, 0]] @ e.centroid[kind][cols[0]].T
-            else:
-                sims = np.einsum("kjd,kd->kj", vec[rows], e.centroid[kind][cols[:, 0]])
+            sims = np.einsum("kjd,kd->kj", vec[rows], e.centroid[kind][cols[:, 0]])
             take(kind, sims >= e.radius[kind][cols])
         return a
 
