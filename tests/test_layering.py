@@ -22,7 +22,7 @@ ORDER = [
     "atlas",
     "scan",
     "merge",
-    "analysis.words", "analysis.keys", "analysis.values", "analysis.aggregation",
+    "analysis.words", "analysis.intervals", "analysis.keys", "analysis.values", "analysis.aggregation",
     "analysis.features", "analysis.patterns", "analysis.simulate", "analysis.explain", "analysis.run", "analysis",
     "report.data", "report.compare", "report.figures", "report.html", "report", "report.screenshot",
     "server.index", "server.debugger", "server.explanations", "server.service", "server.app", "server",
