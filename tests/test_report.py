@@ -89,7 +89,9 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
         "n_layers": L, "layers": list(range(L)),
         "patterns": make_patterns(L, up, reproduce),
         "token_removal": {"first": [-0.1] * L, "last": up(-0.7, -0.2), "random": [-0.15] * L, "n_keys": [10] * L,
-                          "skipped": [1] * L},
+                          "skipped": [1] * L, "last_median": up(-0.6, -0.15), "last_n": [240] * L,
+                          "last_ci": [[v - 0.05, v + 0.05] for v in up(-0.7, -0.2)],
+                          "last_sign_change": up(0.2, 0.05), "last_sign_change_ci": [[0.0, 0.3]] * L},
         "values": values(),
         "aggregation": {"n_examples": 4000, "active_fraction_mean": [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12, 0.14,
                                                                      0.16, 0.18, 0.2, 0.2][:L] + [0.2] * max(0, L - 12),
@@ -448,6 +450,28 @@ def test_partial_analysis_renders_what_exists(tmp_path):
     # the signed model's missing negative face is named
     assert "negative face (−v): analysis.json has no &#x27;values_neg&#x27; block" in text
     assert 'data-missing="table1"' in text
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_token_removal_draws_interval_median_and_sign_changes(tmp_path, signed):
+    atlas = make_atlas(tmp_path / "atlas", signed=signed)
+    got = specs(write_report(atlas).read_text())
+    traces = _traces(got["fig3"])
+    band = traces["ours: last token removed, 95% interval"]
+    assert band["meta"]["band"] == "lower" and band["y"][0] == pytest.approx(-0.75)
+    assert traces["ours: last token removed, 95% interval (upper)"]["y"][0] == pytest.approx(-0.65)
+    assert traces["ours: last token removed, median"]["y"][0] == pytest.approx(-0.6)
+    sign = _traces(got["fig3b"], "ours")
+    assert sign["ours: last token removed"]["y"][0] == pytest.approx(0.2)
+    assert "ours: first token removed" not in sign  # absent keys are not drawn
+    # an analysis.json from before the sign-change keys: Fig 3b says why it is missing, Fig 3 still draws
+    a = json.loads((atlas / "analysis.json").read_text())
+    for face in ("", "_neg") if signed else ("",):
+        for k in [k for k in a["token_removal" + face] if "sign_change" in k]:
+            del a["token_removal" + face][k]
+    (atlas / "analysis.json").write_text(json.dumps(a))
+    text = write_report(atlas).read_text()
+    assert "fig3" in specs(text) and 'data-missing="fig3b"' in text
 
 
 def _traces(spec, role=None):

@@ -139,6 +139,8 @@ def _print_analysis(result: dict) -> None:
             ("Fig 3 remove first token", t.get("first"), "{:+.0%}"),
             ("Fig 3 remove last token", t.get("last"), "{:+.0%}"),
             ("Fig 3 remove random token", t.get("random"), "{:+.0%}"),
+            ("Fig 3 remove last token, median", t.get("last_median"), "{:+.0%}"),
+            ("Fig 3 remove last token, sign flips", t.get("last_sign_change"), "{:.0%}"),
             ("Fig 4 value agreement rate", v.get("agreement_rate"), "{:.2%}"),
             ("Fig 4 frequency-matched baseline", v.get("frequency_baseline"), "{:.2%}"),
             ("Fig 7 active memories", a.get("active_fraction_mean"), "{:.0%}"),

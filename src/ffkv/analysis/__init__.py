@@ -7,6 +7,10 @@ ranks, precision, Figs 4-6 / Table 2), ``aggregation`` (§5: active memories and
 ``run`` (runs them all and writes ``ATLAS/analysis.json``). Each experiment is a plain function returning
 plain data (dataclasses / dicts of lists), so notebooks can call them one by one.
 
+Per-layer arrays that are a share of a sample or a statistic over sampled items have a sibling ``X_ci``: one
+``[low, high]`` 95 % interval (Wilson for shares, percentile bootstrap otherwise; see ``intervals``) or null per
+layer.
+
 ``analysis.json`` contract (per-layer arrays have length ``n_layers``, indexed by the model's 0-based layer;
 ``null`` where a layer was not scanned or an experiment was skipped; fractions in [0, 1]; token removal as a
 relative change, -0.65 meaning -65 %). Keys with the suffix ``_neg`` hold the same arrays for the negative
@@ -23,7 +27,10 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
                    "keys": [{"layer", "key", "face", "label", "description", "sim_corr", "f1",
                              "patterns": [{"kind": "shallow"|"semantic", "description", "triggers": [ranks],
                                            "p_value"}], "triggers": [texts]}]},
-     "token_removal": {"first", "last", "random": [L], "n_keys": [L], "skipped": [L]},
+     "token_removal": {"first", "last", "random": [L] mean relative change (the paper's statistic),
+                       "X_median", "X_sign_change" (share of triggers whose coefficient changes sign), "X_n"
+                       (triggers measured) for X in first / last / random: [L], "X_ci", "X_median_ci",
+                       "X_sign_change_ci": [L] of [low, high] (95 %), "n_keys": [L], "skipped": [L]},
      "values": {"agreement_rate", "random_baseline", "frequency_baseline", "next_token_rank_median": [L],
                 "agreement_rate_normed": [L], "rank_quantiles": {"q10","q25","q50","q75","q90": [L]},
                 "max_prob_vs_agreement": {"bin_edges": [...], "agreement": [...], "count": [...]},

@@ -25,7 +25,7 @@ class AnalyzeConfig:
 
     removal_keys: int = field(default=10, metadata={"help": "keys per layer and face for token removal "
                               "(Fig 3; paper: 100)"})
-    removal_triggers: int = field(default=10, metadata={"help": "triggers per key for token removal "
+    removal_triggers: int = field(default=25, metadata={"help": "triggers per key for token removal "
                                   "(paper: 50)"})
     examples: int = field(default=4000, metadata={"help": "held-out prefixes for §5 (Figs 7-11; paper: 4000)"})
     active_threshold: float = field(default=0.1, metadata={"help": "smooth activations: a memory is active "
@@ -61,7 +61,8 @@ DEFINITIONS = {
                "capitalised); semantic = same topic or article, trigger words alike in meaning, or alike subjects "
                "(an independent sentence embedder). See `ffkv explain` and explanations.parquet.",
     "token_removal": "relative change (new - old) / old of the coefficient when the first, the last or a "
-                     "random inner token of a trigger prefix is removed, read at the new last position.",
+                     "random inner token of a trigger prefix is removed, read at the new last position; mean (the "
+                     "paper's), median, and the share of triggers whose coefficient changes sign.",
 }
 
 
@@ -149,11 +150,11 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         timings["patterns"] = round(time.time() - t, 1)
     if "token_removal" in wanted:
         t = time.time()
-        with tqdm(total=3 * len(faces), desc="token removal (first/last/random x faces)",
-                  disable=not progress, dynamic_ncols=True) as bar:
-            for face in faces:
-                result["token_removal" + suffix(face)] = token_removal_experiment(
-                    atlas, model, face, cfg.removal_keys, cfg.removal_triggers, cfg.seed, bar)
+        with tqdm(desc="token removal (sequences)", unit="seq", disable=not progress, dynamic_ncols=True) as bar:
+            blocks = token_removal_experiment(atlas, model, faces, cfg.removal_keys, cfg.removal_triggers,
+                                              cfg.seed, bar)
+        for face in faces:
+            result["token_removal" + suffix(face)] = blocks[face]
         timings["token_removal"] = round(time.time() - t, 1)
     if "values" in wanted:
         t = time.time()

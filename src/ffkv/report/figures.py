@@ -24,6 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..analysis.intervals import agree
 from .compare import (
     Verdict,
     early,
@@ -73,6 +74,8 @@ COLORS = {
     "agreement": "#54a24b",
     "composition": "#b279a2",
 }
+BAND_COLORS = {"last": "rgba(200,65,75,0.14)", "first": "rgba(31,158,137,0.14)", "random": "rgba(123,94,167,0.14)"}
+"""Shaded 95 % intervals of the token-removal series (their line colours, light)."""
 SWEEP_GREYS = ("#b3b9c2", "#8b919a", "#646b75", "#3d434c", "#1d2330")
 """Colours of the magnitude rules of the active-rule sweep, lowest threshold first (m > 0 is COLORS['alt'])."""
 
@@ -572,7 +575,9 @@ def _explain_verdict(inp, per_face) -> Verdict:
 def fig3(inp: ReportInputs) -> Figure:
     fig = Figure("fig3", "3", "keys", "Relative change of the memory coefficient when a token is removed",
                  "For each analysed key, its top triggers are re-run with the first, the last or a random token "
-                 "removed; the plot shows the mean relative change of the coefficient (−50% = halved).")
+                 "removed; the plot shows the mean relative change of the coefficient (−50% = halved; the paper's "
+                 "statistic) with its 95% bootstrap interval, and the median as a thin line. Signed (gated) "
+                 "coefficients can cross zero, so a mean can pass −100%; Fig 3b counts those crossings.")
     ref = inp.paper["fig3_token_removal"]
     plot = Plot(inp, inp.faces)
     per_face = {}
@@ -585,24 +590,71 @@ def fig3(inp: ReportInputs) -> Figure:
         for k, label in (("last", "last token removed"), ("first", "first token removed"),
                          ("random", "random token removed")):
             if s[k] is not None:
+                ci = inp.interval(b, k)
+                if ci is not None:
+                    plot.band(p, f"ours: {label}, 95% interval", ci[0], ci[1], BAND_COLORS[k], spct, face=face)
                 plot.ours(p, f"ours: {label}", s[k], COLORS[k], spct, face=face)
+                median = inp.series(b, f"{k}_median")
+                if median is not None:
+                    plot.ours(p, f"ours: {label}, median", median, COLORS[k], spct, face=face, thin=True)
             plot.paper(p, label, ref[f"{k}_approx"], COLORS[k], spct)
         _note_gaps(fig, inp, f"{FACE_LABEL[face]}, last token", s["last"])
         nk, sk = inp.series(b, "n_keys"), inp.series(b, "skipped")
-        if nk or sk:
+        n_last = inp.series(b, "last_n")
+        if nk or sk or n_last:
             bits = []
             if nk:
                 bits.append(f"{num(sum(v for v in nk if v is not None) / len([v for v in nk if v is not None]))} "
                             "keys per layer on average")
+            if n_last:
+                present = [v for v in n_last if v is not None]
+                bits.append(f"{num(sum(present) / len(present))} triggers per layer measured")
             if sk:
-                bits.append(f"{sum(v for v in sk if v is not None):,.0f} triggers skipped in all (position 0 or "
-                            "undefined removal)")
+                bits.append(f"{sum(v for v in sk if v is not None):,.0f} triggers skipped in all (zero coefficient "
+                            "or undefined removal)")
             fig.notes.append(f"{FACE_LABEL[face]}: " + ", ".join(bits))
         per_face[face] = {k: points(v) for k, v in s.items()}
+        per_face[face]["last_ci"] = inp.interval(b, "last")
     if per_face:
         fig.verdict = _fig3_verdict(inp, per_face)
     return _finish(fig, inp, plot, bool(per_face), "token_removal", ytitle="relative change of coefficient (%)",
                    yformat=".0%")
+
+
+def fig3_sign(inp: ReportInputs) -> Figure:
+    fig = Figure("fig3b", "3b", "keys", "Share of triggers whose coefficient changes sign when a token is removed",
+                 "Not in the paper (its ReLU coefficients cannot change sign): for the triggers of Fig 3, the share "
+                 "whose coefficient crosses zero when the first, the last or a random token is removed, with 95% "
+                 "Wilson intervals. A crossing is a relative change below −100%, which pulls Fig 3's mean down.")
+    plot = Plot(inp, inp.faces)
+    drawn = False
+    shares = {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("token_removal", face)
+        s = {k: inp.series(b, f"{k}_sign_change") for k in ("last", "first", "random")}
+        if b is None or all(v is None for v in s.values()):
+            plot.no_data(p, _why(inp, "token_removal", face, b, "sign-change shares (an analysis.json from "
+                                 "before they were recorded)"), face)
+            continue
+        drawn = True
+        for k, label in (("last", "last token removed"), ("first", "first token removed"),
+                         ("random", "random token removed")):
+            if s[k] is None:
+                continue
+            ci = inp.interval(b, f"{k}_sign_change")
+            if ci is not None:
+                plot.band(p, f"ours: {label}, 95% interval", ci[0], ci[1], BAND_COLORS[k], pct, face=face)
+            plot.ours(p, f"ours: {label}", s[k], COLORS[k], pct, face=face)
+        shares[face] = s
+    if drawn:
+        s = shares.get("pos") or next(iter(shares.values()))
+        if s["last"]:
+            pts = points(s["last"])
+            claim = (f"removing the last token flips the coefficient's sign for {pct(early(pts))} of triggers in the "
+                     f"lowest third of layers and {pct(late(pts))} in the top third")
+            fig.verdict = Verdict("na", claim[0].upper() + claim[1:] + " (paper: no such number; its ReLU "
+                                  "coefficients cannot change sign).")
+    return _finish(fig, inp, plot, drawn, "token_removal", ytitle="share of triggers", yformat=".0%")
 
 
 def _mean(pts):
@@ -618,12 +670,19 @@ def _fig3_verdict(inp, per_face) -> Verdict:
     others = [m for m in (m_first, m_rand) if m is not None]
     ordering = bool(others) and m_last < min(others)
     trend = len(s["last"]) >= 2 and l_last - e_last > 0.05
-    status = "yes" if ordering and trend else "partly" if ordering or trend else "no"
+    r = inp.paper["fig3_token_removal"]["ranges"]
+    # the level: the last layer's interval must reach the paper's last-layer value (−20%) for a full "yes"
+    ci = s.get("last_ci")
+    last_layer = max((i for i, v in enumerate(ci[0]) if v is not None), default=None) if ci else None
+    level = last_layer is not None and agree([ci[0][last_layer], ci[1][last_layer]], r["last_layer16"])
+    status = "yes" if ordering and trend and (level or ci is None) else "partly" if ordering or trend else "no"
     claim = (f"removing the last token changes the coefficient by {spct(e_last)} in the lowest third of layers and "
              f"{spct(l_last)} in the top third")
+    if last_layer is not None:
+        claim += (f" ({spct(s['last'][-1][2]) if s['last'] else ''} at the last layer, 95% interval "
+                  f"{spct(ci[0][last_layer])} to {spct(ci[1][last_layer])})")
     if others:
         claim += f", against {spct(m_first)} for the first token and {spct(m_rand)} for a random one"
-    r = inp.paper["fig3_token_removal"]["ranges"]
     paper = (f"last ≈{spct(sum(r['last_layer1']) / 2)} at layer 1 rising to {spct(r['last_layer16'])} at layer 16, "
              f"first {spct(r['first'][0])} to {spct(r['first'][1])}, random {spct(r['random'][0])} to "
              f"{spct(r['random'][1])}")
@@ -1202,6 +1261,7 @@ FIGURE_INFO = {
     "fig2": ("2", "keys", "Patterns of the keys' trigger examples, per layer"),
     "explain": ("E1", "keys", "Explanation scores per layer"),
     "fig3": ("3", "keys", "Relative change of the memory coefficient when a token is removed"),
+    "fig3b": ("3b", "keys", "Share of triggers whose coefficient changes sign when a token is removed"),
     "fig4": ("4", "values", "Agreement rate: a value's top token is its key's top-1 trigger's next token"),
     "fig5": ("5", "values", "Rank of the trigger's next token under the value's distribution"),
     "fig6": ("6", "values", "Agreement rate against the value's maximal probability"),
@@ -1213,7 +1273,8 @@ FIGURE_INFO = {
 }
 """Number, section and title of each figure by id (also used when a figure fails to draw)."""
 
-FIGURES = {"fig2": fig2, "explain": fig_explain, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6,
+FIGURES = {"fig2": fig2, "explain": fig_explain, "fig3": fig3, "fig3b": fig3_sign,
+           "fig4": fig4, "fig5": fig5, "fig6": fig6,
            "fig7": fig7, "fig8": fig8, "fig9": fig9, "fig10": fig10, "fig11": fig11}
 
 

@@ -42,6 +42,7 @@ FIGURE_SHORT = {
     "explain": "Not in the paper: explanations predict held-out firing (Neuron-to-Graph: F1 0.74 → 0.42 over 6 "
                "layers) better than baselines",
     "fig3": "Removing the last token hurts most, less so with depth",
+    "fig3b": "Not in the paper: removing a token can flip a signed coefficient",
     "fig4": "Values predict their keys' next token in upper layers",
     "fig5": "The next token's rank under the value improves with depth",
     "fig6": "Confident values agree more",
