@@ -14,6 +14,7 @@ from ffkv.analysis.keys import (
     RemovalSample,
     removal_statistics,
     removal_variants,
+    run_variants,
     sample_triggers,
     token_removal_experiment,
 )
@@ -62,6 +63,11 @@ def test_token_removal_matches_recomputation(arch, tiny_model, corpus_txt, tmp_p
         for kind, ids in variants.items():
             changes[kind].append((_coefficient(loaded, layer, sample.key[i], ids) - old) / old)
     assert changes["last"], "no trigger of the last layer was measured"
+    # one shared sequence per unit and removal, or one per trigger: the same coefficients
+    forced = [run_variants(loaded, sample, removal_variants(atlas.store, sample, 0, share=share)[0])
+              for share in (True, False)]
+    for kind in ("first", "last", "random"):
+        np.testing.assert_allclose(forced[0][kind], forced[1][kind], rtol=1e-9, atol=1e-12)
     for kind, values in changes.items():
         if not values:
             continue

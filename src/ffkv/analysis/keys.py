@@ -19,8 +19,10 @@ position is the coefficient at that position of any longer sequence that starts 
   r < p), exactly the per-trigger distribution; triggers with p <= r wait for the next draw (P shrinks to theirs).
   Triggers of one unit may share a removed position; the intervals still resample triggers.
 
-So a unit costs about 2 + log(#triggers) forwards instead of 3 per trigger. Special prefix tokens (BOS) are kept
-and never removed; positions are counted after them.
+A shared sequence runs as deep as the deepest layer it serves and as long as its longest trigger; where running
+the triggers' own prefixes, each as deep as its own layer, costs fewer token-layers, they run on their own (same
+removed positions, so the same numbers). Sequences are packed by depth group, then length: each batch stops
+after its highest layer. Special prefix tokens (BOS) are kept and never removed; positions are counted after them.
 """
 
 from __future__ import annotations
@@ -98,13 +100,33 @@ class Variant:
     reads: list[tuple[int, str, int]]
 
 
-def removal_variants(store, sample: RemovalSample, seed: int) -> tuple[list[Variant], dict[int, int]]:
-    """The sequences of every removal, grouped per unit (see the module docstring), and the content index of
-    the token each random removal dropped (sample index -> index), for tests and audits."""
+def removal_variants(store, sample: RemovalSample, seed: int, share: bool | None = None
+                     ) -> tuple[list[Variant], dict[int, int]]:
+    """The sequences of every removal (see the module docstring), and the content index of the token each random
+    removal dropped (sample index -> index), for tests and audits. ``share``: True / False forces one sequence
+    per unit and removal / one per trigger; None (default) takes whichever costs fewer token-layers."""
     by_unit: dict[int, list[int]] = defaultdict(list)
     for i, u in enumerate(sample.unit):
         by_unit[u].append(i)
     variants, dropped = [], {}
+
+    def emit(special: list[int], content: list[int], kind: str, served: list[int], r: int = 0) -> None:
+        skip = len(special)
+
+        def ids_upto(end: int) -> list[int]:
+            """The removal's sequence, cut after the token that was at content index ``end``."""
+            kept = content[:end] if kind == "last" else content[1: end + 1] if kind == "first" else \
+                content[:r] + content[r + 1: end + 1]
+            return special + kept
+
+        top = max(sample.end[i] for i in served)
+        shared_cost = (skip + top) * (max(sample.layer[i] for i in served) + 1)
+        own_cost = sum((skip + sample.end[i]) * (sample.layer[i] + 1) for i in served)
+        if share or (share is None and shared_cost <= own_cost):
+            variants.append(Variant(ids_upto(top), [(i, kind, skip + sample.end[i] - 1) for i in served]))
+        else:
+            variants.extend(Variant(ids_upto(sample.end[i]), [(i, kind, skip + sample.end[i] - 1)]) for i in served)
+
     for unit in sorted(by_unit):
         tokens = store.unit_tokens(unit).tolist()
         skip = int(store.n_special[unit])
@@ -112,18 +134,15 @@ def removal_variants(store, sample: RemovalSample, seed: int) -> tuple[list[Vari
         members = [i for i in by_unit[unit] if sample.end[i] >= 1]  # a one-token prefix has nothing to remove
         if not members:
             continue
-        top = max(sample.end[i] for i in members)
-        variants.append(Variant(special + content[:top], [(i, "last", skip + sample.end[i] - 1) for i in members]))
-        variants.append(Variant(special + content[1: top + 1], [(i, "first", skip + sample.end[i] - 1)
-                                                                 for i in members]))
+        emit(special, content, "last", members)
+        emit(special, content, "first", members)
         rng = random.Random(f"{seed}-random-{unit}")
         pending = [i for i in members if sample.end[i] >= 2]
         while pending:
             top = max(sample.end[i] for i in pending)
             r = rng.randint(1, top - 1)
             served = [i for i in pending if sample.end[i] > r]
-            variants.append(Variant(special + content[:r] + content[r + 1: top + 1],
-                                    [(i, "random", skip + sample.end[i] - 1) for i in served]))
+            emit(special, content, "random", served, r)
             dropped.update({i: r for i in served})
             pending = [i for i in pending if sample.end[i] <= r]
     return variants, dropped
@@ -131,15 +150,19 @@ def removal_variants(store, sample: RemovalSample, seed: int) -> tuple[list[Vari
 
 @torch.inference_mode()
 def run_variants(model, sample: RemovalSample, variants: list[Variant], batch_tokens: int = 4096,
-                 max_batch: int = 64, progress=None) -> dict[str, np.ndarray]:
+                 max_batch: int = 64, layer_group: int = 5, progress=None) -> dict[str, np.ndarray]:
     """Per kind, [len(sample)] float64 new coefficients (NaN where a trigger has no such removal). Variants are
-    sorted by length and packed; each batch reads its positions as soon as a layer's coefficients exist and stops
-    after the highest layer it needs."""
+    grouped by the deepest layer they serve (groups of ``layer_group`` layers), sorted by length and packed; each
+    batch reads its positions as soon as a layer's coefficients exist and stops after the highest layer it needs."""
     new = {k: np.full(len(sample), np.nan) for k in KINDS}
-    order = sorted(range(len(variants)), key=lambda v: (len(variants[v].ids), v))
     layer_of, key_of = np.asarray(sample.layer), np.asarray(sample.key)
-    for batch in pack_sorted([len(variants[v].ids) for v in order], batch_tokens, max_batch):
-        members = [variants[order[j]] for j in batch]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for v in sorted(range(len(variants)), key=lambda v: (len(variants[v].ids), v)):
+        groups[max(layer_of[i] for i, _, _ in variants[v].reads) // layer_group].append(v)
+    batches = [[order[j] for j in batch] for _, order in sorted(groups.items())
+               for batch in pack_sorted([len(variants[v].ids) for v in order], batch_tokens, max_batch)]
+    for batch in batches:
+        members = [variants[v] for v in batch]
         ids, _ = pad_right([v.ids for v in members])
         width = ids.shape[1]
         rows, cols, which, kinds = [], [], [], []
