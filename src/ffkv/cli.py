@@ -21,6 +21,9 @@ RUN_ANALYZE = {"removal_keys": 4, "removal_triggers": 8, "examples": 1000}
 """Experiment sizes of `ffkv run` (smaller than `ffkv analyze`'s paper-sized defaults, same budget reason)."""
 RUN_EXPLAIN = {"heldout_tokens": 4000}
 """`ffkv explain` settings of `ffkv run` (held-out text for the scores: 6,000 tokens by default)."""
+REFERENCE_MAX_TOKENS = 1_000_000
+"""Token budget of `ffkv run --reference`: all of the default corpus (1.05 M tokens) but about 5 %, held out for
+the §5 experiments and the explanation scores, which need text the scan did not see."""
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
@@ -95,6 +98,10 @@ def cmd_run(args) -> int:
     from .scan import resolve_device, scan
 
     config = config_from_args(ScanConfig, args)
+    if args.reference and config.max_tokens == RUN_MAX_TOKENS:
+        config.max_tokens = REFERENCE_MAX_TOKENS
+    analyze_config = AnalyzeConfig() if args.reference else AnalyzeConfig(**RUN_ANALYZE)
+    explain_config = {} if args.reference else RUN_EXPLAIN
     print(f"ffkv run: model {config.model}, corpus {config.corpus}, token budget {config.max_tokens} "
           f"(--max-tokens), atlas -> {args.out}", flush=True)
     corpus = load_corpus(config.corpus)  # before the model: a bad corpus fails fast
@@ -103,13 +110,14 @@ def cmd_run(args) -> int:
     if atlas is None:
         return 0
     _print_summary(atlas)
-    print(f"ffkv run: explaining every memory face (ffkv explain, {RUN_EXPLAIN})", flush=True)
+    print(f"ffkv run: explaining every memory face (ffkv explain, {explain_config or 'defaults'})", flush=True)
     from .analysis.explain import explain
     from .analysis.patterns import ExplainConfig
 
-    _print_explain(explain(atlas.path, ExplainConfig(**RUN_EXPLAIN), model=model, progress=not args.quiet))
-    print(f"ffkv run: analyses with {RUN_ANALYZE} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
-    result = analyze(atlas.path, AnalyzeConfig(**RUN_ANALYZE), model=model, progress=not args.quiet)
+    _print_explain(explain(atlas.path, ExplainConfig(**explain_config), model=model, progress=not args.quiet))
+    sizes = {k: getattr(analyze_config, k) for k in RUN_ANALYZE}
+    print(f"ffkv run: analyses with {sizes} (see `ffkv analyze --help` for the paper's sizes)", flush=True)
+    result = analyze(atlas.path, analyze_config, model=model, progress=not args.quiet)
     _print_analysis(result)
     print(f"ffkv run: report -> {write_report(atlas.path)}")
     return 0
@@ -316,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue an interrupted scan in --out")
         p.add_argument("--force", action="store_true", help="overwrite an existing atlas or unfinished scan")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "run":
+            p.add_argument("--reference", action="store_true", help="the README's reference run: scan "
+                           f"{REFERENCE_MAX_TOKENS:,} tokens (all of the default corpus but ~5%% held out, unless "
+                           "--max-tokens says otherwise) and run explain and analyze at their paper-sized "
+                           "defaults (hours on a CPU)")
         p.set_defaults(fn=fn)
 
     from .analysis.run import AnalyzeConfig
