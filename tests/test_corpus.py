@@ -99,6 +99,15 @@ def test_folder_of_parquet_files_in_name_order(tmp_path):
     corpus = load_corpus(str(folder))
     assert corpus.name == "wiki"
     assert corpus.documents == _expected()
+    # a pattern picks one split out of a folder that holds several
+    pq.write_table(pa.table({"text": ["A test row."]}), folder / "test-00000-of-00001.parquet")
+    assert load_corpus(str(folder / "train-*.parquet")).documents == _expected()
+    assert load_corpus(str(folder)).documents == [Document("A test row.")] + _expected()  # test-* sorts first
+    with pytest.raises(FfkvError, match="must match .parquet files only, and at least one"):
+        load_corpus(str(folder / "valid*.parquet"))
+    (folder / "train-notes.txt").write_text("x\n")
+    with pytest.raises(FfkvError, match="must match .parquet files only"):
+        load_corpus(str(folder / "train-*"))
 
 
 def test_wikitext_rows(tmp_path):

@@ -9,6 +9,7 @@ A *global position* is an index into the token file; the prefix it names is
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import zipfile
@@ -191,7 +192,8 @@ def _folder(path: Path, text_column: str) -> tuple[list[Document], str]:
 
 def load_corpus(spec: str = "default", text_column: str = "text") -> Corpus:
     """'default' (Wikipedia lead sections with title and topic); FILE.txt (one document per line); FILE.jsonl
-    ({"text", "title"?, "topic"?} per line); FILE.parquet or a folder of them, or a `datasets` folder
+    ({"text", "title"?, "topic"?} per line); FILE.parquet, a folder of them or a pattern ('DIR/train-*.parquet';
+    files in name order); or a `datasets` folder
     (``save_to_disk``), with one document per row in ``text_column`` and optional ``title`` and ``topic``
     columns. Empty texts (WikiText's blank lines) are skipped. ``text_column`` also names the JSON key."""
     if spec == "default" or Path(spec).expanduser().suffix == ".txt":
@@ -199,6 +201,11 @@ def load_corpus(spec: str = "default", text_column: str = "text") -> Corpus:
             raise FfkvError(f"--text-column {text_column!r}: only .jsonl, .parquet and datasets corpora have columns")
     if spec == "default":
         docs, name = _default_corpus(), "wiki-offline-en"
+    elif glob.has_magic(spec):
+        files = sorted(glob.glob(str(Path(spec).expanduser())))
+        if not files or any(Path(f).suffix != ".parquet" for f in files):
+            raise FfkvError(f"corpus {spec}: a pattern must match .parquet files only, and at least one")
+        docs, name = [d for f in files for d in _parquet(Path(f), text_column)], Path(spec).name
     else:
         path = Path(spec).expanduser()
         name = path.name

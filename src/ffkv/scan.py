@@ -41,8 +41,9 @@ class ScanConfig:
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M-Instruct), a model "
                        "directory, a .gguf file, or ORG/NAME from the local Hugging Face cache"})
     corpus: str = field(default="default", metadata={"help": "'default' (10,033 Wikipedia lead sections), "
-                        "FILE.txt (one document per line), FILE.jsonl ({text, title?, topic?}), FILE.parquet or "
-                        "a folder of them, or a `datasets` folder (Dataset.save_to_disk): one document per row"})
+                        "FILE.txt (one document per line), FILE.jsonl ({text, title?, topic?}), FILE.parquet, a "
+                        "folder of them or a pattern ('DIR/train-*.parquet'), or a `datasets` folder "
+                        "(Dataset.save_to_disk): one document per row"})
     text_column: str = field(default="text", metadata={"help": "the column (JSON key) of a .parquet, datasets "
                              "or .jsonl corpus that holds the text; optional 'title' and 'topic' columns are kept"})
     bos: bool = field(default=False, metadata={"help": "feed the tokenizer's BOS token (its EOS where it has no "
