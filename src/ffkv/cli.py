@@ -33,9 +33,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults: dict
         default = (defaults or {}).get(f.name, f.default)
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        flag = "--" + f.name.replace("_", "-")
+        if base is bool:  # a switch (--bos / --no-bos), not a flag that takes a value
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f.metadata.get("help", "") + f" (default: {'on' if default else 'off'})")
+            continue
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
-        parser.add_argument("--" + f.name.replace("_", "-"), type=base, default=default, help=help_text,
-                            metavar=f.name.upper())
+        parser.add_argument(flag, type=base, default=default, help=help_text, metavar=f.name.upper())
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -47,7 +51,10 @@ def _print_summary(atlas) -> None:
     print(f"atlas      {atlas.path}")
     print(f"model      {m['name']} ({m['architecture']}, {m['n_layers']} layers x {m['d_ff']} memories, "
           f"{m['activation']}{', gated' if m['gated'] else ''})")
-    print(f"corpus     {c['corpus']}: {c['n_units']} {c['unit']} units, {c['n_tokens']} tokens")
+    prefix = c.get("special_prefix_tokens")
+    print(f"corpus     {c['corpus']}: {c['n_units']} {c['unit']} units, {c['n_tokens']} tokens"
+          + (f", each after {' '.join(prefix)} (fed, not scored)" if prefix else "")
+          + (" (--bos)" if c.get("bos") else ""))
     print(f"scanned    {r['units_scanned']} units, {r['tokens_scanned']} prefixes in {r['seconds']:.0f} s "
           f"({r['tokens_per_second']:.0f} tok/s), layers {atlas.layers[0]}-{atlas.layers[-1]}, "
           f"faces {', '.join(atlas.faces)}, top-{atlas.manifest['scan']['top_k']}")
@@ -104,7 +111,7 @@ def cmd_run(args) -> int:
     explain_config = {} if args.reference else RUN_EXPLAIN
     print(f"ffkv run: model {config.model}, corpus {config.corpus}, token budget {config.max_tokens} "
           f"(--max-tokens), atlas -> {args.out}", flush=True)
-    corpus = load_corpus(config.corpus)  # before the model: a bad corpus fails fast
+    corpus = load_corpus(config.corpus, config.text_column)  # before the model: a bad corpus fails fast
     model = load_model(config.model, device=resolve_device(config.device), dtype=config.dtype)  # once for all
     atlas = scan(model, corpus, args.out, config, resume=args.resume, force=args.force, progress=not args.quiet)
     if atlas is None:

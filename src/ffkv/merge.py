@@ -25,6 +25,10 @@ def _check_compatible(atlases: list[Atlas]) -> tuple[int, list[int]]:
         if {k: v for k, v in m["model"].items() if k != "name"} != \
                 {k: v for k, v in first["model"].items() if k != "name"}:
             raise FfkvError(f"cannot merge: {a.path} was made with another model or tokenizer than {atlases[0].path}")
+        if m["scan"].get("bos", False) != first["scan"].get("bos", False):
+            with_bos, without = (a, atlases[0]) if m["scan"].get("bos") else (atlases[0], a)
+            raise FfkvError(f"cannot merge: {with_bos.path} was scanned with --bos and {without.path} without "
+                            "(their units differ)")
         if m["corpus"] != first["corpus"]:
             raise FfkvError(f"cannot merge: {a.path} was made from another corpus or token store")
         settings = {k: v for k, v in m["scan"].items() if k not in _FREE}

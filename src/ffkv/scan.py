@@ -41,7 +41,14 @@ class ScanConfig:
     model: str = field(default="default", metadata={"help": "'default' (SmolLM2-135M-Instruct), a model "
                        "directory, a .gguf file, or ORG/NAME from the local Hugging Face cache"})
     corpus: str = field(default="default", metadata={"help": "'default' (10,033 Wikipedia lead sections), "
-                        "FILE.txt (one document per line) or FILE.jsonl ({text, title?, topic?})"})
+                        "FILE.txt (one document per line), FILE.jsonl ({text, title?, topic?}), FILE.parquet, a "
+                        "folder of them or a pattern ('DIR/train-*.parquet'), or a `datasets` folder "
+                        "(Dataset.save_to_disk): one document per row"})
+    text_column: str = field(default="text", metadata={"help": "the column (JSON key) of a .parquet, datasets "
+                             "or .jsonl corpus that holds the text; optional 'title' and 'topic' columns are kept"})
+    bos: bool = field(default=False, metadata={"help": "feed the tokenizer's BOS token (its EOS where it has no "
+                      "BOS) before every unit, never scored, when the tokenizer does not prepend one itself: "
+                      "position 0 then holds a special token, as in models trained with one"})
     unit: str = field(default="sentence", metadata={"help": "sentence: every prefix of every sentence (the "
                       "paper); document: every prefix of each document window"})
     top_k: int = field(default=50, metadata={"help": "trigger prefixes kept per memory and face"})
@@ -245,14 +252,23 @@ def _save_checkpoint(path: Path, states: dict[int, LayerState], next_batch: int,
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, states: dict[int, LayerState], plan_key: dict) -> tuple[int, dict]:
+def _checkpoint_meta(path: Path, plan_key: dict) -> dict:
+    """A checkpoint's metadata, refused unless it was made with the settings ``plan_key``."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["meta"])
-    if meta.get("plan") != plan_key:
-        raise FfkvError(f"the checkpoint in {path.parent} was made with other settings; use the same "
-                        "settings to resume, or --force to start over")
+    # a setting added after the checkpoint was written is taken at its default, which the scan then had
+    plan = {**ScanConfig().plan_key(), **(meta.get("plan") or {})}
+    if plan != plan_key:
+        diff = sorted(k for k in plan_key.keys() | plan.keys() if plan.get(k) != plan_key.get(k))
+        raise FfkvError(f"the checkpoint in {path.parent} was made with other settings ({', '.join(diff)}); use "
+                        "the same settings to resume, or --force to start over")
+    return meta
+
+
+def _load_checkpoint(path: Path, states: dict[int, LayerState], plan_key: dict) -> tuple[int, dict]:
+    meta = _checkpoint_meta(path, plan_key)
     tensors = load_file(path)
     for layer, s in states.items():
         prefix = f"layer{layer}."
@@ -345,8 +361,11 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
         raise FfkvError("--shard and torchrun are two ways to split a scan; use one")
     _prepare_out(out, config, resume, force, rank)
 
+    ckpt = _checkpoint_path(out, rank, world, shard)
+    if resume and ckpt.exists():  # before the token store is rebuilt for other settings
+        _checkpoint_meta(ckpt, config.plan_key())
     if corpus is None or isinstance(corpus, str):  # before the model: a bad corpus fails fast
-        corpus = load_corpus(corpus or config.corpus)
+        corpus = load_corpus(corpus or config.corpus, config.text_column)
     if model is None or isinstance(model, str):
         model = load_model(model or config.model, device=device, dtype=config.dtype)
     parts = model.parts
@@ -354,7 +373,8 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
 
     # Rank 0 builds the token store; the others wait for it and read the same files.
     if rank == 0:
-        store = build_token_store(corpus, model.tokenizer, config.unit, config.max_length, out / "store")
+        store = build_token_store(corpus, model.tokenizer, config.unit, config.max_length, out / "store",
+                                  bos=config.bos)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
@@ -367,7 +387,6 @@ def scan(model: LoadedModel | str | None = None, corpus=None, out: str | Path = 
     states = {layer: LayerState(parts.d_ff, config.top_k, parts.signed, parts.ffn_out(layer).weight.device)
               for layer in plan.layers}
     meta = {"plan": config.plan_key(), "seconds": 0.0, "tokens": 0}
-    ckpt = _checkpoint_path(out, rank, world, shard)
     start = 0
     if resume and ckpt.exists():
         start, meta = _load_checkpoint(ckpt, states, meta["plan"])

@@ -16,7 +16,9 @@ layer.
 relative change, -0.65 meaning -65 %). Keys with the suffix ``_neg`` hold the same arrays for the negative
 face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent for ReLU models.
 
-    {"ffkv_version", "scan_id", "atlas": {...manifest summary...}, "config": {...sizes and seeds used...},
+    {"ffkv_version", "scan_id", "atlas": {...manifest summary: "model", "corpus" (with "bos", "special_prefix",
+              "special_prefix_tokens": the ids fed, unscored, before every unit; absent in atlases before them),
+              "scan", "result"...}, "config": {...sizes and seeds used...},
      "definitions": {"memory", "face", "active", "agreement", ...: one sentence each},
      "n_layers": int, "layers": [scanned layers],
      "patterns":  {"shallow", "semantic", "both", "none": [L] shares of trigger examples (the paper's unit),
