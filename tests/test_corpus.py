@@ -291,7 +291,7 @@ def test_bos_recorded_in_the_manifest(bos_pair, capsys):
     assert plain.manifest["corpus"]["special_prefix"] == plain.manifest["corpus"]["special_prefix_tokens"] == []
     assert atlas.manifest["corpus"]["content_hash"] != plain.manifest["corpus"]["content_hash"]
     _print_summary(atlas)
-    assert "each after <|endoftext|> (fed, not scored) (--bos)" in capsys.readouterr().out
+    assert "each after <|endoftext|> (--bos; fed, not scored)" in capsys.readouterr().out
 
 
 def test_resume_and_merge_refuse_mixing_bos(tiny_model, corpus_jsonl, tmp_path):

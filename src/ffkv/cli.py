@@ -53,8 +53,7 @@ def _print_summary(atlas) -> None:
           f"{m['activation']}{', gated' if m['gated'] else ''})")
     prefix = c.get("special_prefix_tokens")
     print(f"corpus     {c['corpus']}: {c['n_units']} {c['unit']} units, {c['n_tokens']} tokens"
-          + (f", each after {' '.join(prefix)} (fed, not scored)" if prefix else "")
-          + (" (--bos)" if c.get("bos") else ""))
+          + (f", each after {' '.join(prefix)} ({'--bos; ' if c.get('bos') else ''}fed, not scored)" if prefix else ""))
     print(f"scanned    {r['units_scanned']} units, {r['tokens_scanned']} prefixes in {r['seconds']:.0f} s "
           f"({r['tokens_per_second']:.0f} tok/s), layers {atlas.layers[0]}-{atlas.layers[-1]}, "
           f"faces {', '.join(atlas.faces)}, top-{atlas.manifest['scan']['top_k']}")
