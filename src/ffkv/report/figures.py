@@ -1046,22 +1046,27 @@ def _top_max_prob_text(t: dict, ref: dict) -> str:
 def _fig6_verdict(inp, per_face) -> Verdict:
     s = per_face.get("pos") or next(iter(per_face.values()))
     bins, top = s["bins"], s["top"]
-    if len(bins) < 2:
+    if len(bins) < 2 and top is None:
         return no_verdict("only one non-empty max-probability bin")
     ref = inp.paper["fig6_agreement_vs_max_prob"]
     first, last = bins[0], bins[-1]
     rho = spearman([b[0] for b in bins], [b[3] for b in bins])
-    rising = last[3] - first[3] > 0.1 and (rho is None or rho > 0.5)
+    trend = len(bins) >= 2
+    rising = trend and last[3] - first[3] > 0.1 and (rho is None or rho > 0.5)
+    grows = trend and last[3] > first[3]
     high = last[3] >= 0.5 if last[5] is None else agree(last[5], 0.5, 1.0)
     if top is None:
-        status = "yes" if rising and high else "partly" if rising or last[3] > first[3] else "no"
+        status = "yes" if rising and high else "partly" if rising or grows else "no"
     else:  # the paper's two counts as shares, each inside our Wilson interval
         upper_ok = agree(top.get("upper_ci"), ref["top100_in_upper_layers"] / 100)
         agree_ok = agree(top.get("agree_any_ci"), ref["top100_with_agreeing_trigger"] / 100)
         status = "yes" if rising and high and upper_ok and agree_ok else \
-            "partly" if rising or last[3] > first[3] or upper_ok or agree_ok else "no"
-    claim = (f"agreement goes from {pct(first[3])} in the lowest bin (max p ≈ {first[0]:.2g}) to {pct(last[3])}"
-             f"{_span(last[5])} in the highest (max p ≈ {last[0]:.2g})")
+            "partly" if rising or grows or upper_ok or agree_ok else "no"
+    if trend:
+        claim = (f"agreement goes from {pct(first[3])} in the lowest bin (max p ≈ {first[0]:.2g}) to "
+                 f"{pct(last[3])}{_span(last[5])} in the highest (max p ≈ {last[0]:.2g})")
+    else:
+        claim = f"all values fall in one max-probability bin (agreement {pct(last[3])}), so there is no trend"
     if rho is not None:
         claim += f", rank correlation {rho:+.2f} across {len(bins)} bins"
     if top is not None:
@@ -1071,8 +1076,8 @@ def _fig6_verdict(inp, per_face) -> Verdict:
              "are in layers 11–16")
     extra = ""
     n = per_face.get("neg")
-    if n and len(n["bins"]) >= 2 and "pos" in per_face:
-        extra = _face_clause("negative face", f"{pct(n['bins'][0][3])} to {pct(n['bins'][-1][3])}")
+    if n and n["bins"] and "pos" in per_face:
+        extra = _face_clause("negative face", f"agreement {pct(n['bins'][0][3])} to {pct(n['bins'][-1][3])}")
         if n["top"] is not None:
             extra += (f", {n['top']['upper']} of its {n['top']['n']} most confident values in the upper layers, "
                       f"{n['top']['agree_any']} agreeing with a trigger")
