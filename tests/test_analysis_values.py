@@ -272,24 +272,28 @@ def test_values_that_push_the_next_token_down_count_as_suppression(arch, face, t
     counts = np.unique(targets[valid], return_counts=True)[1]
     assert block["suppression_frequency_baseline"][layer] < 1.0 and counts.max() < valid.sum()
     mv = layer_values(after, loaded, layer, [face])[face]
-    assert (mv.bottom[valid] == targets[valid]).all() and (mv.bottom_rank[valid] == 0).all()
-    assert (mv.rank[valid] == vocab - 1).all() and (mv.bottom_rank[~valid] == -1).all()
+    assert (mv.bottom[valid] == targets[valid]).all() and mv.bottom_n[valid].all()
+    assert (mv.rank[valid] == vocab - 1).all() and not mv.bottom_n[~valid].any()
 
 
 def test_each_face_bottom_is_the_other_face_top(random_scan):
-    """argmin of -v.E is argmax of v.E: the negative face's bottom token is the positive face's top token."""
+    """argmin of -v.E is argmax of v.E: a face's bottom token is the other face's top token, and a face's results do
+    not depend on whether the other face is projected with it."""
     atlas, loaded = random_scan("llama")
     for layer in range(atlas.n_layers):
         both = layer_values(atlas, loaded, layer)
-        np.testing.assert_array_equal(both["neg"].bottom, both["pos"].prediction)
-        np.testing.assert_array_equal(both["pos"].bottom, both["neg"].prediction)
+        for face, other in (("pos", "neg"), ("neg", "pos")):
+            alone = layer_values(atlas, loaded, layer, [face])[face]
+            np.testing.assert_array_equal(alone.bottom, both[other].prediction)
+            np.testing.assert_array_equal(alone.bottom, both[face].bottom)
+            np.testing.assert_array_equal(alone.bottom_n, both[face].bottom_n)
 
 
 def _memory_values(layer, max_prob, target, prediction, precision):
     n = len(max_prob)
     ids = np.arange(n)
     return MemoryValues(layer=layer, face="pos", prediction=np.asarray(prediction), prediction_normed=ids,
-                        target=np.asarray(target), rank=ids, bottom=ids, bottom_rank=ids,
+                        target=np.asarray(target), rank=ids, bottom=ids, bottom_n=np.zeros(n, bool),
                         max_prob=np.asarray(max_prob, dtype=np.float64), precision=np.asarray(precision, float),
                         n_triggers=np.full(n, 3), k=3)
 

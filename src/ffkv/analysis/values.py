@@ -121,8 +121,8 @@ class MemoryValues:
     """Rank of the target under p_i (0 = top); -1 where skipped."""
     bottom: np.ndarray
     """argmin of p_i (raw projection): the token the value pushes down most."""
-    bottom_rank: np.ndarray
-    """Tokens with a strictly smaller logit than the target (0 = bottom); -1 where skipped."""
+    bottom_n: np.ndarray
+    """Whether fewer than ``BOTTOM_N`` tokens have a strictly smaller logit than the target; False where skipped."""
     max_prob: np.ndarray
     """max_j p_i[j]."""
     precision: np.ndarray
@@ -155,7 +155,7 @@ class MemoryValues:
     @property
     def suppress_bottom(self) -> np.ndarray:
         """The target among the value's ``BOTTOM_N`` lowest tokens."""
-        return self.valid & (self.bottom_rank >= 0) & (self.bottom_rank < BOTTOM_N)
+        return self.valid & self.bottom_n
 
 
 @torch.inference_mode()
@@ -178,7 +178,7 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
     targets = {f: nexts[f][:, 0].copy() for f in faces}
     # an empty top-1 slot means no trigger at all: next_token_ids already gives -1 there
     results = {f: {"prediction": np.empty(d_ff, np.int64), "rank": np.full(d_ff, -1, np.int64),
-                   "bottom": np.empty(d_ff, np.int64), "bottom_rank": np.full(d_ff, -1, np.int64),
+                   "bottom": np.empty(d_ff, np.int64), "bottom_n": np.zeros(d_ff, bool),
                    "max_prob": np.empty(d_ff, np.float64)} for f in faces}
     for start, logits in value_logits(parts, layer, chunk=chunk):  # [c, vocab], the positive face's logits
         stop = start + logits.shape[0]
@@ -189,7 +189,9 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
             lse = torch.logsumexp(logits, dim=1)
             res = results[face]
             res["prediction"][start:stop] = pred.cpu().numpy()
-            res["bottom"][start:stop] = logits.argmin(dim=1).cpu().numpy()
+            # the BOTTOM_N lowest logits: the bottom token, and the bar a target must not exceed to be among them
+            low = logits.topk(min(BOTTOM_N, logits.shape[1]), dim=1, largest=False)
+            res["bottom"][start:stop] = low.indices[:, 0].cpu().numpy()
             res["max_prob"][start:stop] = torch.exp(best - lse).double().cpu().numpy()
             tgt = torch.from_numpy(targets[face][start:stop]).to(logits.device)
             ok = tgt >= 0
@@ -197,8 +199,8 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
                 at = logits.gather(1, tgt.clamp(min=0)[:, None])  # [c, 1]
                 rank = (logits > at).sum(dim=1, dtype=torch.int32).long()
                 res["rank"][start:stop] = torch.where(ok, rank, torch.full_like(rank, -1)).cpu().numpy()
-                below = (logits < at).sum(dim=1, dtype=torch.int32).long()
-                res["bottom_rank"][start:stop] = torch.where(ok, below, torch.full_like(below, -1)).cpu().numpy()
+                # fewer than BOTTOM_N tokens lie strictly below the target iff it is <= the BOTTOM_N-th lowest
+                res["bottom_n"][start:stop] = (ok & (at[:, 0] <= low.values[:, -1])).cpu().numpy()
         del logits
 
     out = {}
@@ -218,7 +220,7 @@ def layer_values(atlas: Atlas, model, layer: int, faces: list[str] | None = None
             precision = np.where(n_trig > 0, hits.sum(axis=1) / np.maximum(n_trig, 1), np.nan)
         out[face] = MemoryValues(layer=layer, face=face, prediction=res["prediction"],
                                  prediction_normed=pred_normed, target=targets[face], rank=res["rank"],
-                                 bottom=res["bottom"], bottom_rank=res["bottom_rank"],
+                                 bottom=res["bottom"], bottom_n=res["bottom_n"],
                                  max_prob=res["max_prob"], precision=precision, n_triggers=n_trig, k=k)
     return out
 
