@@ -24,6 +24,7 @@ from ffkv.analysis.values import (
 )
 from ffkv.errors import FfkvError
 from ffkv.report import build_figures, load_inputs
+from ffkv.report.compare import pct
 
 ARCHS = ["opt", "gpt2", "llama"]
 CASES = [("opt", "pos"), ("gpt2", "pos"), ("gpt2", "neg"), ("llama", "pos"), ("llama", "neg")]
@@ -376,6 +377,24 @@ def test_report_draws_suppression_intervals_and_the_top_values(random_scan, tmp_
     assert f"of the {t['n']} values with the highest max probability, {t['upper']} " in note and "97" in note
     assert f"{t['agree_any']} " in note and "46" in note
     assert f"{t['upper']} " in figures["fig6"].verdict.text
+    # Fig 4's verdict: the top quarter's agreement pooled over its memories, with scipy's Wilson interval
+    top = [i for i in range(L) if (i + 1) / L > 0.75]
+    hits = sum(round(values["agreement_rate"][i] * values["n_targets"][i]) for i in top)
+    total = sum(values["n_targets"][i] for i in top)
+    lo, hi = _scipy_wilson(hits, total)
+    assert f"95% interval {pct(lo)}–{pct(hi)}, pooled over its {total:,} memories" in figures["fig4"].verdict.text
+
+
+@pytest.mark.parametrize("scale,status", [(1.0, "yes"), (0.25, "partly")])
+def test_fig4_reproduces_only_when_the_papers_level_is_inside_the_interval(tmp_path, scale, status):
+    """The synthetic ramp to 4% (1,536 memories a layer) reaches the paper's 2-3.5% top quarter; the same ramp at a
+    quarter of the height still rises above its baseline, but its pooled interval (about 0.8-1.2%) misses it."""
+    analysis = make_analysis(12, signed=False)
+    v = analysis["values"]
+    v["agreement_rate"] = [a * scale for a in v["agreement_rate"]]
+    v["agreement_rate_ci"] = [wilson(round(a * 1536), 1536) for a in v["agreement_rate"]]
+    fig4 = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "a", analysis, signed=False)))}["fig4"]
+    assert fig4.verdict.status == status, fig4.verdict.text
 
 
 def test_analyze_prints_the_new_rows(capsys):

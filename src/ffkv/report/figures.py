@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..analysis.intervals import agree
+from ..analysis.intervals import agree, wilson
 from .compare import (
     Verdict,
     early,
@@ -671,8 +671,27 @@ def _envelope(intervals, lo: float, hi: float) -> list[float] | None:
     return [min(c[0] for c in inside), max(c[1] for c in inside)] if inside else None
 
 
-def _span(interval, fmt=pct) -> str:
-    return "" if interval is None else f" (95% intervals {fmt(interval[0])}–{fmt(interval[1])})"
+def _span(interval, fmt=pct, what="per-layer 95% intervals") -> str:
+    return "" if interval is None else f" ({what} {fmt(interval[0])}–{fmt(interval[1])})"
+
+
+def _pooled(rates, totals, lo: float, hi: float) -> tuple[float, list[float], int] | None:
+    """(share, Wilson 95% interval, memories) of a per-layer share pooled over the layers with
+    lo < relative depth ≤ hi: the hits (rate × total, whole numbers) and totals summed. None without totals."""
+    if not rates or not totals:
+        return None
+    n_layers = len(rates)
+    pairs = [(r, t) for i, (r, t) in enumerate(zip(rates, totals)) if r is not None and t
+             and lo < (i + 1) / n_layers <= hi]
+    if not pairs:
+        return None
+    hits, total = sum(round(r * t) for r, t in pairs), sum(t for _, t in pairs)
+    return hits / total, wilson(hits, total), int(total)
+
+
+def _pooled_text(pooled) -> str:
+    share, ci, total = pooled
+    return f"{pct(share)} (95% interval {pct(ci[0])}–{pct(ci[1])}, pooled over its {total:,} memories)"
 
 
 def _separated(ours, base, lo: float = 0.0, hi: float = 1.0) -> tuple[int, int]:
@@ -731,7 +750,7 @@ def fig4(inp: ReportInputs) -> Figure:
                              f"{layer_ranges(zeros)} (not drawn on the log axis)")
         _note_gaps(fig, inp, FACE_LABEL[face], ag)
         per_face[face] = {"ag": points(ag), "freq": points(freq), "rnd": points(rnd), "ag_ci": ag_ci,
-                          "freq_ci": freq_ci}
+                          "freq_ci": freq_ci, "pooled": _pooled(ag, inp.series(b, "n_targets"), 0.75, 1)}
     if per_face:
         fig.verdict = _fig4_verdict(inp, per_face)
     return _finish(fig, inp, plot, bool(per_face), "values", ytitle="agreement rate (%, log scale)", ylog=True,
@@ -755,16 +774,19 @@ def _fig4_verdict(inp, per_face) -> Verdict:
         above_base = above > compared / 2
     else:
         above_base = freq_top is None or top > freq_top
-    top_env = _envelope(s.get("ag_ci"), 0.75, 1)
+    pooled = s.get("pooled")
+    top_env = None if pooled else _envelope(s.get("ag_ci"), 0.75, 1)
     paper_top = _paper_range(ref["approx"], 0.75, 1)
-    if top_env is None:
+    interval = pooled[1] if pooled else top_env
+    if interval is None:
         status = "yes" if rising and above_base else "partly" if rising or (above_base and top > 0.005) else "no"
-    else:  # "reproduces" needs the paper's top-quarter level inside our intervals' range
-        level = agree(top_env, *paper_top)
+    else:  # "reproduces" needs the paper's top-quarter level inside our interval
+        level = agree(interval, *paper_top)
         status = "yes" if rising and above_base and level else \
             "partly" if rising or (above_base and top > 0.005) else "no"
-    claim = (f"agreement is {pct(low)} in the lower half of layers and {pct(top)} in the top quarter"
-             f"{_span(top_env)} (peak {pct(peak[2])} at layer {peak[1]})")
+    top_text = _pooled_text(pooled) if pooled else f"{pct(top)}{_span(top_env)}"
+    claim = (f"agreement is {pct(low)} in the lower half of layers and {top_text} in the top quarter"
+             f" (peak {pct(peak[2])} at layer {peak[1]})")
     if freq_top is not None and freq_top > 0:
         claim += f", {top / freq_top:.1f}× the frequency-matched baseline ({pct(freq_top)})"
     if compared:
@@ -788,7 +810,8 @@ def fig4b(inp: ReportInputs) -> Figure:
                  "of v·E; of −v·E on the negative face), and the share with it among the 10 lowest tokens; against "
                  "a frequency-matched baseline (each value's bottom token against another memory's trigger) and the "
                  "uniform 1/|V|. Thin: Fig 4's agreement for comparison; dashed: the paper's agreement rate (the "
-                 "paper does not measure suppression). Error bars: Wilson 95% intervals. Log axis.")
+                 "paper does not measure suppression). Error bars: Wilson 95% intervals of the two suppression shares "
+                 "(the baseline's enter the verdict). Log axis.")
     ref = inp.paper["fig4_agreement_rate"]
     plot = Plot(inp, inp.faces)
     per_face = {}
@@ -811,9 +834,8 @@ def fig4b(inp: ReportInputs) -> Figure:
                               positive_only=True)
             _error_bars(trace, trace["y"], cis["suppression_bottom10_rate"], pct)
         if freq is not None:
-            trace = plot.ours(p, "ours: suppression, frequency-matched baseline", freq, COLORS["freq"], face=face,
-                              baseline=True, positive_only=True)
-            _error_bars(trace, trace["y"], cis["suppression_frequency_baseline"], pct)
+            plot.ours(p, "ours: suppression, frequency-matched baseline", freq, COLORS["freq"], face=face,
+                      baseline=True, positive_only=True)
         if rnd is not None:
             plot.ours(p, "ours: uniform baseline 1/|V|", rnd, COLORS["uniform"], face=face, baseline=True,
                       positive_only=True)
@@ -825,8 +847,10 @@ def fig4b(inp: ReportInputs) -> Figure:
             fig.notes.append(f"{FACE_LABEL[face]}: suppression is 0 at layer{'s' if len(zeros) > 1 else ''} "
                              f"{layer_ranges(zeros)} (not drawn on the log axis)")
         _note_gaps(fig, inp, FACE_LABEL[face], sup)
+        totals = inp.series(b, "n_targets")
         per_face[face] = {"sup": points(sup), "ag": points(ag), "freq": points(freq), "bottom": points(bottom),
-                          "sup_ci": cis["suppression_rate"], "freq_ci": cis["suppression_frequency_baseline"]}
+                          "sup_ci": cis["suppression_rate"], "freq_ci": cis["suppression_frequency_baseline"],
+                          "pooled": _pooled(sup, totals, 2 / 3, 1), "ag_pooled": _pooled(ag, totals, 2 / 3, 1)}
     if per_face:
         fig.verdict = _fig4b_verdict(per_face, ref["approx"])
     return _finish(fig, inp, plot, bool(per_face), "values", ytitle="share of memories (%, log scale)", ylog=True,
@@ -842,10 +866,17 @@ def _fig4b_verdict(per_face, paper_agreement) -> Verdict:
         if not sup:
             continue
         low, top = early(sup), late(sup)
-        bit = f"on the {FACE_LABEL[face]}, suppression is {pct(low)} in the lowest third of layers and {pct(top)} " \
-              f"in the top third{_span(_envelope(s['sup_ci'], 2 / 3, 1))}"
-        if s["ag"]:
-            bit += f" (agreement {pct(late(s['ag']))})"
+        top_text = _pooled_text(s["pooled"]) if s["pooled"] else f"{pct(top)}{_span(_envelope(s['sup_ci'], 2 / 3, 1))}"
+        bit = f"on the {FACE_LABEL[face]}, suppression is {pct(low)} in the lowest third of layers and {top_text} " \
+              "in the top third"
+        if s["ag_pooled"] or s["ag"]:
+            bit += f" (agreement {pct(s['ag_pooled'][0] if s['ag_pooled'] else late(s['ag']))})"
+        _, last_layer, last = sup[-1]
+        last_ci = s["sup_ci"][last_layer] if s["sup_ci"] else None
+        bit += f", {pct(last)}{_span(last_ci, what='95% interval')} at layer {last_layer}"
+        ag_last = [v for _, layer, v in s["ag"] if layer == last_layer]
+        if ag_last:
+            bit += f" (agreement {pct(ag_last[0])})"
         above, compared = _separated(s["sup_ci"], s["freq_ci"], 2 / 3, 1)
         if compared:
             bit += (f"; its interval lies above its frequency-matched baseline's ({pct(late(s['freq']))}) in "
@@ -977,8 +1008,9 @@ def fig6(inp: ReportInputs) -> Figure:
                           mode="lines+markers", x=[c for c, *_ in bins], y=[a for _, _, _, a, _, _ in bins],
                           line={"color": COLORS["main"], "width": 2.4}, marker={"size": 7, "color": COLORS["main"]})
         _error_bars(trace, trace["y"], [ci for *_, ci in bins], pct)
-        plot.paper_point(p, f"≈95% in its highest bin (max p ≈ {ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)",
-                         ref["bins_max_prob"][-1], 0.95, COLORS["main"])
+        plot.paper_point(p, f"≈{pct(ref['top_bin_agreement'])} in its highest bin (max p ≈ "
+                         f"{ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)", ref["bins_max_prob"][-1],
+                         ref["top_bin_agreement"], COLORS["main"])
         summary = _top_max_prob(b)
         if summary:
             fig.notes.append(f"{FACE_LABEL[face]}: {_top_max_prob_text(summary, ref)}")
@@ -1054,7 +1086,7 @@ def _fig6_verdict(inp, per_face) -> Verdict:
     trend = len(bins) >= 2
     rising = trend and last[3] - first[3] > 0.1 and (rho is None or rho > 0.5)
     grows = trend and last[3] > first[3]
-    high = last[3] >= 0.5 if last[5] is None else agree(last[5], 0.5, 1.0)
+    high = last[3] >= 0.5 if last[5] is None else agree(last[5], ref["top_bin_agreement"])
     if top is None:
         status = "yes" if rising and high else "partly" if rising or grows else "no"
     else:  # the paper's two counts as shares, each inside our Wilson interval
@@ -1063,15 +1095,17 @@ def _fig6_verdict(inp, per_face) -> Verdict:
         status = "yes" if rising and high and upper_ok and agree_ok else \
             "partly" if rising or grows or upper_ok or agree_ok else "no"
     if trend:
+        size = "" if math.isnan(last[4]) else f", {last[4]:,.0f} memories"
         claim = (f"agreement goes from {pct(first[3])} in the lowest bin (max p ≈ {first[0]:.2g}) to "
-                 f"{pct(last[3])}{_span(last[5])} in the highest (max p ≈ {last[0]:.2g})")
+                 f"{pct(last[3])}{_span(last[5], what='95% interval')} in the highest (max p ≈ {last[0]:.2g}{size})")
     else:
         claim = f"all values fall in one max-probability bin (agreement {pct(last[3])}), so there is no trend"
     if rho is not None:
         claim += f", rank correlation {rho:+.2f} across {len(bins)} bins"
     if top is not None:
         claim += f"; {_top_max_prob_text(top, ref)}"
-    paper = ("agreement grows with max probability, ≈95% in the highest bin" if top is not None else
+    paper = (f"agreement grows with max probability, ≈{pct(ref['top_bin_agreement'])} in the highest bin"
+             if top is not None else
              "agreement grows with max probability, ≈95% in the highest bin; 97 of the 100 most confident values "
              "are in layers 11–16")
     extra = ""
