@@ -85,8 +85,8 @@ DEFINITIONS = {
     "top_max_prob": "of the n values of a face with the highest max probability over all scanned layers: how many "
                     "are at relative depth (layer+1)/L above upper_depth = 10/16 (the paper's layers 11-16), how "
                     "many agree with their top-1 trigger's next token, and how many with the next token of at "
-                    "least one of their top-k triggers (agree_any, the paper's rule); a value without a target counts as not "
-                    "agreeing; Wilson 95% intervals.",
+                    "least one of their top-k triggers (agree_any, the paper's rule); a value without a target "
+                    "counts as not agreeing; Wilson 95% intervals.",
 }
 
 
