@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ffkv.analysis.intervals import wilson
 from ffkv.errors import FfkvError
 from ffkv.report import FIGURE_IDS, build_figures, load_inputs, write_report
 from ffkv.report.compare import layer_ranges, pct
@@ -80,6 +81,7 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
                               "top_tokens": [" the", " city", "\n", "<eos>"],
                               "triggers": ["He moved to the[[ city]]", "It is[[ a]]"]} for i in range(12)],
             "skipped": [3] * L,
+            **values_intervals_and_suppression(L, up, scale, reproduce),
         }
 
     a = {
@@ -111,6 +113,30 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
         for m in a["values_neg"]["top_memories"]:
             m["face"] = "neg"
     return a
+
+
+def values_intervals_and_suppression(L, up, scale=1.0, reproduce=True):
+    """The values keys added with intervals, suppression, normalised ranks and Fig 6's summary (absent from older
+    files), for 1,536 memories with a target per layer."""
+    n = 1536
+    shares = {"agreement_rate": [v * scale for v in up(0.0005, 0.04)], "frequency_baseline": [0.003] * L,
+              "suppression_rate": [v * scale for v in up(0.0004, 0.02)],
+              "suppression_bottom10_rate": [v * scale for v in up(0.002, 0.06)],
+              "suppression_frequency_baseline": [0.002] * L}
+    median = [v / VOCAB for v in up(15000, 600)]
+    out = {k: v for k, v in shares.items() if k.startswith("suppression")}
+    out.update({f"{k}_ci": [wilson(round(v * n), n) for v in vals] for k, vals in shares.items()})
+    out.update(n_targets=[n] * L, vocab_size=VOCAB, next_token_rank_median_normed=median,
+               next_token_rank_median_normed_ci=[[v * 0.8, v * 1.2] for v in median],
+               rank_quantiles_normed={q: [v / VOCAB for v in vals] for q, vals in
+                                      {"q10": up(2000, 5), "q25": up(6000, 60), "q50": up(15000, 600),
+                                       "q75": up(26000, 5000), "q90": up(40000, 20000)}.items()},
+               top_max_prob={"n": 100, "upper_depth": 10 / 16, "k": 50, "upper": 95 if reproduce else 20,
+                             "agree": 30, "agree_any": 44 if reproduce else 5,
+                             **{f"{k}_ci": wilson(c, 100) for k, c in (("upper", 95 if reproduce else 20),
+                                                                      ("agree", 30),
+                                                                      ("agree_any", 44 if reproduce else 5))}})
+    return out
 
 
 PATTERN_NEW_KEYS = ("keys_shallow", "keys_semantic", "keys_both", "keys_none", "n_keys", "sim_corr", "f1", "precision",
@@ -276,8 +302,11 @@ def test_paper_beside_ours_dashed_when_approx(full_report):
             assert t["line"].get("dash") != "dash" if "line" in t else True
             assert t["name"].startswith("paper:")
     ys = [t["y"] for t in drawn if t["meta"]["approx"]]
+    vocab = paper["model"]["vocab_approx"]
     for key, arr in approx_arrays.items():
-        assert any(y == pytest.approx(arr) for y in ys), f"paper array {key} is not drawn"
+        if key == ("fig5_next_token_rank", "median_approx"):  # Fig 5 draws ranks as a share of the vocabulary
+            arr = [v / vocab for v in arr]
+        assert any(y == pytest.approx(arr, rel=1e-5) for y in ys), f"paper array {key} is not drawn"  # 6 digits
     # ours is plotted on our relative depth
     fig4 = got["fig4"]["data"][0]
     assert fig4["meta"]["role"] == "ours" and fig4["x"] == pytest.approx([(i + 1) / 12 for i in range(12)], abs=1e-5)

@@ -157,6 +157,13 @@ def _print_analysis(result: dict) -> None:
             ("Fig 3 remove last token, sign flips", t.get("last_sign_change"), "{:.0%}"),
             ("Fig 4 value agreement rate", v.get("agreement_rate"), "{:.2%}"),
             ("Fig 4 frequency-matched baseline", v.get("frequency_baseline"), "{:.2%}"),
+            ("Fig 4b value suppression rate", v.get("suppression_rate"), "{:.2%}"),
+            ("Fig 4b suppression, frequency baseline", v.get("suppression_frequency_baseline"), "{:.2%}"),
+            ("Fig 4b next token in the bottom 10", v.get("suppression_bottom10_rate"), "{:.2%}"),
+            ("Fig 4b suppression rate, -v face", (result.get("values_neg") or {}).get("suppression_rate"),
+             "{:.2%}"),
+            ("Fig 4 agreement rate, -v face", (result.get("values_neg") or {}).get("agreement_rate"), "{:.2%}"),
+            ("Fig 5 median rank of next token / |V|", v.get("next_token_rank_median_normed"), "{:.1%}"),
             ("Fig 7 active memories", a.get("active_fraction_mean"), "{:.0%}"),
             ("Fig 7 active memories, median", (a.get("active_fraction_quantiles") or {}).get("q50"), "{:.0%}"),
             ("Fig 8 no single memory matches", a.get("no_single_memory_match"), "{:.0%}"),
@@ -169,6 +176,18 @@ def _print_analysis(result: dict) -> None:
     for name, values, fmt in rows:
         if values:
             print(f"  {name:<38} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values)))
+    _print_top_max_prob(result)
+
+
+def _print_top_max_prob(result: dict) -> None:
+    """Fig 6's summary per face: the most confident values, where they sit and whether they agree."""
+    for block, face in (("values", "+v"), ("values_neg", "-v")):
+        t = (result.get(block) or {}).get("top_max_prob")
+        if not t or not t.get("n"):
+            continue
+        print(f"Fig 6 top {t['n']} values by max probability ({face}): {t['upper']} in the upper layers (depth > "
+              f"{t['upper_depth']:.3g}), {t['agree']} agree with their top-1 trigger, {t['agree_any']} with one of "
+              f"their top-{t['k']} (paper: 97 and 46 of 100)")
 
 
 def cmd_analyze(args) -> int:

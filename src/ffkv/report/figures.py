@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..analysis.intervals import agree
+from ..analysis.intervals import agree, wilson
 from .compare import (
     Verdict,
     early,
@@ -98,10 +98,6 @@ class Figure:
 
 def spct(v):
     return pct(v, signed=True)
-
-
-def _rank(v):
-    return "n/a" if v is None else f"{v:,.0f}"
 
 
 class Plot:
@@ -695,12 +691,89 @@ def _fig3_verdict(inp, per_face) -> Verdict:
 
 
 # -- §4 values -------------------------------------------------------------------------------------------------
+def _value_intervals(inp: ReportInputs, b: dict | None, *path: str) -> list[tuple[float, float] | None] | None:
+    """A per-layer ``X_ci`` array (a [low, high] or null per layer), padded/cut to n_layers; None if absent."""
+    x = b
+    for key in path:
+        x = x.get(key) if isinstance(x, dict) else None
+    if not isinstance(x, list):
+        return None
+    out = [(float(v[0]), float(v[1])) if isinstance(v, list) and len(v) == 2 and all(
+        isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in v) else None
+        for v in x[: inp.n_layers]]
+    out += [None] * (inp.n_layers - len(out))
+    return out if any(v is not None for v in out) else None
+
+
+def _error_bars(trace: dict, values, intervals, fmt) -> None:
+    """Draw a series' 95% intervals as error bars on its trace, and name them in its hover text."""
+    if not intervals:
+        return
+    plus = [None if v is None or ci is None else max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]
+    minus = [None if v is None or ci is None else max(0.0, v - ci[0]) for v, ci in zip(values, intervals)]
+    color = (trace.get("line") or {}).get("color", INK)
+    trace["error_y"] = {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "color": color,
+                        "thickness": 1, "width": 2}
+    trace["text"] = [t if t is None or ci is None else f"{t}<br>95% interval {fmt(ci[0])}–{fmt(ci[1])}"
+                     for t, ci in zip(trace["text"], intervals)]
+    trace["meta"]["interval"] = "95%"
+
+
+def _envelope(intervals, lo: float, hi: float) -> list[float] | None:
+    """[lowest low, highest high] of the per-layer intervals with lo < relative depth ≤ hi: the range every
+    layer's 95% interval there falls in."""
+    if not intervals:
+        return None
+    n = len(intervals)
+    inside = [ci for i, ci in enumerate(intervals) if ci is not None and lo < (i + 1) / n <= hi]
+    return [min(c[0] for c in inside), max(c[1] for c in inside)] if inside else None
+
+
+def _span(interval, fmt=pct, what="per-layer 95% intervals") -> str:
+    return "" if interval is None else f" ({what} {fmt(interval[0])}–{fmt(interval[1])})"
+
+
+def _pooled(rates, totals, lo: float, hi: float) -> tuple[float, list[float], int] | None:
+    """(share, Wilson 95% interval, memories) of a per-layer share pooled over the layers with
+    lo < relative depth ≤ hi: the hits (rate × total, whole numbers) and totals summed. None without totals."""
+    if not rates or not totals:
+        return None
+    n_layers = len(rates)
+    pairs = [(r, t) for i, (r, t) in enumerate(zip(rates, totals)) if r is not None and t
+             and lo < (i + 1) / n_layers <= hi]
+    if not pairs:
+        return None
+    hits, total = sum(round(r * t) for r, t in pairs), sum(t for _, t in pairs)
+    return hits / total, wilson(hits, total), int(total)
+
+
+def _pooled_text(pooled) -> str:
+    share, ci, total = pooled
+    return f"{pct(share)} (95% interval {pct(ci[0])}–{pct(ci[1])}, pooled over its {total:,} memories)"
+
+
+def _separated(ours, base, lo: float = 0.0, hi: float = 1.0) -> tuple[int, int]:
+    """(layers where ours' interval lies wholly above the baseline's, layers with both) for lo < depth ≤ hi."""
+    if not ours or not base:
+        return 0, 0
+    n = len(ours)
+    both = [(a, b) for i, (a, b) in enumerate(zip(ours, base)) if a is not None and b is not None
+            and lo < (i + 1) / n <= hi]
+    return sum(a[0] > b[1] for a, b in both), len(both)
+
+
+def _paper_range(arr, lo: float, hi: float) -> tuple[float, float]:
+    """Smallest and largest value of a paper curve with lo < relative depth ≤ hi."""
+    vals = [v for x, _, v in paper_points(arr) if lo < x <= hi]
+    return min(vals), max(vals)
+
+
 def fig4(inp: ReportInputs) -> Figure:
     fig = Figure("fig4", "4", "values", "Agreement rate: a value's top token is its key's top-1 trigger's next token",
                  "Per layer, the share of memories whose value's argmax token (v·E) equals the next token after the "
                  "key's top-1 trigger; with the same value projected through the final norm, a frequency-matched "
-                 "baseline (the top-1 trigger of another memory of the layer) and the uniform baseline 1/|V|. Log "
-                 "axis.")
+                 "baseline (the top-1 trigger of another memory of the layer) and the uniform baseline 1/|V|. Error "
+                 "bars: Wilson 95% intervals over the layer's memories. Log axis.")
     ref = inp.paper["fig4_agreement_rate"]
     plot = Plot(inp, inp.faces)
     per_face = {}
@@ -712,13 +785,17 @@ def fig4(inp: ReportInputs) -> Figure:
             continue
         normed, freq, rnd = (inp.series(b, k) for k in ("agreement_rate_normed", "frequency_baseline",
                                                        "random_baseline"))
-        plot.ours(p, "ours: agreement (v·E)", ag, COLORS["main"], face=face, positive_only=True)
+        ag_ci, freq_ci = _value_intervals(inp, b, "agreement_rate_ci"), _value_intervals(inp, b,
+                                                                                        "frequency_baseline_ci")
+        trace = plot.ours(p, "ours: agreement (v·E)", ag, COLORS["main"], face=face, positive_only=True)
+        _error_bars(trace, trace["y"], ag_ci, pct)
         if normed is not None:
             plot.ours(p, "ours: agreement (through final norm)", normed, COLORS["alt"], face=face,
                       positive_only=True)
         if freq is not None:
-            plot.ours(p, "ours: frequency-matched baseline", freq, COLORS["freq"], face=face, baseline=True,
-                      positive_only=True)
+            trace = plot.ours(p, "ours: frequency-matched baseline", freq, COLORS["freq"], face=face, baseline=True,
+                              positive_only=True)
+            _error_bars(trace, trace["y"], freq_ci, pct)
         if rnd is not None:
             plot.ours(p, "ours: uniform baseline 1/|V|", rnd, COLORS["uniform"], face=face, baseline=True,
                       positive_only=True)
@@ -730,7 +807,8 @@ def fig4(inp: ReportInputs) -> Figure:
             fig.notes.append(f"{FACE_LABEL[face]}: agreement is 0 at layer{'s' if len(zeros) > 1 else ''} "
                              f"{layer_ranges(zeros)} (not drawn on the log axis)")
         _note_gaps(fig, inp, FACE_LABEL[face], ag)
-        per_face[face] = {"ag": points(ag), "freq": points(freq), "rnd": points(rnd)}
+        per_face[face] = {"ag": points(ag), "freq": points(freq), "rnd": points(rnd), "ag_ci": ag_ci,
+                          "freq_ci": freq_ci, "pooled": _pooled(ag, inp.series(b, "n_targets"), 0.75, 1)}
     if per_face:
         fig.verdict = _fig4_verdict(inp, per_face)
     return _finish(fig, inp, plot, bool(per_face), "values", ytitle="agreement rate (%, log scale)", ylog=True,
@@ -747,18 +825,34 @@ def _fig4_verdict(inp, per_face) -> Verdict:
     peak = max(ag, key=lambda t: t[2])
     freq_top = mean_between(s["freq"], 0.75, 1, "last") if s["freq"] else None
     rnd = _mean(s["rnd"]) if s["rnd"] else None
+    ref = inp.paper["fig4_agreement_rate"]
     rising = top > 2 * low and top - low > 0.002
-    above = freq_top is None or top > freq_top
-    status = "yes" if rising and above else "partly" if rising or (above and top > 0.005) else "no"
-    claim = (f"agreement is {pct(low)} in the lower half of layers and {pct(top)} in the top quarter (peak "
-             f"{pct(peak[2])} at layer {peak[1]})")
+    above, compared = _separated(s.get("ag_ci"), s.get("freq_ci"), 0.75, 1)
+    if compared:  # the intervals decide: most top-quarter layers clear of their baseline
+        above_base = above > compared / 2
+    else:
+        above_base = freq_top is None or top > freq_top
+    pooled = s.get("pooled")
+    top_env = None if pooled else _envelope(s.get("ag_ci"), 0.75, 1)
+    paper_top = _paper_range(ref["approx"], 0.75, 1)
+    interval = pooled[1] if pooled else top_env
+    if interval is None:
+        status = "yes" if rising and above_base else "partly" if rising or (above_base and top > 0.005) else "no"
+    else:  # "reproduces" needs the paper's top-quarter level inside our interval
+        level = agree(interval, *paper_top)
+        status = "yes" if rising and above_base and level else \
+            "partly" if rising or (above_base and top > 0.005) else "no"
+    top_text = _pooled_text(pooled) if pooled else f"{pct(top)}{_span(top_env)}"
+    claim = (f"agreement is {pct(low)} in the lower half of layers and {top_text} in the top quarter"
+             f" (peak {pct(peak[2])} at layer {peak[1]})")
     if freq_top is not None and freq_top > 0:
         claim += f", {top / freq_top:.1f}× the frequency-matched baseline ({pct(freq_top)})"
+    if compared:
+        claim += f"; its interval lies above the baseline's in {above} of {compared} top-quarter layers"
     if rnd:
-        claim += f" and {top / rnd:,.0f}× uniform 1/|V| ({pct(rnd)})"
-    ref = inp.paper["fig4_agreement_rate"]
-    paper = (f"≈0 up to layer 10 of 16, rising to {pct(ref['approx'][-1])} at layer 16; uniform "
-             f"{pct(ref['random_baseline'])}")
+        claim += f"; {top / rnd:,.0f}× uniform 1/|V| ({pct(rnd)})"
+    paper = (f"≈0 up to layer 10 of 16, rising to {pct(ref['approx'][-1])} at layer 16 ({pct_span(*paper_top)} in "
+             f"its top quarter); uniform {pct(ref['random_baseline'])}")
     extra = ""
     n = per_face.get("neg")
     if n and len(n["ag"]) >= 2 and "pos" in per_face:
@@ -767,82 +861,195 @@ def _fig4_verdict(inp, per_face) -> Verdict:
     return verdict(inp, status, claim, paper, ("corpus", "vocab", "instruct", "quantised"), extra)
 
 
-def fig5(inp: ReportInputs) -> Figure:
-    fig = Figure("fig5", "5", "values", "Rank of the trigger's next token under the value's distribution",
-                 "Per layer, the distribution over memories of the rank (1 = top) of the key's top-1 trigger's next "
-                 "token in the value's vocabulary distribution softmax(v·E): median, 25–75% and 10–90% bands. A "
-                 "random value would give a median near |V|/2. Log axis.")
-    ref = inp.paper["fig5_next_token_rank"]
-    vocab = inp.traits["vocab"]
-    offset = 1 if _zero_based_ranks(inp) else 0
-    if offset:
-        fig.caption += " The analysis counts ranks from 0; they are drawn from 1 (+1) for the log axis."
+def fig4b(inp: ReportInputs) -> Figure:
+    fig = Figure("fig4b", "4b", "values", "Suppression: a value's bottom token is its key's top-1 trigger's next token",
+                 "Not a figure of the paper, the mirror of Fig 4: per layer, the share of memories whose value "
+                 "pushes the next token after the key's top-1 trigger to the very bottom of its projection (argmin "
+                 "of v·E; of −v·E on the negative face), and the share with it among the 10 lowest tokens; against "
+                 "a frequency-matched baseline (each value's bottom token against another memory's trigger) and the "
+                 "uniform 1/|V|. Thin: Fig 4's agreement for comparison; dashed: the paper's agreement rate (the "
+                 "paper does not measure suppression). Error bars: Wilson 95% intervals of the two suppression shares "
+                 "(the baseline's enter the verdict). Log axis.")
+    ref = inp.paper["fig4_agreement_rate"]
     plot = Plot(inp, inp.faces)
     per_face = {}
     for p, face in enumerate(inp.faces):
         b = inp.block("values", face)
-        q = {k: _plus(inp.series(b, "rank_quantiles", k), offset) for k in ("q10", "q25", "q50", "q75", "q90")}
-        med = _plus(inp.series(b, "next_token_rank_median"), offset) or q["q50"]
+        sup = inp.series(b, "suppression_rate")
+        if b is None or sup is None:
+            plot.no_data(p, _why(inp, "values", face, b, "suppression_rate (written before it was measured: "
+                                 f"rerun `ffkv analyze {inp.atlas_path} --only values`)"), face)
+            continue
+        bottom, freq, ag, rnd = (inp.series(b, k) for k in ("suppression_bottom10_rate",
+                                                           "suppression_frequency_baseline", "agreement_rate",
+                                                           "random_baseline"))
+        cis = {k: _value_intervals(inp, b, f"{k}_ci") for k in ("suppression_rate", "suppression_bottom10_rate",
+                                                               "suppression_frequency_baseline")}
+        trace = plot.ours(p, "ours: suppression (bottom token)", sup, COLORS["last"], face=face, positive_only=True)
+        _error_bars(trace, trace["y"], cis["suppression_rate"], pct)
+        if bottom is not None:
+            trace = plot.ours(p, "ours: next token in the bottom 10", bottom, COLORS["random"], face=face,
+                              positive_only=True)
+            _error_bars(trace, trace["y"], cis["suppression_bottom10_rate"], pct)
+        if freq is not None:
+            plot.ours(p, "ours: suppression, frequency-matched baseline", freq, COLORS["freq"], face=face,
+                      baseline=True, positive_only=True)
+        if rnd is not None:
+            plot.ours(p, "ours: uniform baseline 1/|V|", rnd, COLORS["uniform"], face=face, baseline=True,
+                      positive_only=True)
+        if ag is not None:
+            plot.ours(p, "ours: agreement (Fig 4)", ag, COLORS["main"], face=face, thin=True, positive_only=True)
+        plot.paper(p, "agreement rate (no suppression measured)", ref["approx"], COLORS["main"])
+        zeros = [i for i, v in enumerate(sup) if v is not None and v <= 0]
+        if zeros:
+            fig.notes.append(f"{FACE_LABEL[face]}: suppression is 0 at layer{'s' if len(zeros) > 1 else ''} "
+                             f"{layer_ranges(zeros)} (not drawn on the log axis)")
+        _note_gaps(fig, inp, FACE_LABEL[face], sup)
+        totals = inp.series(b, "n_targets")
+        per_face[face] = {"sup": points(sup), "ag": points(ag), "freq": points(freq), "bottom": points(bottom),
+                          "sup_ci": cis["suppression_rate"], "freq_ci": cis["suppression_frequency_baseline"],
+                          "pooled": _pooled(sup, totals, 2 / 3, 1), "ag_pooled": _pooled(ag, totals, 2 / 3, 1)}
+    if per_face:
+        fig.verdict = _fig4b_verdict(per_face, ref["approx"])
+    return _finish(fig, inp, plot, bool(per_face), "values", ytitle="share of memories (%, log scale)", ylog=True,
+                   ylog_percent=True)
+
+
+def _fig4b_verdict(per_face, paper_agreement) -> Verdict:
+    """Not the paper's: says where suppression stands against its baseline and against agreement; status 'na'
+    (nothing of the paper to reproduce)."""
+    bits = []
+    for face, s in per_face.items():
+        sup = s["sup"]
+        if not sup:
+            continue
+        low, top = early(sup), late(sup)
+        top_text = _pooled_text(s["pooled"]) if s["pooled"] else f"{pct(top)}{_span(_envelope(s['sup_ci'], 2 / 3, 1))}"
+        bit = f"on the {FACE_LABEL[face]}, suppression is {pct(low)} in the lowest third of layers and {top_text} " \
+              "in the top third"
+        if s["ag_pooled"] or s["ag"]:
+            bit += f" (agreement {pct(s['ag_pooled'][0] if s['ag_pooled'] else late(s['ag']))})"
+        _, last_layer, last = sup[-1]
+        last_ci = s["sup_ci"][last_layer] if s["sup_ci"] else None
+        bit += f", {pct(last)}{_span(last_ci, what='95% interval')} at layer {last_layer}"
+        ag_last = [v for _, layer, v in s["ag"] if layer == last_layer]
+        if ag_last:
+            bit += f" (agreement {pct(ag_last[0])})"
+        above, compared = _separated(s["sup_ci"], s["freq_ci"], 2 / 3, 1)
+        if compared:
+            bit += (f"; its interval lies above its frequency-matched baseline's ({pct(late(s['freq']))}) in "
+                    f"{above} of {compared} top-third layers")
+        if s["bottom"]:
+            bit += f"; the next token is among the 10 lowest in {pct(late(s['bottom']))} there"
+        bits.append(bit)
+    if not bits:
+        return no_verdict("no suppression numbers")
+    return Verdict("na", "Not in the paper: " + "; ".join(bits) + f" (paper: suppression not measured; agreement, "
+                   f"its mirror, reaches {pct(paper_agreement[-1])} at layer 16).")
+
+
+def fig5(inp: ReportInputs) -> Figure:
+    fig = Figure("fig5", "5", "values", "Rank of the trigger's next token under the value's distribution",
+                 "Per layer, the distribution over memories of the rank (0 = top) of the key's top-1 trigger's next "
+                 "token in the value's vocabulary distribution softmax(v·E), divided by the vocabulary size |V| so "
+                 "that models with different vocabularies line up: median (error bars: bootstrap 95% interval), "
+                 "25–75% and 10–90% bands. A random value gives a median near 50%; the paper's median ranks are "
+                 "divided by its |V|. Log axis.")
+    ref = inp.paper["fig5_next_token_rank"]
+    paper_vocab = inp.paper["model"].get("vocab_approx", 267744)
+    vocab = inp.traits["vocab"]
+    plot = Plot(inp, inp.faces)
+    per_face = {}
+    for p, face in enumerate(inp.faces):
+        b = inp.block("values", face)
+        med = inp.series(b, "next_token_rank_median_normed")
+        q = {k: inp.series(b, "rank_quantiles_normed", k) for k in QUANTILE_KEYS}
+        med_ci = _value_intervals(inp, b, "next_token_rank_median_normed_ci")
+        if med is None and isinstance(vocab, int) and vocab > 0:  # written before the normalised keys
+            med = _scaled(inp.series(b, "next_token_rank_median"), vocab)
+            q = {k: _scaled(inp.series(b, "rank_quantiles", k), vocab) for k in QUANTILE_KEYS}
+            med = med or q["q50"]
+            if med is not None:
+                fig.notes.append(f"{FACE_LABEL[face]}: ranks divided by the manifest's vocabulary size {vocab:,} "
+                                 "(analysis.json predates the normalised ranks; no interval)")
         if b is None or (med is None and all(v is None for v in q.values())):
             plot.no_data(p, _why(inp, "values", face, b, "rank numbers"), face)
             continue
         if q["q10"] is not None and q["q90"] is not None:
-            plot.band(p, "ours: 10–90% of memories", q["q10"], q["q90"], "rgba(37,99,168,0.12)", _rank, face)
+            plot.band(p, "ours: 10–90% of memories", _positive(q["q10"]), _positive(q["q90"]), "rgba(37,99,168,0.12)",
+                      pct, face)
         if q["q25"] is not None and q["q75"] is not None:
-            plot.band(p, "ours: 25–75% of memories", q["q25"], q["q75"], "rgba(37,99,168,0.25)", _rank, face)
+            plot.band(p, "ours: 25–75% of memories", _positive(q["q25"]), _positive(q["q75"]), "rgba(37,99,168,0.25)",
+                      pct, face)
         if med is not None:
-            plot.ours(p, "ours: median rank", med, COLORS["main"], _rank, face=face, positive_only=True)
-        if isinstance(vocab, int):
-            plot.ours(p, "ours: random value (median ≈ |V|/2)", [vocab / 2] * inp.n_layers, COLORS["uniform"],
-                      _rank, face=face, baseline=True)
-        plot.paper(p, "median rank", ref["median_approx"], COLORS["main"], _rank)
+            trace = plot.ours(p, "ours: median rank / |V|", med, COLORS["main"], pct, face=face, positive_only=True)
+            _error_bars(trace, trace["y"], med_ci, pct)
+        plot.ours(p, "ours: random value (median ≈ 50%)", [0.5] * inp.n_layers, COLORS["uniform"], pct, face=face,
+                  baseline=True)
+        plot.paper(p, f"median rank / its |V| ≈ {paper_vocab:,}", [v / paper_vocab for v in ref["median_approx"]],
+                   COLORS["main"], pct)
         _note_gaps(fig, inp, FACE_LABEL[face], med)
-        per_face[face] = points(med)
+        zeros = [i for i, v in enumerate(med or []) if v is not None and v <= 0]
+        if zeros:
+            fig.notes.append(f"{FACE_LABEL[face]}: the median rank is 0 at layer{'s' if len(zeros) > 1 else ''} "
+                             f"{layer_ranges(zeros)} (not drawn on the log axis)")
+        per_face[face] = {"med": points(med), "ci": med_ci}
     if per_face:
         fig.verdict = _fig5_verdict(inp, per_face)
-    return _finish(fig, inp, plot, bool(per_face), "values", ytitle="rank of the next token (1 = top, log scale)",
-                   ylog=True, ylog_decades=True)
+    return _finish(fig, inp, plot, bool(per_face), "values", ytitle="rank of the next token / |V| (log scale)",
+                   ylog=True, ylog_percent=True)
 
 
-def _plus(values, offset):
-    return None if values is None else [None if v is None else v + offset for v in values]
+QUANTILE_KEYS = ("q10", "q25", "q50", "q75", "q90")
 
 
-def _zero_based_ranks(inp: ReportInputs) -> bool:
-    """Whether analysis.json says its ranks count from 0 (its definition of next_token_rank)."""
-    defs = (inp.analysis or {}).get("definitions") or {}
-    text = " ".join(str(v) for k, v in defs.items() if "rank" in str(k)) if isinstance(defs, dict) else ""
-    return bool(re.search(r"\b0\s*=\s*top|0-based|from 0", text))
+def _scaled(values, by: float):
+    return None if values is None else [None if v is None else v / by for v in values]
+
+
+def _positive(values):
+    """What a log axis can draw: values ≤ 0 become gaps."""
+    return None if values is None else [v if v is not None and v > 0 else None for v in values]
+
+CHANCE_RANK = 0.25
+"""A median normalised rank above this (a random value's is 0.5) is called near chance."""
 
 
 def _fig5_verdict(inp, per_face) -> Verdict:
-    med = per_face.get("pos") or next(iter(per_face.values()))
+    s = per_face.get("pos") or next(iter(per_face.values()))
+    med = s["med"]
     if len(med) < 2:
         return no_verdict("the rank trend needs at least two layers")
     lo, hi = early(med), late(med)
-    vocab = inp.traits["vocab"]
+    env_lo, env_hi = _envelope(s["ci"], 0, 1 / 3), _envelope(s["ci"], 2 / 3, 1)
     pv = inp.paper["model"].get("vocab_approx", 267744)
-    ref = inp.paper["fig5_next_token_rank"]["median_approx"]
+    ref = [v / pv for v in inp.paper["fig5_next_token_rank"]["median_approx"]]
     p_lo, p_hi = early(paper_points(ref)), late(paper_points(ref))
-    ratio = lo / max(hi, 1e-9)
-    status = "yes" if ratio >= 3 else "partly" if ratio >= 1.25 else "no"
-    share = (lambda r: f" ({pct(r / vocab)} of |V|)") if isinstance(vocab, int) else (lambda r: "")
-    claim = (f"the median rank goes from {_rank(lo)}{share(lo)} in the lowest third of layers to {_rank(hi)}"
-             f"{share(hi)} in the top third, {ratio:.1f}× better")
-    paper = (f"{_rank(p_lo)} ({pct(p_lo / pv)} of |V|) to {_rank(p_hi)} ({pct(p_hi / pv)}), {p_lo / p_hi:.1f}× "
-             "better")
+    paper_top = _paper_range(ref, 2 / 3, 1)
+    ratio = lo / max(hi, 1e-12)
+    fell = env_lo[0] > env_hi[1] if env_lo and env_hi else ratio >= 1.25
+    at_paper = agree(env_hi, *paper_top) if env_hi else hi <= paper_top[1]
+    status = "yes" if ratio >= 3 and at_paper else "partly" if fell and ratio >= 1.25 else "no"
+    where = "near chance (a random value's median is 50%)" if hi >= CHANCE_RANK else "well below chance (50%)"
+    claim = (f"the median rank of the next token is {pct(lo)} of |V|{_span(env_lo)} in the lowest third of layers "
+             f"and {pct(hi)}{_span(env_hi)} in the top third: {where}, {ratio:.1f}× lower"
+             + ("" if fell or not env_lo else ", within the intervals' overlap"))
+    paper = (f"{pct(p_lo)} of its |V| ≈ {pv / 1000:.0f}k falling to {pct(p_hi)} in its top third "
+             f"({pct_span(*paper_top)}), {p_lo / p_hi:.0f}× lower")
     extra = ""
     n = per_face.get("neg")
-    if n and len(n) >= 2 and "pos" in per_face:
-        extra = _face_clause("negative face", f"{_rank(early(n))} to {_rank(late(n))}")
+    if n and len(n["med"]) >= 2 and "pos" in per_face:
+        extra = _face_clause("negative face", f"{pct(early(n['med']))} to {pct(late(n['med']))}")
     return verdict(inp, status, claim, paper, ("vocab", "corpus", "instruct"), extra)
 
 
 def fig6(inp: ReportInputs) -> Figure:
     fig = Figure("fig6", "6", "values", "Agreement rate against the value's maximal probability",
                  "Memories binned by the largest probability of their value's distribution softmax(v·E); per bin, "
-                 "the share whose top token agrees with the key's top-1 trigger's next token. Log x axis; hover for "
-                 "the number of memories per bin.")
+                 "the share whose top token agrees with the key's top-1 trigger's next token (error bars: Wilson "
+                 "95% intervals). Log x axis; hover for the number of memories per bin. Below: the paper's count of "
+                 "the 100 most confident values in the upper layers (relative depth above 10/16, its layers 11–16) "
+                 "and agreeing with their triggers.")
     ref = inp.paper["fig6_agreement_vs_max_prob"]
     plot = Plot(inp, inp.faces)
     per_face = {}
@@ -854,30 +1061,36 @@ def fig6(inp: ReportInputs) -> Figure:
             plot.no_data(p, _why(inp, "values", face, b, "usable max_prob_vs_agreement"), face)
             continue
         name = "ours: agreement per max-probability bin"
-        plot._add(p, name, [f"<b>{name}</b><br>max p in [{lo:.3g}, {hi:.3g})<br>agreement {pct(a)}<br>{n:,.0f} "
-                            "memories" for _, lo, hi, a, n in bins], face=face, type="scatter", mode="lines+markers",
-                  x=[c for c, *_ in bins], y=[a for _, _, _, a, _ in bins],
-                  line={"color": COLORS["main"], "width": 2.4}, marker={"size": 7, "color": COLORS["main"]})
-        plot.paper_point(p, f"≈95% in its highest bin (max p ≈ {ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)",
-                         ref["bins_max_prob"][-1], 0.95, COLORS["main"])
-        per_face[face] = bins
+        trace = plot._add(p, name, [f"<b>{name}</b><br>max p in [{lo:.3g}, {hi:.3g})<br>agreement {pct(a)}<br>"
+                                    f"{n:,.0f} memories" for _, lo, hi, a, n, _ in bins], face=face, type="scatter",
+                          mode="lines+markers", x=[c for c, *_ in bins], y=[a for _, _, _, a, _, _ in bins],
+                          line={"color": COLORS["main"], "width": 2.4}, marker={"size": 7, "color": COLORS["main"]})
+        _error_bars(trace, trace["y"], [ci for *_, ci in bins], pct)
+        plot.paper_point(p, f"≈{pct(ref['top_bin_agreement'])} in its highest bin (max p ≈ "
+                         f"{ref['bins_max_prob'][-1]:g}, |V| ≈ 268k)", ref["bins_max_prob"][-1],
+                         ref["top_bin_agreement"], COLORS["main"])
+        summary = _top_max_prob(b)
+        if summary:
+            fig.notes.append(f"{FACE_LABEL[face]}: {_top_max_prob_text(summary, ref)}")
+        per_face[face] = {"bins": bins, "top": summary}
     if per_face:
         fig.verdict = _fig6_verdict(inp, per_face)
     return _finish(fig, inp, plot, bool(per_face), "values", ytitle="agreement rate (%)", yrange=[0, 1.02],
                    xtitle="maximal probability of the value's distribution (log scale)", xlog=True)
 
 
-def _bins(d) -> list[tuple[float, float, float, float, float]]:
-    """(centre, lo, hi, agreement, count) of the non-empty bins."""
+def _bins(d) -> list[tuple[float, float, float, float, float, tuple[float, float] | None]]:
+    """(centre, lo, hi, agreement, count, 95% interval or None) of the non-empty bins."""
     if not isinstance(d, dict):
         return []
-    edges, agree, count = d.get("bin_edges"), d.get("agreement"), d.get("count")
-    if not isinstance(edges, list) or not isinstance(agree, list) or len(edges) != len(agree) + 1:
+    edges, agree_, count, cis = d.get("bin_edges"), d.get("agreement"), d.get("count"), d.get("agreement_ci")
+    if not isinstance(edges, list) or not isinstance(agree_, list) or len(edges) != len(agree_) + 1:
         return []
-    count = count if isinstance(count, list) and len(count) == len(agree) else [None] * len(agree)
+    count = count if isinstance(count, list) and len(count) == len(agree_) else [None] * len(agree_)
+    cis = cis if isinstance(cis, list) and len(cis) == len(agree_) else [None] * len(agree_)
     out = []
-    for i, a in enumerate(agree):
-        lo, hi, n = edges[i], edges[i + 1], count[i]
+    for i, a in enumerate(agree_):
+        lo, hi, n, ci = edges[i], edges[i + 1], count[i], cis[i]
         if not isinstance(a, (int, float)) or not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
             continue
         if n is not None and n <= 0:
@@ -885,28 +1098,81 @@ def _bins(d) -> list[tuple[float, float, float, float, float]]:
         centre = math.sqrt(lo * hi) if lo > 0 and hi > 0 else (lo + hi) / 2
         if centre <= 0:
             continue
-        out.append((centre, float(lo), float(hi), float(a), float(n) if n is not None else float("nan")))
+        ok = isinstance(ci, list) and len(ci) == 2 and all(isinstance(e, (int, float)) for e in ci)
+        out.append((centre, float(lo), float(hi), float(a), float(n) if n is not None else float("nan"),
+                    (float(ci[0]), float(ci[1])) if ok else None))
     return out
 
 
+def _top_max_prob(b: dict | None) -> dict | None:
+    """The values block's Fig 6 summary when it is usable."""
+    t = (b or {}).get("top_max_prob")
+    if not isinstance(t, dict) or not isinstance(t.get("n"), int) or t["n"] < 1:
+        return None
+    need = ("upper", "agree", "agree_any")
+    if not all(isinstance(t.get(k), int) for k in need):
+        return None
+    return t
+
+
+def _count_ci(t: dict, key: str) -> str:
+    ci = t.get(f"{key}_ci")
+    if not (isinstance(ci, list) and len(ci) == 2):
+        return ""
+    return f" (95% interval {ci[0] * t['n']:.0f}–{ci[1] * t['n']:.0f})"
+
+
+def _top_max_prob_text(t: dict, ref: dict) -> str:
+    depth = t.get("upper_depth", 10 / 16)
+    k = t.get("k")
+    return (f"of the {t['n']} values with the highest max probability, {t['upper']}{_count_ci(t, 'upper')} are in "
+            f"the upper layers (relative depth above {depth:.3g}, as the paper's layers 11–16 of 16; paper: "
+            f"{ref['top100_in_upper_layers']} of 100), {t['agree']}{_count_ci(t, 'agree')} agree with their top-1 "
+            f"trigger and {t['agree_any']}{_count_ci(t, 'agree_any')} with at least one of their top-"
+            f"{k if k else 'k'} triggers (paper: {ref['top100_with_agreeing_trigger']} of 100, at least one of its "
+            "top-50)")
+
+
 def _fig6_verdict(inp, per_face) -> Verdict:
-    bins = per_face.get("pos") or next(iter(per_face.values()))
-    if len(bins) < 2:
+    s = per_face.get("pos") or next(iter(per_face.values()))
+    bins, top = s["bins"], s["top"]
+    if len(bins) < 2 and top is None:
         return no_verdict("only one non-empty max-probability bin")
+    ref = inp.paper["fig6_agreement_vs_max_prob"]
     first, last = bins[0], bins[-1]
     rho = spearman([b[0] for b in bins], [b[3] for b in bins])
-    rising = last[3] - first[3] > 0.1 and (rho is None or rho > 0.5)
-    status = "yes" if rising and last[3] >= 0.5 else "partly" if rising or last[3] > first[3] else "no"
-    claim = (f"agreement goes from {pct(first[3])} in the lowest bin (max p ≈ {first[0]:.2g}) to {pct(last[3])} in "
-             f"the highest (max p ≈ {last[0]:.2g})")
+    trend = len(bins) >= 2
+    rising = trend and last[3] - first[3] > 0.1 and (rho is None or rho > 0.5)
+    grows = trend and last[3] > first[3]
+    high = last[3] >= 0.5 if last[5] is None else agree(last[5], ref["top_bin_agreement"])
+    if top is None:
+        status = "yes" if rising and high else "partly" if rising or grows else "no"
+    else:  # the paper's two counts as shares, each inside our Wilson interval
+        upper_ok = agree(top.get("upper_ci"), ref["top100_in_upper_layers"] / 100)
+        agree_ok = agree(top.get("agree_any_ci"), ref["top100_with_agreeing_trigger"] / 100)
+        status = "yes" if rising and high and upper_ok and agree_ok else \
+            "partly" if rising or grows or upper_ok or agree_ok else "no"
+    if trend:
+        size = "" if math.isnan(last[4]) else f", {last[4]:,.0f} memories"
+        claim = (f"agreement goes from {pct(first[3])} in the lowest bin (max p ≈ {first[0]:.2g}) to "
+                 f"{pct(last[3])}{_span(last[5], what='95% interval')} in the highest (max p ≈ {last[0]:.2g}{size})")
+    else:
+        claim = f"all values fall in one max-probability bin (agreement {pct(last[3])}), so there is no trend"
     if rho is not None:
         claim += f", rank correlation {rho:+.2f} across {len(bins)} bins"
-    paper = ("agreement grows with max probability, ≈95% in the highest bin; 97 of the 100 most confident values "
+    if top is not None:
+        claim += f"; {_top_max_prob_text(top, ref)}"
+    paper = (f"agreement grows with max probability, ≈{pct(ref['top_bin_agreement'])} in the highest bin"
+             if top is not None else
+             "agreement grows with max probability, ≈95% in the highest bin; 97 of the 100 most confident values "
              "are in layers 11–16")
     extra = ""
     n = per_face.get("neg")
-    if n and len(n) >= 2 and "pos" in per_face:
-        extra = _face_clause("negative face", f"{pct(n[0][3])} to {pct(n[-1][3])}")
+    if n and n["bins"] and "pos" in per_face:
+        extra = _face_clause("negative face", f"agreement {pct(n['bins'][0][3])} to {pct(n['bins'][-1][3])}")
+        if n["top"] is not None:
+            extra += (f", {n['top']['upper']} of its {n['top']['n']} most confident values in the upper layers, "
+                      f"{n['top']['agree_any']} agreeing with a trigger")
     return verdict(inp, status, claim, paper, ("vocab", "corpus"), extra)
 
 
@@ -1263,6 +1529,7 @@ FIGURE_INFO = {
     "fig3": ("3", "keys", "Relative change of the memory coefficient when a token is removed"),
     "fig3b": ("3b", "keys", "Share of triggers whose coefficient changes sign when a token is removed"),
     "fig4": ("4", "values", "Agreement rate: a value's top token is its key's top-1 trigger's next token"),
+    "fig4b": ("4b", "values", "Suppression: a value's bottom token is its key's top-1 trigger's next token"),
     "fig5": ("5", "values", "Rank of the trigger's next token under the value's distribution"),
     "fig6": ("6", "values", "Agreement rate against the value's maximal probability"),
     "fig7": ("7", "aggregation", "Active memories per layer"),
@@ -1274,7 +1541,7 @@ FIGURE_INFO = {
 """Number, section and title of each figure by id (also used when a figure fails to draw)."""
 
 FIGURES = {"fig2": fig2, "explain": fig_explain, "fig3": fig3, "fig3b": fig3_sign,
-           "fig4": fig4, "fig5": fig5, "fig6": fig6,
+           "fig4": fig4, "fig4b": fig4b, "fig5": fig5, "fig6": fig6,
            "fig7": fig7, "fig8": fig8, "fig9": fig9, "fig10": fig10, "fig11": fig11}
 
 

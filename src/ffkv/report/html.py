@@ -44,6 +44,7 @@ FIGURE_SHORT = {
     "fig3": "Removing the last token hurts most, less so with depth",
     "fig3b": "Not in the paper: removing a token can flip a signed coefficient",
     "fig4": "Values predict their keys' next token in upper layers",
+    "fig4b": "Not in the paper: values that push their keys' next token to the bottom",
     "fig5": "The next token's rank under the value improves with depth",
     "fig6": "Confident values agree more",
     "fig7": "10–50% of memories are active",
