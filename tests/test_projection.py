@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model
+from helpers import randomise_norm_gains
 
 from ffkv.arch import ModelParts
 from ffkv.projection import (
@@ -43,10 +44,13 @@ def test_vocabulary_chunks_give_the_top_of_the_whole_product(vocab_chunk):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
 def test_value_lists_equal_brute_force(arch):
     model = build_tiny_model(arch)
+    randomise_norm_gains(model, seed=1)  # Gemma 3's post-FFN norm scales every value by its gain
     parts = ModelParts(model)
     layer, n = parts.n_layers - 1, 5
     with torch.inference_mode():
         values = parts.values(layer).detach().double()
+        if arch == "gemma3_text":
+            values = values * (1 + parts.blocks[layer].post_feedforward_layernorm.weight.detach().double())
         e = model.get_output_embeddings().weight.detach().double()
         raw = values @ e.T
         normed = parts.through_final_norm(values) @ e.T

@@ -1,11 +1,12 @@
 """Where a value or a residual vector meets the vocabulary: the one place that multiplies by the unembedding E.
 
-Values: the positive face of memory i adds +v_i and promotes the top of v_i.E; the negative face adds -v_i and
-promotes the bottom. ``raw`` is the paper's v.E; ``normed`` is v.diag(gamma).E, v through the final norm's gain (and
-centring, for LayerNorm), what the model does to a direction before the unembedding. Residuals: the logit lens
+Values: the positive face of memory i adds +v_i and promotes the top of v_i.E; the negative face adds -v_i and promotes
+the bottom. v_i here is the value *as the model adds it* (``ModelParts.as_added``: the weight's v_i, or gain * v_i after
+Gemma 3's post-FFN norm). ``raw`` is the paper's v.E; ``normed`` is v.diag(gamma).E, v through the final norm's gain
+(and centring, for LayerNorm), what the model does to a direction before the unembedding. Residuals: the logit lens
 final_norm(x).E. Products go in chunks of memories and, for top-token lists, of the vocabulary; work is in float32
-(float64 for a float64 model; 16-bit weights are widened first). Top-token lists read only the best blocks of each
-row of logits, and equal the whole row's topk byte for byte (``_screened_top``).
+(float64 for a float64 model; 16-bit weights are widened first). Top-token lists read only the best blocks of each row
+of logits, and equal the whole row's topk byte for byte (``_screened_top``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def unembedding(parts: ModelParts, dtype: torch.dtype | None = None) -> torch.Te
 
 def value_vectors(parts: ModelParts, layer: int, keys: torch.Tensor | list[int] | None = None, *,
                   normed: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """v_i of ``keys`` (default: all) as rows [n, d_model]; through the final norm's gain with ``normed``."""
+    """v_i of ``keys`` (default: all) as the model adds them (``ModelParts.as_added``), rows [n, d_model]; through
+    the final norm's gain with ``normed``."""
     v = parts.values(layer).detach()
     if keys is not None:
         v = v[torch.as_tensor(keys, dtype=torch.long, device=v.device)]
-    v = v.to(dtype or work_dtype(v.dtype))
+    v = parts.as_added(layer, v.to(dtype or work_dtype(v.dtype)))
     return parts.through_final_norm(v) if normed else v
 
 
@@ -179,9 +181,16 @@ def value_extremes(parts: ModelParts, layer: int, chunk: int = MEMORY_CHUNK) -> 
     return torch.cat(pos), torch.cat(neg)
 
 
+def soft_cap(parts: ModelParts, logits: torch.Tensor) -> torch.Tensor:
+    """The model's logit soft-capping c * tanh(z / c), where its config sets one (``ModelParts.logit_softcap``)."""
+    cap = parts.logit_softcap
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def logit_lens(parts: ModelParts, hidden: torch.Tensor) -> torch.Tensor:
-    """Residual-stream states -> vocabulary logits through the final norm (the logit lens), in the model's dtype."""
-    return parts.final_norm(hidden) @ parts.unembedding.T
+    """Residual-stream states -> vocabulary logits through the final norm (the logit lens), in the model's dtype,
+    soft-capped as the model caps its own."""
+    return soft_cap(parts, parts.final_norm(hidden) @ parts.unembedding.T)
 
 
 class ResidualLens:
@@ -210,11 +219,14 @@ class ResidualLens:
 
     def logits(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         out = projected * k
-        return out if self.beta_logits is None else out + self.beta_logits
+        return soft_cap(self.parts, out if self.beta_logits is None else out + self.beta_logits)
 
     def top(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """argmax of the logits; without a norm bias the positive scale k cannot change it."""
-        return projected.argmax(dim=1) if self.beta_logits is None else self.logits(projected, k).argmax(dim=1)
+        """argmax of the logits; without a norm bias the positive scale k cannot change it (nor can the
+        monotone soft cap)."""
+        if self.beta_logits is None:
+            return projected.argmax(dim=1)
+        return (projected * k + self.beta_logits).argmax(dim=1)
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parts.final_norm(x).to(self.dtype) @ self.unembed_t
+        return soft_cap(self.parts, self.parts.final_norm(x).to(self.dtype) @ self.unembed_t)

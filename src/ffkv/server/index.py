@@ -3,11 +3,11 @@
 Two searches, both answered from data prepared once:
 
 * ``promotes=TOKEN`` -- memories whose value promotes a token. For every scanned layer, memory and face, the
-  exact top-``PROMOTE_DEPTH`` tokens of the raw projection ``v.E`` over the full vocabulary are computed once from
-  the weights (one chunked matmul per layer); through the final norm, the atlas's stored top tokens are used. Both
-  are stored inverted: token -> (memory face, rank, logit). Ranks are exact: rank r means r tokens have a larger
-  logit in that face's projection (0 = the value's top token). Memories where the token ranks below the depth
-  are not listed: their value does not promote it in any useful sense.
+  exact top-``PROMOTE_DEPTH`` tokens of the raw projection ``v.E`` over the full vocabulary (v as the model adds it,
+  ``projection.value_vectors``) are computed once from the weights (one chunked matmul per layer); through the final
+  norm, the atlas's stored top tokens are used. Both are stored inverted: token -> (memory face, rank, logit). Ranks are
+  exact: rank r means r tokens have a larger logit in that face's projection (0 = the value's top token). Memories where
+  the token ranks below the depth are not listed: their value does not promote it in any useful sense.
 * ``text=PHRASE`` -- memories whose trigger prefixes contain a word or phrase. An SQLite FTS5 table holds the
   text of every corpus unit that holds at least one trigger, with the character offset where each token's
   prefix ends. A query finds the matching units (FTS5 phrase query), locates the phrase in each (a regex that
