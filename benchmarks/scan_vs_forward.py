@@ -25,7 +25,7 @@ import torch
 from ffkv.capture import Capture
 from ffkv.corpus import build_token_store, load_corpus
 from ffkv.models import load_model
-from ffkv.projection import VOCAB_CHUNK, product_rows, project_values, unembedding, value_vectors
+from ffkv.projection import VOCAB_CHUNK, ProductBuffer, product_rows, project_values, unembedding, value_vectors
 from ffkv.scan import Streamer, make_batch, plan_batches, select_units
 from ffkv.topk import LayerState
 
@@ -75,28 +75,31 @@ def _status_kb(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
 
-def measured(fn, *args) -> tuple[float, float]:
-    """(seconds, MB of resident memory above the start at the peak) of ``fn(*args)``; Linux resets the peak (VmHWM)
-    when 5 is written to /proc/self/clear_refs."""
+def measured(fn, *args) -> tuple[float, float, int]:
+    """(seconds, MB of resident memory above the start at the peak, minor page faults) of ``fn(*args)``; Linux
+    resets the peak (VmHWM) when 5 is written to /proc/self/clear_refs."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kb("VmRSS")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = time.perf_counter()
     fn(*args)
     seconds = time.perf_counter() - t
-    return seconds, (_status_kb("VmHWM") - before) / 1024
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return seconds, (_status_kb("VmHWM") - before) / 1024, faults
 
 
 @torch.inference_mode()
 def matmul_floor(parts, layer: int) -> None:
     """The products ``project_values`` makes (same chunks and shapes), results dropped: its lower bound."""
     e = unembedding(parts, torch.float32)
+    buffer = ProductBuffer()
     for normed in (False, True):
         values = value_vectors(parts, layer, normed=normed, dtype=torch.float32)
         rows = product_rows(values.shape[0], e.shape[0], values.device)
         for start in range(0, values.shape[0], rows):
             for col in range(0, e.shape[0], VOCAB_CHUNK):
-                values[start: start + rows] @ e[col: col + VOCAB_CHUNK].T
+                buffer.product(values[start: start + rows], e[col: col + VOCAB_CHUNK].T)
 
 
 def projection_costs(model, layers: list[int], value_top: int) -> None:
@@ -104,13 +107,13 @@ def projection_costs(model, layers: list[int], value_top: int) -> None:
     vocab = parts.unembedding.shape[0]
     print(f"value lists per layer: {parts.d_ff} memories x {vocab} tokens, raw and normed, top {value_top} of "
           f"both faces, vocabulary chunks of {VOCAB_CHUNK}")
-    print("  layer   floor s  lists s  lists/floor  floor peak MB  lists peak MB")
+    print("  layer   floor s  lists s  lists/floor  floor peak MB  lists peak MB  lists page faults")
     matmul_floor(parts, layers[0])  # warm-up
     for layer in layers:
-        floor_s, floor_mb = measured(matmul_floor, parts, layer)
-        lists_s, lists_mb = measured(project_values, parts, layer, value_top)
+        floor_s, floor_mb, _ = measured(matmul_floor, parts, layer)
+        lists_s, lists_mb, faults = measured(project_values, parts, layer, value_top)
         print(f"  {layer:>5}  {floor_s:8.2f} {lists_s:8.2f}  {lists_s / floor_s:11.2f}  {floor_mb:13.0f}  "
-              f"{lists_mb:13.0f}")
+              f"{lists_mb:13.0f}  {faults:17d}")
 
 
 def main() -> None:

@@ -114,16 +114,35 @@ def _faces_top(logits: torch.Tensor, n: int) -> dict[str, tuple[torch.Tensor, to
     return {"pos": (pos_ids, pos_vals), "neg": (neg_ids, neg_vals)}
 
 
-def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int,
-                   vocab_chunk: int = VOCAB_CHUNK) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+class ProductBuffer:
+    """One reused block of memory for the products of ``top_both_faces``. A fresh product of a 262k vocabulary
+    chunk is hundreds of MiB, which the allocator maps anew, and the kernel faults in page by page, every time
+    (tens of millions of page faults over one atlas); written into this block, the pages stay mapped."""
+
+    def __init__(self):
+        self._flat: torch.Tensor | None = None
+
+    def product(self, a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+        """a @ b_t as a contiguous [rows, cols] tensor in the buffer, valid until the next call."""
+        size = a.shape[0] * b_t.shape[1]
+        flat = self._flat
+        if flat is None or flat.numel() < size or flat.dtype != a.dtype or flat.device != a.device:
+            flat = self._flat = None  # free the old block first
+            flat = self._flat = torch.empty(size, dtype=a.dtype, device=a.device)
+        return torch.mm(a, b_t, out=flat[:size].view(a.shape[0], b_t.shape[1]))
+
+
+def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int, vocab_chunk: int = VOCAB_CHUNK,
+                   buffer: ProductBuffer | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Top ``n`` tokens of ``vectors @ e.T`` for each face: {'pos': (ids, logits), 'neg': (ids, logits)}, where
     the negative face's logits are those of -v (so both lists are best first). One product per vocabulary chunk
-    serves both faces."""
+    serves both faces; ``buffer`` holds the products (pass one to reuse it across calls)."""
     vocab = e.shape[0]
     n = min(n, vocab)
+    buffer = buffer or ProductBuffer()
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"pos": [], "neg": []}
     for start in range(0, vocab, vocab_chunk):
-        logits = vectors @ e[start: start + vocab_chunk].T
+        logits = buffer.product(vectors, e[start: start + vocab_chunk].T)
         for face, (ids, vals) in _faces_top(logits, n).items():
             found[face].append((ids + start, vals))
     out = {}
@@ -153,11 +172,12 @@ def project_values(parts: ModelParts, layer: int, n_top: int, chunk: int | None 
     values = value_vectors(parts, layer, dtype=torch.float32)
     e = unembedding(parts, torch.float32)
     chunk = chunk or product_rows(values.shape[0], e.shape[0], values.device)
+    buffer = ProductBuffer()
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, values.shape[0], chunk):
         v = values[start: start + chunk]
         for kind, vecs in (("raw", v), ("normed", parts.through_final_norm(v))):
-            for face, (ids, logits) in top_both_faces(vecs, e, n_top).items():
+            for face, (ids, logits) in top_both_faces(vecs, e, n_top, buffer=buffer).items():
                 out.setdefault(f"value_{kind}_{face}_ids", []).append(ids.to(torch.int32))
                 out.setdefault(f"value_{kind}_{face}_logits", []).append(logits)
     return {k: torch.cat(v).cpu().contiguous() for k, v in out.items()}

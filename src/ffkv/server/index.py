@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..atlas import FACES, scan_id
 from ..embedded import ffkv_home
 from ..errors import FfkvError
-from ..projection import KINDS, MEMORY_CHUNK, top_both_faces, unembedding, value_vectors
+from ..projection import KINDS, MEMORY_CHUNK, ProductBuffer, top_both_faces, unembedding, value_vectors
 
 INDEX_FORMAT = "ffkv-search/2"
 INDEX_NAME = "search.sqlite"
@@ -104,6 +104,7 @@ def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndar
     stored = int(atlas.manifest["scan"].get("value_top", 0))
     d_ff = atlas.d_ff
     faces = [(FACES.index(f), f) for f in atlas.faces]
+    buffer = ProductBuffer()
     acc: dict[str, dict[str, list[np.ndarray]]] = {p: {"tok": [], "code": [], "rank": [], "logit": []}
                                                     for p in PROJECTIONS}
 
@@ -128,7 +129,7 @@ def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndar
             values = value_vectors(parts, layer, dtype=torch.float32)
             for start in range(0, d_ff, MEMORY_CHUNK):
                 # the logit each face adds: v.E for +v, -(v.E) for -v (the atlas's convention too)
-                tops = top_both_faces(values[start: start + MEMORY_CHUNK], unembed, depth)
+                tops = top_both_faces(values[start: start + MEMORY_CHUNK], unembed, depth, buffer=buffer)
                 for fi, face in faces:
                     ids, logits = tops[face]
                     add(projection, li, start, fi, ids.cpu().numpy(), logits.cpu().numpy())
