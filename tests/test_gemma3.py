@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model
@@ -161,3 +163,58 @@ def test_gemma3_270m_loads_from_its_cached_copy(tmp_path, monkeypatch, tokenizer
     assert loaded.parts.spec.post_ffn_norm == "post_feedforward_layernorm"
     with pytest.raises(FfkvError, match="'default' or 'gemma3-270m'"):
         ffkv.load_model("gemma3-270M")
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_scan_against_plain_forwards(tmp_path):
+    """The real embedded Gemma 3 270M (fetched and converted on first use) on a small corpus slice, one layer:
+    the top-1 triggers are the extremes of lone forwards, the value lists are the top of (gain * v_i).E, what the
+    FFN adds is the shared scale times sum_i m_i (gain * v_i), and the logit lens is the model's own logits."""
+    from conftest import DOCUMENTS
+    from helpers import brute_force_coefficients
+
+    loaded = ffkv.load_model("gemma3-270m")
+    parts = loaded.parts
+    assert (parts.n_layers, parts.d_ff, parts.d_model, parts.unembedding.shape[0]) == (18, 2048, 640, 262144)
+    assert parts.logit_softcap is None and parts.spec.activation == "gelu_pytorch_tanh"
+    layer = 9
+    corpus = tmp_path / "slice.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in DOCUMENTS[:6]) + "\n")
+    config = ffkv.ScanConfig(model="gemma3-270m", corpus=str(corpus), layers=str(layer), top_k=3, value_top=5)
+    atlas = ffkv.scan(loaded, str(corpus), tmp_path / "atlas", config, progress=False)
+    units = np.load(atlas.path / "scanned_units.npy")
+    coefficients, positions = brute_force_coefficients(loaded, atlas.store, units, [layer])
+    c = coefficients[layer].to(torch.float32)
+    t = atlas.layer_tensors(layer)
+    for face, extreme in (("pos", c.max(0)), ("neg", c.min(0))):
+        torch.testing.assert_close(t[f"{face}_scores"][:, 0], extreme.values, rtol=1e-4, atol=1e-4)
+        ordered = c.sort(0, descending=face == "pos").values
+        clear = (ordered[0] - ordered[1]).abs() > 1e-4 * ordered[0].abs() + 1e-4
+        assert clear.float().mean() > 0.9
+        assert torch.equal(t[f"{face}_positions"][clear, 0], positions[extreme.indices][clear])
+    keys = [0, 1000, 2047]
+    with torch.inference_mode():
+        gain = 1 + parts.blocks[layer].post_feedforward_layernorm.weight.detach().double()
+        logits = (parts.values(layer).detach().double()[keys] * gain) @ parts.unembedding.detach().double().T
+    for face, signed in (("pos", logits), ("neg", -logits)):
+        assert torch.equal(t[f"value_raw_{face}_ids"][keys].long(), signed.topk(5).indices)
+
+    seen = {}
+    hooks = [parts.ffn_out(layer).register_forward_hook(lambda _m, a, out: seen.__setitem__("m", (a[0], out))),
+             parts.ffn_added(layer).register_forward_hook(lambda _m, a, out: seen.__setitem__("o", out)),
+             parts.final_norm.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0]))]
+    try:
+        with torch.inference_mode():
+            model_logits = loaded.model(input_ids=torch.from_numpy(atlas.store.unit_tokens(0).astype(np.int64))[None],
+                                        use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    (m, y), o = seen["m"], seen["o"]
+    with torch.inference_mode():
+        rebuilt = parts.added_scale(layer, y) * (m @ parts.added_values(layer))
+        assert float((rebuilt - o).norm() / o.norm()) < 1e-5
+        raw = m @ parts.values(layer).detach()  # the weights' values with the best scale per position: far off
+        best = (raw * o).sum(-1, keepdim=True) / (raw * raw).sum(-1, keepdim=True)
+        assert float((best * raw - o).norm() / o.norm()) > 0.1
+        torch.testing.assert_close(logit_lens(parts, seen["x"]), model_logits, rtol=1e-5, atol=1e-4)
