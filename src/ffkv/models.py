@@ -155,12 +155,11 @@ class EmbeddedModel:
     directory: str
     """Name of the cached copy under $FFKV_HOME/models."""
     gguf: embedded.EmbeddedAsset | embedded.SplitAsset
-    description: str
 
 
 EMBEDDED_MODELS = {
-    "default": EmbeddedModel("smollm2-135m-instruct", embedded.SMOLLM2, "SmolLM2-135M-Instruct, Q4_1, 30 layers"),
-    "gemma3-270m": EmbeddedModel("gemma3-270m", embedded.GEMMA3_270M, "Gemma 3 270M, Q4_K_M, 18 layers"),
+    "default": EmbeddedModel("smollm2-135m-instruct", embedded.SMOLLM2),  # SmolLM2-135M-Instruct, Q4_1
+    "gemma3-270m": EmbeddedModel("gemma3-270m", embedded.GEMMA3_270M),  # Gemma 3 270M (base), Q4_K_M
 }
 """--model names of the embedded models."""
 
