@@ -4,7 +4,11 @@ batches (interleaved rounds, so machine noise hits both alike). Prints the ratio
 Then, in fresh subprocesses, the peak resident memory of whole scans at growing token budgets: it must
 stay flat (the scan's state is layers x d_ff x k, independent of the corpus).
 
-    python benchmarks/scan_vs_forward.py [--model default] [--tokens 6000] [--rounds 3]
+Then, per layer, what the atlas's value lists cost (``projection.project_values``: both projections, both faces,
+top ``--value-top`` tokens, in vocabulary chunks) against the matmul floor (the same products, nothing kept), with
+the peak resident memory each adds: with a 262k vocabulary (Gemma 3) this is most of an atlas's writing time.
+
+    python benchmarks/scan_vs_forward.py [--model default] [--tokens 6000] [--rounds 3] [--projection-layers 0,9]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from ffkv.capture import Capture
 from ffkv.corpus import build_token_store, load_corpus
 from ffkv.models import load_model
+from ffkv.projection import VOCAB_CHUNK, ProductBuffer, product_rows, project_values, unembedding, value_vectors
 from ffkv.scan import Streamer, make_batch, plan_batches, select_units
 from ffkv.topk import LayerState
 
@@ -66,6 +71,51 @@ def peak_rss_mb(model: str, budget: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_kb(field: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def measured(fn, *args) -> tuple[float, float, int]:
+    """(seconds, MB of resident memory above the start at the peak, minor page faults) of ``fn(*args)``; Linux
+    resets the peak (VmHWM) when 5 is written to /proc/self/clear_refs."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = time.perf_counter()
+    fn(*args)
+    seconds = time.perf_counter() - t
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return seconds, (_status_kb("VmHWM") - before) / 1024, faults
+
+
+@torch.inference_mode()
+def matmul_floor(parts, layer: int) -> None:
+    """The products ``project_values`` makes (same chunks and shapes), results dropped: its lower bound."""
+    e = unembedding(parts, torch.float32)
+    buffer = ProductBuffer()
+    for normed in (False, True):
+        values = value_vectors(parts, layer, normed=normed, dtype=torch.float32)
+        rows = product_rows(values.shape[0], e.shape[0], values.device)
+        for start in range(0, values.shape[0], rows):
+            for col in range(0, e.shape[0], VOCAB_CHUNK):
+                buffer.product(values[start: start + rows], e[col: col + VOCAB_CHUNK].T)
+
+
+def projection_costs(model, layers: list[int], value_top: int) -> None:
+    parts = model.parts
+    vocab = parts.unembedding.shape[0]
+    print(f"value lists per layer: {parts.d_ff} memories x {vocab} tokens, raw and normed, top {value_top} of "
+          f"both faces, vocabulary chunks of {VOCAB_CHUNK}")
+    print("  layer   floor s  lists s  lists/floor  floor peak MB  lists peak MB  lists page faults")
+    matmul_floor(parts, layers[0])  # warm-up
+    for layer in layers:
+        floor_s, floor_mb, _ = measured(matmul_floor, parts, layer)
+        lists_s, lists_mb, faults = measured(project_values, parts, layer, value_top)
+        print(f"  {layer:>5}  {floor_s:8.2f} {lists_s:8.2f}  {lists_s / floor_s:11.2f}  {floor_mb:13.0f}  "
+              f"{lists_mb:13.0f}  {faults:17d}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
@@ -75,9 +125,17 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--memory-budgets", default="8000,32000",
                     help="token budgets for the peak-memory check ('' to skip)")
+    ap.add_argument("--projection-layers", default="0",
+                    help="layers whose value lists are timed against the matmul floor ('' to skip)")
+    ap.add_argument("--value-top", type=int, default=20)
+    ap.add_argument("--no-scan", action="store_true", help="skip the scan throughput and memory checks")
     args = ap.parse_args()
 
     model = load_model(args.model)
+    if args.projection_layers:
+        projection_costs(model, [int(x) for x in args.projection_layers.split(",")], args.value_top)
+    if args.no_scan:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         store = build_token_store(load_corpus("default"), model.tokenizer, "sentence", 256, tmp)
         units = select_units(store, args.tokens, seed=0)

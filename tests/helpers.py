@@ -112,3 +112,16 @@ def build_saved_model(arch: str, tokenizers, directory, edit=None, seed: int = 0
     model.save_pretrained(directory)
     tokenizers["bos" if arch in BOS_ARCHS else "plain"].save_pretrained(directory)
     return ffkv.load_model(str(directory), dtype="float64")
+
+
+def randomise_norm_gains(model: torch.nn.Module, seed: int) -> None:
+    """Every norm weight random in [0.5, 1.5) (biases random too): Gemma's norms start at gain 1 (weight 0), which
+    would make a post-FFN norm's gain, and any mistake about it, invisible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name or "layer_norm" in name:
+                if name.endswith("weight"):
+                    p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import D_FF, HIDDEN, N_LAYERS, UNSUPPORTED, build_tiny_model, tiny_config
-from helpers import ACTIVATIONS, activation_name, capture_coefficients, linear
+from helpers import ACTIVATIONS, activation_name, capture_coefficients, linear, randomise_norm_gains
 
 import ffkv
 from ffkv.arch import ARCHITECTURES, ModelParts, get_path
@@ -134,6 +134,52 @@ def test_ffn_output_is_sum_of_coefficient_weighted_values(arch, tiny_model):
             single = parts.ffn_out(layer)(m_one)
             expected = m[..., i, None] * v[i] + (0 if bias is None else bias)
             torch.testing.assert_close(single, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_values_as_added_rebuild_what_the_ffn_adds_to_the_residual(arch):
+    """sum_i m_i a_i (a_i = ``as_added`` of v_i) times the example's shared scale (+ the output bias) is exactly
+    what the layer adds to the residual stream; the scale is 1 and a_i = v_i but after a post-FFN norm."""
+    model = build_tiny_model(arch, seed=5).to(torch.float64)
+    randomise_norm_gains(model, seed=6)
+    parts = ModelParts(model)
+    seen = {}
+    handles = []
+    for layer in range(parts.n_layers):
+        handles.append(parts.ffn_out(layer).register_forward_hook(
+            lambda _m, args, out, layer=layer: seen.__setitem__((layer, "m"), (args[0].detach(), out.detach()))))
+        handles.append(parts.ffn_added(layer).register_forward_hook(
+            lambda _m, args, out, layer=layer: seen.__setitem__((layer, "added"), out.detach())))
+    try:
+        with torch.inference_mode():
+            model(input_ids=_random_ids(seed=7), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    post_norm = parts.spec.post_ffn_norm is not None
+    assert post_norm == (arch == "gemma3_text")
+    for layer in range(parts.n_layers):
+        (m, y), added = seen[(layer, "m")], seen[(layer, "added")]
+        with torch.inference_mode():
+            a = parts.added_values(layer)
+            bias = parts.ffn_out_bias(layer)
+            scale = parts.added_scale(layer, y)
+            rebuilt = scale * (m @ a) + (0 if bias is None else bias)
+        assert tuple(a.shape) == (D_FF, HIDDEN)
+        assert (scale > 0).all()
+        if not post_norm:
+            assert torch.equal(a, parts.values(layer)) and (scale == 1).all()
+            torch.testing.assert_close(rebuilt, added, rtol=1e-10, atol=1e-12)
+            continue
+        assert bias is None  # a bias before the norm would be scaled with the memories; no such model here
+        # Gemma's RMSNorm computes in float32, hence the tolerance; the scale is 1 / rms(y), one per example
+        torch.testing.assert_close(rebuilt, added, rtol=1e-6, atol=1e-6)
+        rms = y.pow(2).mean(-1, keepdim=True).sqrt()
+        torch.testing.assert_close(scale, 1 / rms, rtol=1e-5, atol=0)
+        # the raw values, with the best shared scale per example, do not rebuild it: the gain matters
+        raw = m @ parts.values(layer).detach()
+        best = (raw * added).sum(-1, keepdim=True) / (raw * raw).sum(-1, keepdim=True)
+        assert (best * raw - added).abs().max() > 1e-2 * added.abs().max()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

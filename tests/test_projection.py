@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model
+from helpers import randomise_norm_gains
 
 from ffkv.arch import ModelParts
 from ffkv.projection import (
     PRODUCT_LOGITS,
+    ProductBuffer,
     _faces_top,
     face_top_tokens,
     product_rows,
@@ -43,10 +45,13 @@ def test_vocabulary_chunks_give_the_top_of_the_whole_product(vocab_chunk):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
 def test_value_lists_equal_brute_force(arch):
     model = build_tiny_model(arch)
+    randomise_norm_gains(model, seed=1)  # Gemma 3's post-FFN norm scales every value by its gain
     parts = ModelParts(model)
     layer, n = parts.n_layers - 1, 5
     with torch.inference_mode():
         values = parts.values(layer).detach().double()
+        if arch == "gemma3_text":
+            values = values * (1 + parts.blocks[layer].post_feedforward_layernorm.weight.detach().double())
         e = model.get_output_embeddings().weight.detach().double()
         raw = values @ e.T
         normed = parts.through_final_norm(values) @ e.T
@@ -123,3 +128,22 @@ def test_product_rows_split_a_layer_evenly_within_the_memory_cap():
     assert product_rows(6912, 262144, cpu) * 65536 <= PRODUCT_LOGITS  # per vocabulary chunk
     assert product_rows(64, 100, cpu) == 64 and product_rows(0, 100, cpu) == 1
     assert product_rows(1536, 49152, torch.device("meta")) == 256  # off the CPU: the chunk the atlas always used
+
+
+def test_a_reused_product_buffer_changes_no_result():
+    """Products of several sizes through one buffer (growing, shrinking, a ragged last vocabulary chunk) give the
+    lists of fresh products, and no returned list is a view of the buffer (a later product leaves it unchanged)."""
+    g = torch.Generator().manual_seed(11)
+    e = torch.randn(1000, 16, generator=g)
+    buffer = ProductBuffer()
+    kept = []
+    for rows, chunk in ((3, 300), (40, 1000), (7, 128), (40, 97)):
+        vectors = torch.randn(rows, 16, generator=g)
+        got = top_both_faces(vectors, e, 9, vocab_chunk=chunk, buffer=buffer)
+        want = top_both_faces(vectors, e, 9, vocab_chunk=chunk)
+        for face in ("pos", "neg"):
+            assert torch.equal(got[face][0], want[face][0]) and torch.equal(got[face][1], want[face][1])
+        kept.append((got, {f: tuple(t.clone() for t in got[f]) for f in got}))
+    for got, copy in kept:
+        for face in ("pos", "neg"):
+            assert torch.equal(got[face][0], copy[face][0]) and torch.equal(got[face][1], copy[face][1])

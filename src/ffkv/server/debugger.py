@@ -1,11 +1,12 @@
 """The prompt debugger of `ffkv serve`: one forward pass with every layer's memories exposed, interventions on
 memory coefficients, and greedy generation under the same interventions.
 
-At the last prompt position, per layer: the coefficients m, the FFN output o, the block output h and the residual
-before the FFN r = h - o, as ``capture`` defines them; the contribution of memory i is |m_i| * ||v_i||, the norm of
-what it adds to the FFN output. r, o and h are read through the logit lens (``projection.logit_lens``), so h of the
-last layer gives the model's own next-token ranking. Interventions are ``capture.Intervention``s; callers serialise
-calls (one model).
+At the last prompt position, per layer: the coefficients m, the FFN output o, the block output h and the residual before
+the FFN r = h - o, as ``capture`` defines them; the contribution of memory i is the norm of what it adds to the residual
+stream, |m_i| * ||a_i|| * s with a_i its value as added and s the scale the example's memories share
+(``ModelParts.as_added``, ``added_scale``: ||v_i|| and 1 but for Gemma 3's post-FFN norm). r, o and h are read through
+the logit lens (``projection.logit_lens``), so h of the last layer gives the model's own next-token ranking.
+Interventions are ``capture.Intervention``s; callers serialise calls (one model).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..arch import ModelParts
 from ..capture import Capture, Intervention, check_interventions
 from ..projection import logit_lens
 
-__all__ = ["Intervention", "check_interventions", "generate", "run_prompt"]
+__all__ = ["Intervention", "added_value_norms", "check_interventions", "generate", "run_prompt"]
 
 
 def _top(logits: torch.Tensor, k: int, token_texts: list[str]) -> list[dict]:
@@ -32,12 +33,19 @@ def _top(logits: torch.Tensor, k: int, token_texts: list[str]) -> list[dict]:
 
 
 @torch.inference_mode()
+def added_value_norms(parts: ModelParts) -> torch.Tensor:
+    """||a_i|| of every memory, [layers, d_ff] float32 on the CPU: the norms of the values as the model adds them."""
+    return torch.stack([parts.added_values(layer).float().norm(dim=1) for layer in range(parts.n_layers)]).cpu()
+
+
+@torch.inference_mode()
 def run_prompt(model: nn.Module, parts: ModelParts, input_ids: torch.Tensor, interventions: list[Intervention],
                top: int, value_norms: torch.Tensor, token_texts: list[str],
                memory_info: Callable[[int, int, float], dict]) -> dict:
     """One forward pass under ``interventions``; per layer the top memories by contribution and the logit lens
     of the residual before the FFN, the FFN output and their sum; the model's next-token distribution.
-    ``memory_info(layer, key, coefficient)`` adds what is known of a memory (its top tokens, extremes)."""
+    ``value_norms``: ``added_value_norms(parts)``. ``memory_info(layer, key, coefficient)`` adds what is known of
+    a memory (its top tokens, extremes)."""
     device = next(model.parameters()).device
     n = parts.n_layers
     with Capture(parts, range(n), ffn_output=True, block_output=True, interventions=interventions,
@@ -54,8 +62,10 @@ def run_prompt(model: nn.Module, parts: ModelParts, input_ids: torch.Tensor, int
         intervened.setdefault(iv.layer, set()).add(iv.key)
     layers = []
     for layer in range(n):
+        values = parts.values(layer)
+        scale = float(parts.added_scale(layer, capture.m[layer][0].to(values.dtype) @ values))
         m = capture.m[layer][0].float().cpu()
-        contribution = m.abs() * value_norms[layer]
+        contribution = m.abs() * value_norms[layer] * scale
         top_keys = contribution.topk(min(top, len(m))).indices.tolist()
         extra = [k for k in sorted(intervened.get(layer, {})) if k not in top_keys]
         memories = []

@@ -3,11 +3,11 @@
 Two searches, both answered from data prepared once:
 
 * ``promotes=TOKEN`` -- memories whose value promotes a token. For every scanned layer, memory and face, the
-  exact top-``PROMOTE_DEPTH`` tokens of the raw projection ``v.E`` over the full vocabulary are computed once from
-  the weights (one chunked matmul per layer); through the final norm, the atlas's stored top tokens are used. Both
-  are stored inverted: token -> (memory face, rank, logit). Ranks are exact: rank r means r tokens have a larger
-  logit in that face's projection (0 = the value's top token). Memories where the token ranks below the depth
-  are not listed: their value does not promote it in any useful sense.
+  exact top-``PROMOTE_DEPTH`` tokens of the raw projection ``v.E`` over the full vocabulary (v as the model adds it,
+  ``projection.value_vectors``) are computed once from the weights (one chunked matmul per layer); through the final
+  norm, the atlas's stored top tokens are used. Both are stored inverted: token -> (memory face, rank, logit). Ranks are
+  exact: rank r means r tokens have a larger logit in that face's projection (0 = the value's top token). Memories where
+  the token ranks below the depth are not listed: their value does not promote it in any useful sense.
 * ``text=PHRASE`` -- memories whose trigger prefixes contain a word or phrase. An SQLite FTS5 table holds the
   text of every corpus unit that holds at least one trigger, with the character offset where each token's
   prefix ends. A query finds the matching units (FTS5 phrase query), locates the phrase in each (a regex that
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..atlas import FACES, scan_id
 from ..embedded import ffkv_home
 from ..errors import FfkvError
-from ..projection import KINDS, MEMORY_CHUNK, top_both_faces, unembedding, value_vectors
+from ..projection import KINDS, MEMORY_CHUNK, ProductBuffer, top_both_faces, unembedding, value_vectors
 
 INDEX_FORMAT = "ffkv-search/2"
 INDEX_NAME = "search.sqlite"
@@ -104,6 +104,7 @@ def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndar
     stored = int(atlas.manifest["scan"].get("value_top", 0))
     d_ff = atlas.d_ff
     faces = [(FACES.index(f), f) for f in atlas.faces]
+    buffer = ProductBuffer()
     acc: dict[str, dict[str, list[np.ndarray]]] = {p: {"tok": [], "code": [], "rank": [], "logit": []}
                                                     for p in PROJECTIONS}
 
@@ -128,7 +129,7 @@ def _promote_tables(atlas, parts, progress: bool) -> dict[str, dict[str, np.ndar
             values = value_vectors(parts, layer, dtype=torch.float32)
             for start in range(0, d_ff, MEMORY_CHUNK):
                 # the logit each face adds: v.E for +v, -(v.E) for -v (the atlas's convention too)
-                tops = top_both_faces(values[start: start + MEMORY_CHUNK], unembed, depth)
+                tops = top_both_faces(values[start: start + MEMORY_CHUNK], unembed, depth, buffer=buffer)
                 for fi, face in faces:
                     ids, logits = tops[face]
                     add(projection, li, start, fi, ids.cpu().numpy(), logits.cpu().numpy())

@@ -250,9 +250,7 @@ class Service:
         self.index = SearchIndex(self.atlas, self.parts, self.token_texts,
                                  path=Path(index_path) if index_path else None, progress=progress)
         self._unit_values: dict[int, torch.Tensor] = {}
-        with torch.inference_mode():
-            self.value_norms = torch.stack([self.parts.values(layer).detach().float().norm(dim=1)
-                                            for layer in range(self.parts.n_layers)]).cpu()
+        self.value_norms = debugger.added_value_norms(self.parts)
         self._overview = self._make_overview()
         self.explanations = ExplanationFiles(self.atlas)
         self.explanations.get()  # read once now: the first page does not wait for it
@@ -316,7 +314,7 @@ class Service:
         u = self._unit_values.get(layer)
         if u is None:
             with torch.inference_mode():
-                u = torch.nn.functional.normalize(self.parts.values(layer).detach().float(), dim=1).cpu()
+                u = torch.nn.functional.normalize(self.parts.added_values(layer).float(), dim=1).cpu()
             self._unit_values[layer] = u
         return u
 
