@@ -23,9 +23,10 @@ from .data import ReportInputs, load_inputs, load_paper_reference
 from .figures import Figure, build_figures
 from .html import TriggerSplitter, page, table1, table2, table_best
 
-FIGURE_IDS = ("fig2", "explain", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11")
+FIGURE_IDS = ("fig2", "explain", "fig3", "fig4", "fig5", "fig6", "causal", "fig7", "fig8", "fig9", "fig10", "fig11")
 """Figure ids, also the html ids and the names `ffkv.report.screenshot --figure` takes (plus table1, table2 and
-best, the best-explained memories). ``explain`` (Fig E1, the explanation scores) is not a figure of the paper."""
+best, the best-explained memories). ``explain`` (Fig E1, the explanation scores) and ``causal`` (Fig C1, the causal
+check of the values) are not figures of the paper."""
 
 
 def plotly_js() -> str:
