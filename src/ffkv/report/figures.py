@@ -931,15 +931,19 @@ def fig_causal(inp: ReportInputs) -> Figure:
     return fig
 
 
+def _span(ci) -> str:
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ok else "[n/a]"
+
+
 def _role_clause(s: dict, role: str, word: str) -> str:
     n = s.get(f"n_{role}")
     if not n:
         return f"no {word} memories were found"
-    ci = s.get(f"{role}_delta_ci") or [None, None]
-    exceeds = s.get(f"{role}_exceeds_control")
-    return (f"switching off {word} memories changes it by {_nats(s.get(f'{role}_delta'))} (95% interval "
-            f"{_nats(ci[0])} to {_nats(ci[1])}, n = {n:.0f}) against {_nats(s.get(f'{role}_control_delta'))} for "
-            f"their controls, |Δ| above the control's for {pct(exceeds)}")
+    return (f"switching off {word} memories changes log p of the next token by {_nats(s.get(f'{role}_delta'))} "
+            f"{_span(s.get(f'{role}_delta_ci'))} (n = {n:.0f}), their controls by "
+            f"{_nats(s.get(f'{role}_control_delta'))} {_span(s.get(f'{role}_control_delta_ci'))}, with |Δ| above "
+            f"the control's for {pct(s.get(f'{role}_exceeds_control'))}")
 
 
 def _separated(s: dict, role: str) -> bool | None:
@@ -966,14 +970,16 @@ def _causal_verdict(per_face) -> Verdict:
     status = "yes" if all(held) else "partly" if any(held) else "no"
     word = {"yes": "Confirmed", "partly": "Partly confirmed", "no": "Not confirmed"}[status]
     text = (f"{word}: over all layers, {_role_clause(s, 'agree', 'agreeing')}; "
-            f"{_role_clause(s, 'suppress', 'suppressing')}")
+            f"{_role_clause(s, 'suppress', 'suppressing')} (paper: not tested, it reads values from correlations "
+            "only; expected if values do what their projection says: agreeing memories below 0 and below their "
+            "controls, suppressing ones above both, 95% intervals apart)")
     n = per_face.get("neg", {}).get("all_layers") if face == "pos" else None
     if isinstance(n, dict) and (n.get("n_agree") or n.get("n_suppress")):
-        text += (f"; on the negative face agreeing memories give {_nats(n.get('agree_delta'))} (controls "
-                 f"{_nats(n.get('agree_control_delta'))}) and suppressing ones {_nats(n.get('suppress_delta'))} "
-                 f"(controls {_nats(n.get('suppress_control_delta'))})")
-    return Verdict(status, text + " (expected: agreeing memories below 0 and their controls, suppressing ones above "
-                   "both, 95% intervals apart).")
+        text += _face_clause("negative face", f"agreeing memories give {_nats(n.get('agree_delta'))} (controls "
+                                              f"{_nats(n.get('agree_control_delta'))}) and suppressing ones "
+                                              f"{_nats(n.get('suppress_delta'))} (controls "
+                                              f"{_nats(n.get('suppress_control_delta'))})")
+    return Verdict(status, text + ".")
 
 
 # -- §5 aggregation --------------------------------------------------------------------------------------------
