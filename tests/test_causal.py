@@ -330,6 +330,7 @@ def test_report_draws_the_causal_figure(tmp_path, signed):
     assert traces[("ours: suppressing memories off", "pos")]["y"] == b["suppress_delta"]
     assert ("ours: agreeing memories off", "neg") in traces if signed else len(fig.spec["data"]) == 4
     assert fig.verdict.status == "yes" and "agreeing" in fig.verdict.text
+    assert "positive face (+v): no agreeing memory at layer 0" in fig.notes
     text = write_report(make_atlas(tmp_path / "written", a, signed=signed)).read_text()
     assert 'id="causal" data-figure="causal" data-state="drawn"' in text
 

@@ -127,6 +127,8 @@ def make_causal(L, reproduce=True):
                 f"{role}_exceeds_control_ci": [[0.6, 0.98] if reproduce else [0.2, 0.8]] * L}
         block.update(rows)
         mean = sum(delta) / L
+        if role == "agree":  # a layer without agreeing memories: nulls, n = 0
+            block.update({k: [0 if k.startswith("n_") else None] + v[1:] for k, v in rows.items()})
         pooled.update({f"n_{role}": 8 * L, f"{role}_delta": mean, f"{role}_delta_ci": [mean - 0.02, mean + 0.02],
                        f"{role}_control_delta": -0.01, f"{role}_control_delta_ci": [-0.02, 0.0],
                        f"{role}_exceeds_control": 0.9 if reproduce else 0.5,

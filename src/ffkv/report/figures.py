@@ -917,7 +917,11 @@ def fig_causal(inp: ReportInputs) -> Figure:
                 t.update(mode="lines+markers", x=[round(x + dodge, 6) for x in t["x"]],
                          marker={"size": 5, "color": control_color, "symbol": "circle-open"},
                          error_y=_error_bars(control, _intervals(inp, b, f"{role}_control_delta_ci"), control_color))
-            _note_gaps(fig, inp, f"{FACE_LABEL[face]}, {word}", means[role])
+            counts = inp.series(b, f"n_{role}") or []
+            empty = [i for i, n in enumerate(counts) if n == 0]
+            if empty:
+                fig.notes.append(f"{FACE_LABEL[face]}: no {word} memory at layer{'s' if len(empty) > 1 else ''} "
+                                 f"{layer_ranges(empty)}")
         per_face[face] = b
     if cap:
         fig.caption += f" Up to {cap:.0f} memories per layer, face and kind, drawn with the seed."
