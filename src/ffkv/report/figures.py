@@ -859,8 +859,12 @@ CAUSAL_ROLES = (("agree", "agreeing", COLORS["main"], "#9dbde3"),
 """(role, its word, colour of its memories, colour of their controls)."""
 
 
+def _signed(v: float) -> str:
+    return f"{v:+.3f}".replace("-", "−")
+
+
 def _nats(v):
-    return "n/a" if v is None else f"{v:+.3f} nats"
+    return "n/a" if v is None else f"{_signed(v)} nats"
 
 
 def _intervals(inp: ReportInputs, b: dict | None, key: str) -> list[tuple[float, float] | None]:
@@ -937,7 +941,7 @@ def fig_causal(inp: ReportInputs) -> Figure:
 
 def _span(ci) -> str:
     ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ok else "[n/a]"
+    return f"[{_signed(ci[0])}, {_signed(ci[1])}]" if ok else "[n/a]"
 
 
 def _role_clause(s: dict, role: str, word: str) -> str:
