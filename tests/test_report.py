@@ -106,7 +106,9 @@ def make_analysis(n_layers=12, signed=True, reproduce=True):
         "missing": {},
     }
     add_aggregation_sweep(a["aggregation"], L, signed, up)
+    a["causal"] = make_causal(L, reproduce)
     if signed:
+        a["causal_neg"] = make_causal(L, reproduce)
         a["patterns_neg"] = dict(copy.deepcopy(a["patterns"]), keys=_keys(L, "neg"))
         a["token_removal_neg"] = copy.deepcopy(a["token_removal"])
         a["values_neg"] = values(0.5)
@@ -137,6 +139,30 @@ def values_intervals_and_suppression(L, up, scale=1.0, reproduce=True):
                                                                       ("agree", 30),
                                                                       ("agree_any", 44 if reproduce else 5))}})
     return out
+
+
+def make_causal(L, reproduce=True):
+    """The causal block as `ffkv.analysis.causal.causal_block` writes it: agreeing memories switched off lower
+    log p of their trigger's next token, suppressing ones raise it, their controls barely move it
+    (reproduce=False: no different from their controls)."""
+    block, pooled = {}, {}
+    for role, size in (("agree", -0.4), ("suppress", 0.25)):
+        delta = _ramp(L, size / 4, size) if reproduce else [0.0] * L
+        rows = {f"n_{role}": [8] * L, f"n_{role}_candidates": [20] * L, f"{role}_delta": delta,
+                f"{role}_delta_ci": [[d - 0.05, d + 0.05] for d in delta], f"{role}_control_delta": [-0.01] * L,
+                f"{role}_control_delta_ci": [[-0.04, 0.02]] * L,
+                f"{role}_exceeds_control": [0.9 if reproduce else 0.5] * L,
+                f"{role}_exceeds_control_ci": [[0.6, 0.98] if reproduce else [0.2, 0.8]] * L}
+        block.update(rows)
+        mean = sum(delta) / L
+        if role == "agree":  # a layer without agreeing memories: nulls, n = 0
+            block.update({k: [0 if k.startswith("n_") else None] + v[1:] for k, v in rows.items()})
+        pooled.update({f"n_{role}": 8 * L, f"{role}_delta": mean, f"{role}_delta_ci": [mean - 0.02, mean + 0.02],
+                       f"{role}_control_delta": -0.01, f"{role}_control_delta_ci": [-0.02, 0.0],
+                       f"{role}_exceeds_control": 0.9 if reproduce else 0.5,
+                       f"{role}_exceeds_control_ci": [0.85, 0.94] if reproduce else [0.43, 0.57]})
+    block.update(all_layers=pooled, memories_per_layer=8, memories=[])
+    return block
 
 
 PATTERN_NEW_KEYS = ("keys_shallow", "keys_semantic", "keys_both", "keys_none", "n_keys", "sim_corr", "f1", "precision",

@@ -15,10 +15,15 @@ padding after it, so every real position gets exactly its prefix's values. Posit
 ``row * T + column`` of the [B, T] batch, which also addresses OPT's FFN, whose input is flattened to [B * T, .].
 The forward stops right after the last hook it needs (nothing of the model above it runs). Hooks are removed in
 ``finally``: nothing persists after the ``with`` block.
+
+A forward may continue a KV cache (``run(..., cache=...)``): the batch is then the next tokens of the cached
+prefixes, and flat positions index that batch only. A forward stopped early leaves the cache updated up to the layer
+where it stopped, so pass a copy of a cache that is used again.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,13 +37,15 @@ from .errors import FfkvError
 
 @dataclass(frozen=True)
 class Intervention:
-    """Set the coefficient of memory ``key`` of ``layer`` at every position: ``off`` sets it to 0, ``set`` to
-    ``value``."""
+    """Set the coefficient of memory ``key`` of ``layer`` at every position, or only at the flat ``positions``
+    (row * T + column) of the batch: ``off`` sets it to 0, ``set`` to ``value``."""
 
     layer: int
     key: int
     mode: str  # "off" | "set"
     value: float | None = None
+    positions: tuple[int, ...] | None = None
+    """Flat positions of the batch where the edit applies; None: every position."""
 
     @property
     def coefficient(self) -> float:
@@ -58,6 +65,20 @@ def check_interventions(parts: ModelParts, interventions: Sequence[Intervention]
         if iv.mode == "set":
             if iv.value is None or not math.isfinite(iv.value) or abs(iv.value) > max_abs:
                 raise FfkvError(f"{where}: mode 'set' needs a finite value with |value| <= {max_abs:g}")
+        if iv.positions is not None and not all(isinstance(p, int) and p >= 0 for p in iv.positions):
+            raise FfkvError(f"{where}: positions must be flat indices >= 0")
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name under which this transformers version's forward takes a KV cache (5.x renamed
+    ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward with ``use_cache=True`` returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 class StopForward(Exception):
@@ -100,8 +121,9 @@ class Capture:
     Kept per layer, [selected positions, width] in the model's dtype: ``m``, and ``o`` / ``h`` with ``ffn_output`` /
     ``block_output``. With ``on_coefficients(layer, m)`` the coefficients go to that callback as soon as they exist
     instead of being kept (the scan streams them into its statistics).
-    ``interventions`` edit coefficients at every position of every forward run inside the block, including
-    forwards the caller runs itself (full model, generation); pass ``stop=False`` for those."""
+    ``interventions`` edit coefficients of every forward run inside the block, including forwards the caller runs
+    itself (full model, generation); pass ``stop=False`` for those. Edits at given positions are applied after the
+    edits at every position; a later intervention on the same memory (and position) wins."""
 
     def __init__(self, parts: ModelParts, layers: Iterable[int] = (), *, ffn_output: bool = False,
                  block_output: bool = False,
@@ -111,9 +133,14 @@ class Capture:
         self.layers = sorted(set(layers))
         self.want_o, self.want_h = ffn_output, block_output
         self.on_coefficients = on_coefficients
-        self.edits: dict[int, dict[int, float]] = {}
+        self.edits: dict[int, dict[int, float]] = {}  # layer -> key -> coefficient at every position
+        self.point_edits: dict[int, dict[tuple[int, int], float]] = {}  # layer -> (flat position, key) -> coefficient
         for iv in interventions:  # a later intervention on the same memory wins
-            self.edits.setdefault(iv.layer, {})[iv.key] = iv.coefficient
+            if iv.positions is None:
+                self.edits.setdefault(iv.layer, {})[iv.key] = iv.coefficient
+            else:
+                for position in iv.positions:
+                    self.point_edits.setdefault(iv.layer, {})[(position, iv.key)] = iv.coefficient
         last = self.layers[-1] if self.layers and stop else None
         # the hook that runs last in the last layer ends the forward
         self._stop_at = (last, "h" if block_output else "o" if ffn_output else "m") if last is not None else None
@@ -142,14 +169,28 @@ class Capture:
         edits = self.edits.get(layer)
         keys = torch.tensor(sorted(edits)) if edits else None
         values = torch.tensor([edits[k] for k in sorted(edits)]) if edits else None
+        points = self.point_edits.get(layer)
+        if points:
+            point_rows = torch.tensor([p for p, _ in points])
+            point_keys = torch.tensor([k for _, k in points])
+            point_values = torch.tensor(list(points.values()))
         read = layer in self.layers
         stop = self._stop_at == (layer, "m")
+        edit = keys is not None or bool(points)
 
         def hook(module, args):
             m = args[0]
+            if edit:
+                m = m.clone(memory_format=torch.contiguous_format)
             if keys is not None:
-                m = m.clone()
                 m[..., keys.to(m.device)] = values.to(device=m.device, dtype=m.dtype)
+            if points:
+                flat = m.view(-1, m.shape[-1])  # a view: writes into m
+                if int(point_rows.max()) >= flat.shape[0]:
+                    raise FfkvError(f"an intervention at flat position {int(point_rows.max())} of layer {layer}, "
+                                    f"but the batch has {flat.shape[0]} positions")
+                flat[point_rows.to(m.device), point_keys.to(m.device)] = point_values.to(device=m.device,
+                                                                                         dtype=m.dtype)
             if read:
                 picked = self._pick(m)
                 if self.on_coefficients is not None:
@@ -158,7 +199,7 @@ class Capture:
                     self.m[layer] = picked
             if stop:
                 raise StopForward
-            return (m, *args[1:]) if keys is not None else None
+            return (m, *args[1:]) if edit else None
         return hook
 
     def _output_hook(self, name: str, layer: int, stop: bool):
@@ -171,7 +212,7 @@ class Capture:
     def __enter__(self) -> Capture:
         parts = self.parts
         try:
-            for layer in sorted(set(self.layers) | set(self.edits)):
+            for layer in sorted(set(self.layers) | set(self.edits) | set(self.point_edits)):
                 self._handles.append(parts.ffn_out(layer).register_forward_pre_hook(self._coefficient_hook(layer)))
                 if layer not in self.layers:
                     continue
@@ -192,13 +233,16 @@ class Capture:
         self._handles.clear()
 
     # -- running -----------------------------------------------------------------------------------------
-    def run(self, input_ids: torch.Tensor, select: torch.Tensor | None = None) -> Capture:
+    def run(self, input_ids: torch.Tensor, select: torch.Tensor | None = None, cache=None) -> Capture:
         """One forward of the model body on right-padded ``input_ids`` [B, T], stopping after the last hook
-        needed; keeps the flat positions ``select`` (None = all). Returns self (read ``m``, ``o``, ``h``)."""
+        needed; keeps the flat positions ``select`` (None = all). With ``cache`` (the KV cache of B prefixes,
+        updated in place) ``input_ids`` continue those prefixes. Returns self (read ``m``, ``o``, ``h``)."""
         self.select(select)
         self.m, self.o, self.h = {}, {}, {}
+        body = self.parts.body
+        with_cache = {} if cache is None else {cache_keyword(body): cache}
         try:
-            self.parts.body(input_ids=input_ids, use_cache=False)
+            body(input_ids=input_ids, use_cache=cache is not None, **with_cache)
         except StopForward:
             pass
         return self

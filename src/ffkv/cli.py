@@ -143,7 +143,7 @@ def thirds(values: list) -> list[float | None]:
 
 def _print_analysis(result: dict) -> None:
     """The README's "paper beside ours" rows, from analysis.json: low / mid / high third of the layers, last."""
-    p, t, v, a = (result.get(k) or {} for k in ("patterns", "token_removal", "values", "aggregation"))
+    p, t, v, a, c = (result.get(k) or {} for k in ("patterns", "token_removal", "values", "aggregation", "causal"))
     effect = a.get("ffn_effect") or {}
     semantic = None
     if p.get("semantic") and p.get("both"):
@@ -164,6 +164,12 @@ def _print_analysis(result: dict) -> None:
              "{:.2%}"),
             ("Fig 4 agreement rate, -v face", (result.get("values_neg") or {}).get("agreement_rate"), "{:.2%}"),
             ("Fig 5 median rank of next token / |V|", v.get("next_token_rank_median_normed"), "{:.1%}"),
+            ("Causal: agreeing memory off, Δlog p", c.get("agree_delta"), "{:+.3f}"),
+            ("  its control, Δlog p", c.get("agree_control_delta"), "{:+.3f}"),
+            ("  |Δ| above the control's", c.get("agree_exceeds_control"), "{:.0%}"),
+            ("Causal: suppressing memory off, Δlog p", c.get("suppress_delta"), "{:+.3f}"),
+            ("  its control, Δlog p", c.get("suppress_control_delta"), "{:+.3f}"),
+            ("  |Δ| above the control's", c.get("suppress_exceeds_control"), "{:.0%}"),
             ("Fig 7 active memories", a.get("active_fraction_mean"), "{:.0%}"),
             ("Fig 7 active memories, median", (a.get("active_fraction_quantiles") or {}).get("q50"), "{:.0%}"),
             ("Fig 8 no single memory matches", a.get("no_single_memory_match"), "{:.0%}"),

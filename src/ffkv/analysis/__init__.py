@@ -4,7 +4,8 @@ Modules: ``explain`` with ``features``, ``patterns`` and ``simulate`` (`ffkv exp
 every memory face in ``ATLAS/explanations.parquet``; §3's Fig 2 / Table 1 come from them), ``keys`` (§3: token
 removal, Fig 3), ``values`` (§4: agreement,
 ranks, precision, Figs 4-6 / Table 2), ``aggregation`` (§5: active memories and composition, Figs 7-11),
-``run`` (runs them all and writes ``ATLAS/analysis.json``). Each experiment is a plain function returning
+``causal`` (not in the paper: memories switched off where they fired, a causal check of §4, Fig C1), ``run`` (runs
+them all and writes ``ATLAS/analysis.json``). Each experiment is a plain function returning
 plain data (dataclasses / dicts of lists), so notebooks can call them one by one.
 
 Per-layer arrays that are a share of a sample or a statistic over sampled items have a sibling ``X_ci``: one
@@ -58,13 +59,28 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
                                "active_fraction_mean", "active_fraction_quantiles": {"q25", "q50", "q75"},
                                "no_single_memory_match", "match_is_stopword", "match_prefix_short",
                                "n_matches": [L]}}},
-     "patterns_neg", "token_removal_neg", "values_neg": same shapes as above (signed models only),
+     "causal": {"n_agree", "n_suppress": [L] memories checked, "n_agree_candidates", "n_suppress_candidates": [L],
+                "agree_delta", "agree_control_delta", "suppress_delta", "suppress_control_delta": [L] mean deltas
+                (nats), "agree_exceeds_control", "suppress_exceeds_control": [L] shares, each of these six with its
+                "X_ci", "all_layers": {the same keys as numbers, over every layer}, "memories_per_layer": int,
+                "memories": [{"layer", "key", "role": "agree"|"suppress", "position", "target", "coefficient",
+                              "strength", "control", "control_strength", "log_p", "delta", "control_delta"}]},
+     "patterns_neg", "token_removal_neg", "values_neg", "causal_neg": same shapes as above (signed models only),
      "missing": {experiment: reason}}
 
 In ``aggregation`` the headline Fig 7-8 keys use the rule named by ``active_rule`` (m > 0 for ReLU FFNs,
 |m_i| > active_threshold * max_j |m_j| otherwise); ``sweep`` repeats them under every rule, from the same forward
 pass. ``*_quantiles`` are over examples (the paper plots medians). Files written before these keys existed lack
 them, and ``ffkv report`` draws what is there.
+
+In ``causal`` a memory face *agrees* when its value's top token (argmax of s * v . E, s = -1 on the negative face)
+is the token t after its top-1 trigger, and *suppresses* when its bottom token (argmin) is t; up to
+``memories_per_layer`` of each per layer (seeded draw, among those whose top-1 coefficient is finite and non-zero)
+are switched off (m = 0) at the trigger's last position only, and ``delta`` = log p_off(t) - log p_clean(t) of the
+full model. Each has a *control*: the other memory of its layer with the nearest |m| * ||v|| at that position (ties
+drawn with the seed), switched off the same way. ``X_exceeds_control`` is the share with |delta| above the
+control's |delta| (Wilson interval); the mean deltas have percentile-bootstrap intervals. ``memories`` lists every
+checked memory, from which each per-layer number can be recomputed.
 
 ``scan_id`` is the analysed atlas's ``Atlas.scan_id`` (a hash of its manifest.json, so a new scan into the same
 folder has another). ``ffkv report`` refuses an analysis.json whose ``scan_id`` differs from the atlas's (rerun

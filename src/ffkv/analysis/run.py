@@ -16,7 +16,7 @@ from ..errors import FfkvError
 from ..models import DTYPES, check_dtype
 from ..version import __version__
 
-EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation")
+EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation", "causal")
 
 
 @dataclass
@@ -31,6 +31,8 @@ class AnalyzeConfig:
     active_threshold: float = field(default=0.1, metadata={"help": "smooth activations: a memory is active "
                                     "when |m| > this x the layer's max |m| (ReLU: m > 0)"})
     top_memories: int = field(default=10, metadata={"help": "memories listed by precision (Table 2)"})
+    causal_memories: int = field(default=8, metadata={"help": "causal check (not in the paper): agreeing and "
+                                 "suppressing memories switched off per layer, face and kind"})
     seed: int = field(default=0, metadata={"help": "seed of every sample"})
     only: str | None = field(default=None, metadata={"help": "comma-separated subset of "
                              f"{','.join(EXPERIMENTS)} (others kept from an existing analysis.json)"})
@@ -76,6 +78,8 @@ def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> None:
             raise FfkvError(f"--{name.replace('_', '-')} must be between 1 and d_ff = {atlas.d_ff}")
     if cfg.examples < 1:
         raise FfkvError("--examples must be positive")
+    if cfg.causal_memories < 1:
+        raise FfkvError("--causal-memories must be positive")
 
 
 def _read_previous(path: Path) -> dict:
@@ -103,6 +107,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
     (same ``scan_id``); one of an earlier scan of the folder (``scan --force``) is discarded, not merged."""
     from ..models import load_model
     from .aggregation import aggregation_experiment, held_out_units
+    from .causal import causal_experiment
     from .explain import block_rows, explain, patterns_block, read_explanations
     from .keys import token_removal_experiment
     from .values import values_experiment
@@ -168,6 +173,11 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
                                                        active_threshold=cfg.active_threshold, seed=cfg.seed,
                                                        progress=progress)
         timings["aggregation"] = round(time.time() - t, 1)
+    if "causal" in wanted:
+        t = time.time()
+        for face, block in causal_experiment(atlas, model, cfg.causal_memories, cfg.seed, progress).items():
+            result["causal" + suffix(face)] = block
+        timings["causal"] = round(time.time() - t, 1)
 
     result.update({
         "ffkv_version": __version__,
@@ -180,7 +190,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         "layers": atlas.layers,
         "timings": timings,
     })
-    for block in ("values", "aggregation"):
+    for block in ("values", "aggregation", "causal"):
         defs = (result.get(block) or {}).get("definitions")
         if defs:
             result["definitions"].update(defs)

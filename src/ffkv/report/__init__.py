@@ -26,7 +26,8 @@ from .html import TriggerSplitter, page, table1, table2, table_best
 FIGURE_IDS = tuple(FIGURES)
 """Figure ids, also the html ids and the names `ffkv.report.screenshot --figure` takes (plus table1, table2 and
 best, the best-explained memories). Not figures of the paper: ``explain`` (Fig E1, the explanation scores),
-``fig3b`` (sign changes under token removal) and ``fig4b`` (suppression, the mirror of Fig 4)."""
+``fig3b`` (sign changes under token removal), ``fig4b`` (suppression, the mirror of Fig 4) and ``causal`` (Fig C1,
+the causal check of the values)."""
 
 
 def plotly_js() -> str:

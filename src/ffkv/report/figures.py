@@ -13,9 +13,11 @@ with the paper's 16 layers. Styles are the same in every figure:
 Each trace carries ``meta = {"role": "ours" | "baseline" | "paper", "approx": bool, "face": "pos" | "neg"}`` so
 tests (and readers of the JSON) can tell them apart. Signed models get one panel per face.
 
-One figure is not the paper's: Fig E1 (id ``explain``), the held-out scores of `ffkv explain`'s explanations beside
+Two figures are not the paper's. Fig E1 (id ``explain``), the held-out scores of `ffkv explain`'s explanations beside
 their baselines, with Neuron-to-Graph's published firing F1 (Foote et al. 2023, a 6-layer model) as its reference
 curve: a number stated in that paper's text, drawn dotted on its own relative depth layer/6 and named in its label.
+Fig C1 (id ``causal``), the causal check of what values do: memories switched off where they fired, beside controls;
+what a causal reading of §4 expects, not a number of the paper, decides its verdict.
 """
 
 from __future__ import annotations
@@ -705,15 +707,19 @@ def _value_intervals(inp: ReportInputs, b: dict | None, *path: str) -> list[tupl
     return out if any(v is not None for v in out) else None
 
 
+def _error_y(values, intervals, color) -> dict:
+    """plotly asymmetric error bars from per-layer values and their [low, high] intervals (None: no bar)."""
+    plus = [None if v is None or ci is None else max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]
+    minus = [None if v is None or ci is None else max(0.0, v - ci[0]) for v, ci in zip(values, intervals)]
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "color": color, "thickness": 1,
+            "width": 2}
+
+
 def _error_bars(trace: dict, values, intervals, fmt) -> None:
     """Draw a series' 95% intervals as error bars on its trace, and name them in its hover text."""
     if not intervals:
         return
-    plus = [None if v is None or ci is None else max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]
-    minus = [None if v is None or ci is None else max(0.0, v - ci[0]) for v, ci in zip(values, intervals)]
-    color = (trace.get("line") or {}).get("color", INK)
-    trace["error_y"] = {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "color": color,
-                        "thickness": 1, "width": 2}
+    trace["error_y"] = _error_y(values, intervals, (trace.get("line") or {}).get("color", INK))
     trace["text"] = [t if t is None or ci is None else f"{t}<br>95% interval {fmt(ci[0])}–{fmt(ci[1])}"
                      for t, ci in zip(trace["text"], intervals)]
     trace["meta"]["interval"] = "95%"
@@ -1176,6 +1182,135 @@ def _fig6_verdict(inp, per_face) -> Verdict:
     return verdict(inp, status, claim, paper, ("vocab", "corpus"), extra)
 
 
+# -- not in the paper: the causal check of the values ----------------------------------------------------------
+CAUSAL_ROLES = (("agree", "agreeing", COLORS["main"], "#9dbde3"),
+                ("suppress", "suppressing", COLORS["last"], "#e8a3a8"))
+"""(role, its word, colour of its memories, colour of their controls)."""
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.3f}".replace("-", "−")
+
+
+def _nats(v):
+    return "n/a" if v is None else f"{_signed(v)} nats"
+
+
+def _intervals(inp: ReportInputs, b: dict | None, key: str) -> list[tuple[float, float] | None]:
+    """A per-layer ``X_ci`` array as (low, high) or None per layer, padded to n_layers."""
+    raw = (b or {}).get(key)
+    raw = raw if isinstance(raw, list) else []
+    out = []
+    for i in range(inp.n_layers):
+        v = raw[i] if i < len(raw) else None
+        ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                          and math.isfinite(x) for x in v)
+        out.append((float(v[0]), float(v[1])) if ok else None)
+    return out
+
+
+def fig_causal(inp: ReportInputs) -> Figure:
+    fig = Figure("causal", "C1", "values", "Switching a memory off where it fired: change of its trigger's next-token "
+                 "log-probability",
+                 "Not in the paper, which reads values from correlations only. For memories whose value's top token "
+                 "(argmax of s·v·E, s = −1 on the negative face) is the token t that follows their key's top-1 "
+                 "trigger (agreeing) or whose bottom token is t (suppressing), the coefficient is set to 0 at the "
+                 "trigger's last position only and Δ = log p_off(t) − log p_clean(t) of the full model is read there; "
+                 "each beside a control: the memory of the same layer with the nearest |m|·‖v‖ at that position, "
+                 "switched off the same way. Per layer: mean Δ with its 95% bootstrap interval (controls shifted "
+                 "right). Expected if values do what their projection says: agreeing memories below their controls "
+                 "and below 0, suppressing ones above both.")
+    plot = Plot(inp, inp.faces)
+    dodge = 0.3 / inp.n_layers
+    per_face = {}
+    cap = None
+    for p, face in enumerate(inp.faces):
+        b = inp.block("causal", face)
+        means = {role: inp.series(b, f"{role}_delta") for role, *_ in CAUSAL_ROLES}
+        if b is None or all(v is None for v in means.values()):
+            plot.no_data(p, _why(inp, "causal", face, b, "per-layer deltas"), face)
+            continue
+        cap = cap or inp.scalar(b, "memories_per_layer")
+        for role, word, color, control_color in CAUSAL_ROLES:
+            if means[role] is not None:
+                t = plot.ours(p, f"ours: {word} memories off", means[role], color, _nats, face=face)
+                t["error_y"] = _error_y(means[role], _intervals(inp, b, f"{role}_delta_ci"), color)
+            control = inp.series(b, f"{role}_control_delta")
+            if control is not None:
+                t = plot.ours(p, f"ours: their controls ({word})", control, control_color, _nats, face=face,
+                              baseline=True)
+                t.update(mode="lines+markers", x=[round(x + dodge, 6) for x in t["x"]],
+                         marker={"size": 5, "color": control_color, "symbol": "circle-open"},
+                         error_y=_error_y(control, _intervals(inp, b, f"{role}_control_delta_ci"), control_color))
+            counts = inp.series(b, f"n_{role}") or []
+            empty = [i for i, n in enumerate(counts) if n == 0]
+            if empty:
+                fig.notes.append(f"{FACE_LABEL[face]}: no {word} memory at layer{'s' if len(empty) > 1 else ''} "
+                                 f"{layer_ranges(empty)}")
+        per_face[face] = b
+    if cap:
+        fig.caption += f" Up to {cap:.0f} memories per layer, face and kind, drawn with the seed."
+    if per_face:
+        fig.verdict = _causal_verdict(per_face)
+    fig = _finish(fig, inp, plot, bool(per_face), "causal", ytitle="Δ log p(next token), nats", yformat=".2f")
+    if fig.spec is not None:
+        for axis in ("yaxis", "yaxis2"):
+            if axis in fig.spec["layout"]:
+                fig.spec["layout"][axis].update(zeroline=True, zerolinecolor="#9aa1ab", zerolinewidth=1)
+    return fig
+
+
+def _causal_span(ci) -> str:
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)
+    return f"[{_signed(ci[0])}, {_signed(ci[1])}]" if ok else "[n/a]"
+
+
+def _role_clause(s: dict, role: str, word: str) -> str:
+    n = s.get(f"n_{role}")
+    if not n:
+        return f"no {word} memories were found"
+    return (f"switching off {word} memories changes log p of the next token by {_nats(s.get(f'{role}_delta'))} "
+            f"{_causal_span(s.get(f'{role}_delta_ci'))} (n = {n:.0f}), their controls by "
+            f"{_nats(s.get(f'{role}_control_delta'))} {_causal_span(s.get(f'{role}_control_delta_ci'))}, with |Δ| "
+            f"above the control's for {pct(s.get(f'{role}_exceeds_control'))}")
+
+
+def _causal_separated(s: dict, role: str) -> bool | None:
+    """None without memories of the role; else whether its interval lies wholly on the expected side of 0 and of
+    its controls' interval (below for agreeing memories, above for suppressing ones)."""
+    if not s.get(f"n_{role}"):
+        return None
+    ci, control = s.get(f"{role}_delta_ci"), s.get(f"{role}_control_delta_ci")
+    if not ci or not control:
+        return False
+    if role == "agree":
+        return ci[1] < 0 and ci[1] < control[0]
+    return ci[0] > 0 and ci[0] > control[1]
+
+
+def _causal_verdict(per_face) -> Verdict:
+    face = "pos" if "pos" in per_face else next(iter(per_face))
+    s = per_face[face].get("all_layers")
+    if not isinstance(s, dict):
+        return no_verdict("analysis.json 'causal' has no all_layers summary")
+    held = [ok for ok in (_causal_separated(s, "agree"), _causal_separated(s, "suppress")) if ok is not None]
+    if not held:
+        return no_verdict("no agreeing or suppressing memories to switch off")
+    status = "yes" if all(held) else "partly" if any(held) else "no"
+    word = {"yes": "Confirmed", "partly": "Partly confirmed", "no": "Not confirmed"}[status]
+    text = (f"{word}: over all layers, {_role_clause(s, 'agree', 'agreeing')}; "
+            f"{_role_clause(s, 'suppress', 'suppressing')} (paper: not tested, it reads values from correlations "
+            "only; expected if values do what their projection says: agreeing memories below 0 and below their "
+            "controls, suppressing ones above both, 95% intervals apart)")
+    n = per_face.get("neg", {}).get("all_layers") if face == "pos" else None
+    if isinstance(n, dict) and (n.get("n_agree") or n.get("n_suppress")):
+        text += _face_clause("negative face", f"agreeing memories give {_nats(n.get('agree_delta'))} (controls "
+                                              f"{_nats(n.get('agree_control_delta'))}) and suppressing ones "
+                                              f"{_nats(n.get('suppress_delta'))} (controls "
+                                              f"{_nats(n.get('suppress_control_delta'))})")
+    return Verdict(status, text + ".")
+
+
 # -- §5 aggregation --------------------------------------------------------------------------------------------
 def _agg_note(inp, fig):
     n = inp.scalar(inp.block("aggregation"), "n_examples")
@@ -1532,6 +1667,8 @@ FIGURE_INFO = {
     "fig4b": ("4b", "values", "Suppression: a value's bottom token is its key's top-1 trigger's next token"),
     "fig5": ("5", "values", "Rank of the trigger's next token under the value's distribution"),
     "fig6": ("6", "values", "Agreement rate against the value's maximal probability"),
+    "causal": ("C1", "values", "Switching a memory off where it fired: change of its trigger's next-token "
+               "log-probability"),
     "fig7": ("7", "aggregation", "Active memories per layer"),
     "fig8": ("8", "aggregation", "The layer's prediction is not any single memory's"),
     "fig9": ("9", "aggregation", "The residual's top token is already the model's final prediction"),
@@ -1541,7 +1678,7 @@ FIGURE_INFO = {
 """Number, section and title of each figure by id (also used when a figure fails to draw)."""
 
 FIGURES = {"fig2": fig2, "explain": fig_explain, "fig3": fig3, "fig3b": fig3_sign,
-           "fig4": fig4, "fig4b": fig4b, "fig5": fig5, "fig6": fig6,
+           "fig4": fig4, "fig4b": fig4b, "fig5": fig5, "fig6": fig6, "causal": fig_causal,
            "fig7": fig7, "fig8": fig8, "fig9": fig9, "fig10": fig10, "fig11": fig11}
 
 

@@ -47,6 +47,8 @@ FIGURE_SHORT = {
     "fig4b": "Not in the paper: values that push their keys' next token to the bottom",
     "fig5": "The next token's rank under the value improves with depth",
     "fig6": "Confident values agree more",
+    "causal": "Not in the paper: switching an agreeing memory off lowers its token's probability, a suppressing "
+              "one raises it",
     "fig7": "10–50% of memories are active",
     "fig8": "The layer's prediction is a composition, not one memory",
     "fig9": "The residual settles the prediction in upper layers",
