@@ -23,9 +23,12 @@ from .data import ReportInputs, load_inputs, load_paper_reference
 from .figures import Figure, build_figures
 from .html import TriggerSplitter, page, table1, table2, table_best
 
-FIGURE_IDS = ("fig2", "explain", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11")
+FIGURE_IDS = ("fig2", "explain", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "fig9", "fig10", "fig11",
+              "fig11b")
 """Figure ids, also the html ids and the names `ffkv.report.screenshot --figure` takes (plus table1, table2 and
-best, the best-explained memories). ``explain`` (Fig E1, the explanation scores) is not a figure of the paper."""
+best, the best-explained memories). ``explain`` (Fig E1, the explanation scores) is not a figure of the paper;
+``fig11b`` (Fig 11b) automates an analysis the paper did by hand (§5.2: is the FFN's new top token semantically
+distant from the residual's?)."""
 
 
 def plotly_js() -> str:
