@@ -553,6 +553,25 @@ def test_without_the_embedder_the_semantic_change_is_missing_with_a_reason(held_
     assert "embedder is missing" in result["missing"]["aggregation.ffn_change"]
 
 
+def test_analyze_prints_a_row_per_headline_number(held_out_scan, capsys):
+    from ffkv.cli import _print_analysis, thirds
+
+    atlas, loaded = held_out_scan("llama")
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=30, progress=False)
+    _print_analysis({"aggregation": block})
+    out = capsys.readouterr().out
+
+    def row(values, fmt):
+        return " / ".join("-" if x is None else fmt.format(x) for x in thirds(values))
+
+    for rule, entry in block["sweep"].items():
+        name = f"Fig 8   under {rule}{' (headline)' if rule == block['active_rule'] else ''}"
+        assert f"{name:<38} {row(entry['no_single_memory_match'], '{:.0%}')}" in out
+    assert f"{'§5.2 FFN changes it to a distant word':<38} {row(block['ffn_change_distant'], '{:.0%}')}" in out
+    assert f"{'§5.2   mean cosine old / new token':<38} {row(block['ffn_change_cosine_mean'], '{:.2f}')}" in out
+    assert f"mean cosine {block['random_pair_cosine_mean']:.2f}, 95th percentile" in out
+
+
 def _single_memory_layer(arch: str, layer: int):
     """Layer ``layer``: memory 0 alone fires, with value e_A over an unembedding where token A is a unit vector
     and every other token tiny, so memory 0 predicts the layer's top token A at every prefix, under every rule."""
