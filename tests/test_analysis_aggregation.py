@@ -20,6 +20,7 @@ from ffkv.analysis.aggregation import (
     RANDOM_PAIRS,
     SHORT_PREFIX,
     SWEEP_TAUS,
+    _derangement,
     aggregation_experiment,
     capture_last_positions,
     ffn_change,
@@ -495,18 +496,24 @@ def test_intervals_and_semantic_change_match_per_example_values(arch, held_out_s
 
 def test_distant_share_on_planted_token_pairs():
     """Tokens with random 16-d vectors, except 100..105, each a near copy of token 0..5: the FFN moves 6 examples
-    of layer 0 to such a near copy (related) and 4 to a token pointing away (distant); layer 1 changes nothing."""
+    of layer 0 to such a near copy (related) and 4 to a token pointing away (distant); layer 1 changes nothing;
+    layer 2 moves two tokens that point away from each other to their near copies (106, 107), so that the shuffled
+    control, which pairs each with the other's new token, finds both distant."""
     rng = np.random.default_rng(0)
     vocab = 200
     vectors = rng.normal(size=(vocab, 16))
     vectors[100:106] = vectors[:6] + rng.normal(scale=0.02, size=(6, 16))
     unit = _unit(vectors)
-    population = (unit @ unit.T)[~np.eye(vocab, dtype=bool)]  # every pair of distinct tokens
     away = [(i, int(np.argmin(unit[i] @ unit[:100].T))) for i in range(6, 10)]  # cosine well below 0
+    p, q = away[0]
+    vectors[106:108] = vectors[[p, q]] + rng.normal(scale=0.02, size=(2, 16))
+    unit = _unit(vectors)
+    population = (unit @ unit.T)[~np.eye(vocab, dtype=bool)]  # every pair of distinct tokens
     pairs = [(k, 100 + k) for k in range(6)] + away
     unchanged = [(20 + k, 20 + k) for k in range(5)]
-    top_r = np.array([[p[0], 7] for p in pairs + unchanged])
-    top_h = np.array([[p[1], 7] for p in pairs + unchanged])
+    swapped = [(p, 106), (q, 107)] + [(30, 30)] * 13
+    top_r = np.array([[a, 7, s] for (a, _), (s, _) in zip(pairs + unchanged, swapped)])
+    top_h = np.array([[c, 7, t] for (_, c), (_, t) in zip(pairs + unchanged, swapped)])
     calls = []
 
     def embed(texts):
@@ -517,12 +524,16 @@ def test_distant_share_on_planted_token_pairs():
     assert len(calls) == 1 and len(calls[0]) == len(set(calls[0]))  # each token embedded once
     cos = np.array([unit[i] @ unit[j] for i, j in pairs])
     assert (cos[:6] > 0.99).all() and (cos[6:] < -0.3).all()
-    assert got["ffn_change_n"] == [10, 0]
-    assert got["ffn_change_distant"] == [0.4, None]
-    _assert_intervals(got["ffn_change_distant_ci"], _wilson_reference([4, 0], [10, 0]), abs=1e-9)
+    assert got["ffn_change_n"] == [10, 0, 2]
+    assert got["ffn_change_distant"] == [0.4, None, 0.0]
+    _assert_intervals(got["ffn_change_distant_ci"], _wilson_reference([4, 0, 0], [10, 0, 2]), abs=1e-9)
     assert got["ffn_change_cosine_mean"][0] == pytest.approx(cos.mean(), rel=1e-12)
     assert got["ffn_change_cosine_mean"][1] is None and got["ffn_change_cosine_mean_ci"][1] is None
     assert 0.0 <= got["ffn_change_shuffled_distant"][0] <= 1.0 and got["ffn_change_shuffled_distant"][1] is None
+    assert got["ffn_change_shuffled_distant"][2] == 1.0  # never an example's own new token
+    for n in (2, 3, 7, 50):
+        partner = _derangement(np.random.default_rng(n), n)
+        assert sorted(partner.tolist()) == list(range(n)) and (partner != np.arange(n)).all()
     # the reference: 1000 random pairs of distinct tokens, close to the whole population of pairs
     assert got["random_pairs"] == RANDOM_PAIRS
     assert got["random_pair_cosine_q95"] == pytest.approx(np.quantile(population, DISTANT_QUANTILE), abs=0.05)

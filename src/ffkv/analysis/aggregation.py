@@ -116,7 +116,8 @@ DEFINITIONS = {
                   f"{DISTANT_QUANTILE:.0%} quantile of the cosines of {RANDOM_PAIRS} random pairs of distinct "
                   "vocabulary tokens ('random_pair_cosine_q95'), i.e. no more alike than 95 % of unrelated pairs; "
                   "'ffn_change_shuffled_distant' the same with top(r + o) taken from another changed example of "
-                  "the layer (what an FFN that moved to one of its usual targets at random would score). The "
+                  "the layer, a random cycle over them (what an FFN that moved to one of its usual targets at "
+                  "random would score). The "
                   "paper read 100 last-layer cases: 66 moved to a semantically distant word.",
     "intervals": "X_ci beside a per-layer X: its 95 % interval per layer, [low, high] or null; Wilson score for "
                  "shares, percentile bootstrap over examples (1000 resamples, seed 0) for means and medians "
@@ -431,6 +432,14 @@ def token_text(atlas: Atlas) -> Callable[[int], str]:
     return text
 
 
+def _derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random permutation of range(n) that moves every index (a random cycle), for n >= 2; identity below."""
+    order = rng.permutation(n)
+    partner = np.arange(n)
+    partner[order] = np.roll(order, -1)
+    return partner
+
+
 def ffn_change(top_r: np.ndarray, top_h: np.ndarray, text: Callable[[int], str],
                embed: Callable[[list[str]], np.ndarray], vocab_size: int, seed: int = 0,
                random_pairs: int = RANDOM_PAIRS) -> dict:
@@ -449,7 +458,7 @@ def ffn_change(top_r: np.ndarray, top_h: np.ndarray, text: Callable[[int], str],
     rng = np.random.default_rng(seed)
     first = rng.integers(0, vocab_size, size=random_pairs)
     second = (first + rng.integers(1, vocab_size, size=random_pairs)) % vocab_size  # distinct from first
-    shuffled = [rng.permutation(int(changed[:, layer].sum())) for layer in range(n_layers)]
+    shuffled = [_derangement(rng, int(changed[:, layer].sum())) for layer in range(n_layers)]
     tokens = np.unique(np.concatenate([top_r[changed], top_h[changed], first, second]))
     vectors = np.asarray(embed([text(int(t)) for t in tokens]), dtype=np.float64)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
