@@ -1243,9 +1243,9 @@ def _fig9_verdict(inp, s, ci) -> Verdict:
     if cross:
         claim += f", above 50% from depth {cross[0]:.2f} (layer {cross[1]})"
     k = max(i for i in range(len(ref)) if (i + 1) / len(ref) <= 1 / 3 + 1e-9)  # the paper's top of the lowest third
-    paper = (f"about a third of predictions decided in the bottom layers (read as {pct(ABOUT_A_THIRD[0])}–"
-             f"{pct(ABOUT_A_THIRD[1])}; its curve: {pct(ref[k])} at depth {(k + 1) / len(ref):.2f}), rising from "
-             f"layer 10 to {pct(ref[-1])} at layer 16")
+    paper = (f"about a third of predictions decided in the bottom layers (read as {_interval(ABOUT_A_THIRD)}; its "
+             f"curve: {pct(ref[k])} at depth {(k + 1) / len(ref):.2f}), rising from layer 10 to {pct(ref[-1])} at "
+             "layer 16")
     return verdict(inp, status, claim, paper, ("depth", "instruct", "quantised"))
 
 
