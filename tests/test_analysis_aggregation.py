@@ -481,6 +481,11 @@ def test_intervals_and_semantic_change_match_per_example_values(arch, held_out_s
         rows = changed[:, layer]
         texts = [[atlas.decode([int(t)]).strip().lower() for t in x[rows, layer]] for x in (a, c)]
         cos = (_unit(hashed_embed(texts[0])) * _unit(hashed_embed(texts[1]))).sum(1) if rows.any() else np.zeros(0)
+        words = np.array([all(any(ch.isalpha() for ch in t) and t not in STOP_WORDS for t in pair)
+                          for pair in zip(*texts)], dtype=bool)
+        assert block["ffn_change_content_n"][layer] == int(words.sum())
+        if words.any():
+            assert block["ffn_change_content_distant"][layer] == pytest.approx(np.mean(cos[words] < threshold))
         if rows.any():
             assert block["ffn_change_cosine_mean"][layer] == pytest.approx(cos.mean(), rel=1e-9)
             assert block["ffn_change_distant"][layer] == pytest.approx(np.mean(cos < threshold), rel=1e-12)
@@ -512,21 +517,33 @@ def test_distant_share_on_planted_token_pairs():
     pairs = [(k, 100 + k) for k in range(6)] + away
     unchanged = [(20 + k, 20 + k) for k in range(5)]
     swapped = [(p, 106), (q, 107)] + [(30, 30)] * 13
-    top_r = np.array([[a, 7, s] for (a, _), (s, _) in zip(pairs + unchanged, swapped)])
-    top_h = np.array([[c, 7, t] for (_, c), (_, t) in zip(pairs + unchanged, swapped)])
+    # layer 3: one change between content words, one to a punctuation mark and one from a stop word
+    mixed = [(0, 100), (1, 150), (151, 2)] + [(30, 30)] * 12
+    top_r = np.array([[a, 7, s, m] for (a, _), (s, _), (m, _) in zip(pairs + unchanged, swapped, mixed)])
+    top_h = np.array([[c, 7, t, m] for (_, c), (_, t), (_, m) in zip(pairs + unchanged, swapped, mixed)])
+    names = {150: ",", 151: "the"}
     calls = []
+
+    def text(token):
+        return names.get(token, f"w{token}")
 
     def embed(texts):
         calls.append(texts)
-        return vectors[[int(t[1:]) for t in texts]] * 3.0  # not unit length: the experiment normalises
+        ids = [{v: k for k, v in names.items()}.get(t) or int(t[1:]) for t in texts]
+        return vectors[ids] * 3.0  # not unit length: the experiment normalises
 
-    got = ffn_change(top_r, top_h, lambda t: f"w{t}", embed, vocab, seed=1)
+    got = ffn_change(top_r, top_h, text, embed, vocab, seed=1)
     assert len(calls) == 1 and len(calls[0]) == len(set(calls[0]))  # each token embedded once
     cos = np.array([unit[i] @ unit[j] for i, j in pairs])
     assert (cos[:6] > 0.99).all() and (cos[6:] < -0.3).all()
-    assert got["ffn_change_n"] == [10, 0, 2]
-    assert got["ffn_change_distant"] == [0.4, None, 0.0]
-    _assert_intervals(got["ffn_change_distant_ci"], _wilson_reference([4, 0, 0], [10, 0, 2]), abs=1e-9)
+    assert got["ffn_change_n"] == [10, 0, 2, 3]
+    assert got["ffn_change_distant"][:3] == [0.4, None, 0.0]
+    _assert_intervals(got["ffn_change_distant_ci"][:3], _wilson_reference([4, 0, 0], [10, 0, 2]), abs=1e-9)
+    # among the changes between two content words: all of layers 0 and 2, one of layer 3 (related)
+    assert got["ffn_change_content_n"] == [10, 0, 2, 1]
+    assert got["ffn_change_content_distant"] == [0.4, None, 0.0, 0.0]
+    _assert_intervals(got["ffn_change_content_distant_ci"], _wilson_reference([4, 0, 0, 0], [10, 0, 2, 1]),
+                      abs=1e-9)
     assert got["ffn_change_cosine_mean"][0] == pytest.approx(cos.mean(), rel=1e-12)
     assert got["ffn_change_cosine_mean"][1] is None and got["ffn_change_cosine_mean_ci"][1] is None
     assert 0.0 <= got["ffn_change_shuffled_distant"][0] <= 1.0 and got["ffn_change_shuffled_distant"][1] is None
@@ -541,9 +558,9 @@ def test_distant_share_on_planted_token_pairs():
     ci = got["random_pair_cosine_mean_ci"]
     assert ci[0] < got["random_pair_cosine_mean"] < ci[1]
     # the same seed, the same numbers; a one-token vocabulary cannot give random pairs
-    assert ffn_change(top_r, top_h, lambda t: f"w{t}", embed, vocab, seed=1) == got
+    assert ffn_change(top_r, top_h, text, embed, vocab, seed=1) == got
     with pytest.raises(FfkvError, match="at least two tokens"):
-        ffn_change(top_r, top_h, lambda t: f"w{t}", embed, 1)
+        ffn_change(top_r, top_h, text, embed, 1)
 
 
 def test_without_the_embedder_the_semantic_change_is_missing_with_a_reason(held_out_scan, monkeypatch):

@@ -44,7 +44,8 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
                                "n_matches", "no_single_memory_match_ci", "match_is_stopword_ci",
                                "match_prefix_short_ci": [L]}},
                      "ffn_change_n", "ffn_change_distant", "ffn_change_distant_ci", "ffn_change_shuffled_distant",
-                     "ffn_change_shuffled_distant_ci", "ffn_change_cosine_mean", "ffn_change_cosine_mean_ci": [L],
+                     "ffn_change_shuffled_distant_ci", "ffn_change_cosine_mean", "ffn_change_cosine_mean_ci",
+                     "ffn_change_content_n", "ffn_change_content_distant", "ffn_change_content_distant_ci": [L],
                      "random_pairs", "random_pair_cosine_mean", "random_pair_cosine_mean_ci": [low, high],
                      "random_pair_cosine_q95",
                      "missing": {"ffn_change": reason} (only when §5.2 could not be measured)},
@@ -60,9 +61,9 @@ bootstrap intervals (``active_fraction_mean_ci``, ``q50_ci``), the other rules o
 automate §5.2 with the sentence embedder: among examples where top(lens(r)) != top(lens(r + o)) (``ffn_change_n``
 per layer), the share whose two token strings embed less alike than ``random_pair_cosine_q95``, the 95th
 percentile of ``random_pairs`` random vocabulary pairs (the paper: 66 of 100 last-layer cases "semantically
-distant"); without the embedder these keys are absent and the top-level ``missing`` has
-``"aggregation.ffn_change"``. Files written before these keys existed lack them, and ``ffkv report`` draws what
-is there.
+distant"), and ``ffn_change_content*`` the same among changes between two content words; without the embedder
+these keys are absent and the top-level ``missing`` has ``"aggregation.ffn_change"``. Files written before these
+keys existed lack them, and ``ffkv report`` draws what is there.
 
 ``scan_id`` is the analysed atlas's ``Atlas.scan_id`` (a hash of its manifest.json, so a new scan into the same
 folder has another). ``ffkv report`` refuses an analysis.json whose ``scan_id`` differs from the atlas's (rerun

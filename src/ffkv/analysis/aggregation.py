@@ -117,7 +117,9 @@ DEFINITIONS = {
                   "vocabulary tokens ('random_pair_cosine_q95'), i.e. no more alike than 95 % of unrelated pairs; "
                   "'ffn_change_shuffled_distant' the same with top(r + o) taken from another changed example of "
                   "the layer, a random cycle over them (what an FFN that moved to one of its usual targets at "
-                  "random would score). The "
+                  "random would score); 'ffn_change_content_distant' the share among the changes between two "
+                  "content words (a letter, not a stop word; 'ffn_change_content_n'), because the embedder finds "
+                  "any two function words or punctuation marks alike. The "
                   "paper read 100 last-layer cases: 66 moved to a semantically distant word.",
     "intervals": "X_ci beside a per-layer X: its 95 % interval per layer, [low, high] or null; Wilson score for "
                  "shares, percentile bootstrap over examples (1000 resamples, seed 0) for means and medians "
@@ -432,6 +434,11 @@ def token_text(atlas: Atlas) -> Callable[[int], str]:
     return text
 
 
+def _content_word(text: str) -> bool:
+    """A token string (stripped, lower-cased) with a letter that is not a stop word."""
+    return any(ch.isalpha() for ch in text) and text not in STOP_WORDS
+
+
 def _derangement(rng: np.random.Generator, n: int) -> np.ndarray:
     """A random permutation of range(n) that moves every index (a random cycle), for n >= 2; identity below."""
     order = rng.permutation(n)
@@ -450,7 +457,9 @@ def ffn_change(top_r: np.ndarray, top_h: np.ndarray, text: Callable[[int], str],
     ``random_pairs`` seeded pairs of distinct token ids below ``vocab_size``: random tokens are almost never
     related, so a pair is "semantically distant" when it is no more alike than 95 % of them (cosine below their
     95th percentile; a pair above it is as alike as the top 5 % of unrelated pairs, which a related pair such as
-    'later' / 'earlier' is). Each token string is embedded once."""
+    'later' / 'earlier' is). Each token string is embedded once. The ``ffn_change_content*`` keys repeat the share
+    for the pairs of two content words (a letter, not a stop word): a sentence embedder finds any two function
+    words or punctuation marks alike, so there "related" says little about meaning."""
     if vocab_size < 2:
         raise FfkvError("§5.2 needs a vocabulary of at least two tokens")
     n_layers = top_r.shape[1]
@@ -464,17 +473,25 @@ def ffn_change(top_r: np.ndarray, top_h: np.ndarray, text: Callable[[int], str],
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
+    content = np.array([_content_word(text(int(t))) for t in tokens])
+
     def cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (vectors[np.searchsorted(tokens, x)] * vectors[np.searchsorted(tokens, y)]).sum(axis=-1)
 
+    def both_content(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return content[np.searchsorted(tokens, x)] & content[np.searchsorted(tokens, y)]
+
     reference = cosine(first, second)
     threshold = float(np.quantile(reference, DISTANT_QUANTILE))
-    n, distant, shuffled_distant, mean, mean_ci = [], [], [], [], []
+    n, distant, shuffled_distant, mean, mean_ci, content_n, content_distant = [], [], [], [], [], [], []
     for layer in range(n_layers):
         rows = changed[:, layer]
         cos = cosine(top_r[rows, layer], top_h[rows, layer])
         n.append(int(rows.sum()))
         distant.append(int((cos < threshold).sum()))
+        words = both_content(top_r[rows, layer], top_h[rows, layer])
+        content_n.append(int(words.sum()))
+        content_distant.append(int((cos[words] < threshold).sum()))
         shuffled_distant.append(int((cosine(top_r[rows, layer], top_h[rows, layer][shuffled[layer]]) < threshold)
                                     .sum()))
         mean.append(float(cos.mean()) if len(cos) else None)
@@ -487,6 +504,9 @@ def ffn_change(top_r: np.ndarray, top_h: np.ndarray, text: Callable[[int], str],
         "ffn_change_shuffled_distant_ci": [wilson(d, k) for d, k in zip(shuffled_distant, n)],
         "ffn_change_cosine_mean": mean,
         "ffn_change_cosine_mean_ci": mean_ci,
+        "ffn_change_content_n": content_n,
+        "ffn_change_content_distant": [d / k if k else None for d, k in zip(content_distant, content_n)],
+        "ffn_change_content_distant_ci": [wilson(d, k) for d, k in zip(content_distant, content_n)],
         "random_pairs": int(random_pairs),
         "random_pair_cosine_mean": float(reference.mean()),
         "random_pair_cosine_mean_ci": bootstrap(reference, "mean"),
