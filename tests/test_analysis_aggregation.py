@@ -597,6 +597,7 @@ def test_analyze_prints_a_row_per_headline_number(held_out_scan, capsys):
         assert f"{name:<38} {row(entry['no_single_memory_match'], '{:.0%}')}" in out
     assert f"{'§5.2 FFN changes it to a distant word':<38} {row(block['ffn_change_distant'], '{:.0%}')}" in out
     assert f"{'§5.2   mean cosine old / new token':<38} {row(block['ffn_change_cosine_mean'], '{:.2f}')}" in out
+    assert f"{'§5.2   between two content words':<38} " in out
     assert f"mean cosine {block['random_pair_cosine_mean']:.2f}, 95th percentile" in out
 
 

@@ -150,6 +150,7 @@ def _print_analysis(result: dict) -> None:
             ("Fig 11 residual keeps its top", effect.get("residual"), "{:.0%}"),
             ("Fig 11 FFN overrides it", effect.get("ffn"), "{:.0%}"),
             ("§5.2 FFN changes it to a distant word", a.get("ffn_change_distant"), "{:.0%}"),
+            ("§5.2   between two content words", a.get("ffn_change_content_distant"), "{:.0%}"),
             ("§5.2   new tokens shuffled (control)", a.get("ffn_change_shuffled_distant"), "{:.0%}"),
             ("§5.2   mean cosine old / new token", a.get("ffn_change_cosine_mean"), "{:.2f}")]
     sweep = a.get("sweep") or {}

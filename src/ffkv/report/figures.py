@@ -1358,8 +1358,10 @@ def fig11b(inp: ReportInputs) -> Figure:
                  "from the old: the cosine of the two token strings under an independent sentence embedder "
                  "(all-MiniLM-L6-v2) is below the 95th percentile of the cosines of random pairs of vocabulary "
                  "tokens, i.e. no more alike than 95% of unrelated pairs (so random pairs score 95% by "
-                 "construction). Thin: a control pairing each old token with the new token of another changed "
-                 "prefix of the same layer. The paper read 100 last-layer cases by hand: 66 distant.")
+                 "construction). Green: the same among the changes between two content words (a letter, not a "
+                 "stop word), since the embedder finds any two function words or punctuation marks alike. Thin: a "
+                 "control pairing each old token with the new token of another changed prefix of the same layer. "
+                 "The paper read 100 last-layer cases by hand: 66 distant.")
     ref = inp.paper["fig11_ffn_effect"]
     plot = Plot(inp, ("pos",))
     b = inp.block("aggregation")
@@ -1367,6 +1369,10 @@ def fig11b(inp: ReportInputs) -> Figure:
     ci = _ci(inp, b, "ffn_change_distant_ci")
     if s is not None:
         _error_bars(fig, plot.ours(0, "ours: changed to a distant word", s, COLORS["main"]), ci, COLORS["main"])
+        content = inp.series(b, "ffn_change_content_distant")
+        if content is not None:
+            _error_bars(fig, plot.ours(0, "ours: between two content words", content, COLORS["first"]),
+                        _ci(inp, b, "ffn_change_content_distant_ci"), COLORS["first"])
         shuffled = inp.series(b, "ffn_change_shuffled_distant")
         if shuffled is not None:
             _error_bars(fig, plot.ours(0, "ours: shuffled new tokens (control)", shuffled, COLORS["random"],
@@ -1390,7 +1396,8 @@ def fig11b(inp: ReportInputs) -> Figure:
             fig.notes.append("mean cosine of the old and new token per third: " + " / ".join(
                 _third(cos, lambda v: f"{v:.2f}")) + f"; random vocabulary pairs: {rnd:.2f}" +
                 (f", their 95th percentile (the 'distant' threshold) {threshold:.2f}" if threshold is not None else ""))
-        fig.verdict = _fig11b_verdict(inp, s, ci, shuffled, cos, rnd)
+        fig.verdict = _fig11b_verdict(inp, s, ci, shuffled, cos, rnd, content,
+                                      _ci(inp, b, "ffn_change_content_distant_ci"))
     fig = _finish(fig, inp, plot, s is not None, "aggregation", ytitle="share of changed prefixes (%)",
                   yrange=[0, 1.02])
     reason = ((inp.analysis or {}).get("missing") or {}).get("aggregation.ffn_change")
@@ -1409,7 +1416,7 @@ def _third(values: list, fmt) -> list[str]:
     return out
 
 
-def _fig11b_verdict(inp, s, ci, shuffled, cos, rnd) -> Verdict:
+def _fig11b_verdict(inp, s, ci, shuffled, cos, rnd, content=None, content_ci=None) -> Verdict:
     pts = points(s)
     if not pts:
         return no_verdict("no share of changed prefixes")
@@ -1423,6 +1430,9 @@ def _fig11b_verdict(inp, s, ci, shuffled, cos, rnd) -> Verdict:
     outside = "" if ok else ", outside the paper's interval"
     claim = (f"at the last layer (layer {layer}) {_with_ci(v, last_ci)} of the changes go to a semantically distant "
              f"word{outside}; {pct_span(min(p[2] for p in pts), max(p[2] for p in pts))} across layers")
+    if content is not None and content[layer] is not None:
+        claim += (f"; between two content words {_with_ci(content[layer], _at(content_ci, layer))}"
+                  f"{'' if _holds(content[layer], _at(content_ci, layer), *p_ci) else ', also outside it'}")
     if shuffled is not None and shuffled[layer] is not None:
         claim += f"; with the new tokens shuffled, {pct(shuffled[layer])} at the last layer"
     if cos is not None and cos[layer] is not None and rnd is not None:
