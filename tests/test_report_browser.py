@@ -87,6 +87,9 @@ def test_full_report_renders_every_figure(browser, tmp_path_factory):
         rules = page.evaluate("() => document.getElementById('plot-fig8').data.filter(t => t.name.startsWith("
                               "'ours: no single memory matches')).length")
         assert rules == 5 and state["fig8"]["lines"] >= rules + 2 + 3, state["fig8"]
+        for fid in ("fig7", "fig8", "fig9", "fig10", "fig11", "fig11b"):  # 95% intervals as error bars per layer
+            bars = page.evaluate(f"() => document.querySelectorAll('#plot-{fid} path.yerror').length")
+            assert bars >= 12, f"{fid}: {bars} error bars drawn"
         for fid in ("fig7", "fig10"):
             fills = page.evaluate(f"() => Array.from(document.querySelectorAll('#plot-{fid} .scatterlayer "
                                   "path.js-fill')).filter(p => (p.getAttribute('d') || '').length > 10).length")

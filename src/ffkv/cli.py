@@ -177,11 +177,22 @@ def _print_analysis(result: dict) -> None:
             ("Fig 10 residual's p(final), median", (a.get("residual_prob_of_final_quantiles") or {}).get("q50"),
              "{:.0%}"),
             ("Fig 11 residual keeps its top", effect.get("residual"), "{:.0%}"),
-            ("Fig 11 FFN overrides it", effect.get("ffn"), "{:.0%}")]
+            ("Fig 11 FFN overrides it", effect.get("ffn"), "{:.0%}"),
+            ("§5.2 FFN changes it to a distant word", a.get("ffn_change_distant"), "{:.0%}"),
+            ("§5.2   between two content words", a.get("ffn_change_content_distant"), "{:.0%}"),
+            ("§5.2   new tokens shuffled (control)", a.get("ffn_change_shuffled_distant"), "{:.0%}"),
+            ("§5.2   mean cosine old / new token", a.get("ffn_change_cosine_mean"), "{:.2f}")]
+    sweep = a.get("sweep") or {}
+    at = next((i for i, (name, *_) in enumerate(rows) if name.startswith("Fig 9")), len(rows))
+    rows[at:at] = [(f"Fig 8   under {rule}{' (headline)' if rule == a.get('active_rule') else ''}",
+                    (entry or {}).get("no_single_memory_match"), "{:.0%}") for rule, entry in sweep.items()]
     print("per third of the layers (low / mid / high, last layer):")
     for name, values, fmt in rows:
         if values:
             print(f"  {name:<38} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values)))
+    if a.get("random_pair_cosine_mean") is not None:
+        print(f"  §5.2 random vocabulary pairs: mean cosine {a['random_pair_cosine_mean']:.2f}, 95th percentile "
+              f"{a['random_pair_cosine_q95']:.2f} (below it: distant)")
     _print_top_max_prob(result)
 
 

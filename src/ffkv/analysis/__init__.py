@@ -49,16 +49,26 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
                                  "agree_any_ci", "layers", "keys", "max_prob": [n]} (Fig 6's summary),
                 "top_memories": [{"layer","key","face","precision","top_tokens","triggers"}], "skipped": [L]},
      "aggregation": {"n_examples", "active_fraction_mean", "active_fraction_positive_mean",
-                     "active_fraction_quantiles": {"q25", "q50", "q75"},
+                     "active_fraction_quantiles": {"q25", "q50", "q75", "q50_ci"},
                      "no_single_memory_match", "match_is_stopword", "match_prefix_short", "n_matches",
                      "residual_matches_final", "residual_prob_of_final",
-                     "residual_prob_of_final_quantiles": {"q25", "q50", "q75"},
-                     "ffn_effect": {"residual", "ffn", "agreement", "composition"}: [L],
+                     "residual_prob_of_final_quantiles": {"q25", "q50", "q75", "q50_ci"},
+                     "ffn_effect": {"residual", "ffn", "agreement", "composition", "residual_ci", ...}: [L],
+                     "active_fraction_mean_ci", "active_fraction_positive_mean_ci", "no_single_memory_match_ci",
+                     "match_is_stopword_ci", "match_prefix_short_ci", "residual_matches_final_ci",
+                     "residual_prob_of_final_ci": [L] of [low, high] | null,
                      "active_threshold", "active_rule": "m>0" | "tau=X",
                      "sweep": {"m>0", "tau=0.05", "tau=0.1", "tau=0.25", "tau=0.5", ...: {
                                "active_fraction_mean", "active_fraction_quantiles": {"q25", "q50", "q75"},
                                "no_single_memory_match", "match_is_stopword", "match_prefix_short",
-                               "n_matches": [L]}}},
+                               "n_matches", "no_single_memory_match_ci", "match_is_stopword_ci",
+                               "match_prefix_short_ci": [L]}},
+                     "ffn_change_n", "ffn_change_distant", "ffn_change_distant_ci", "ffn_change_shuffled_distant",
+                     "ffn_change_shuffled_distant_ci", "ffn_change_cosine_mean", "ffn_change_cosine_mean_ci",
+                     "ffn_change_content_n", "ffn_change_content_distant", "ffn_change_content_distant_ci": [L],
+                     "random_pairs", "random_pair_cosine_mean", "random_pair_cosine_mean_ci": [low, high],
+                     "random_pair_cosine_q95",
+                     "missing": {"ffn_change": reason} (only when §5.2 could not be measured)},
      "causal": {"n_agree", "n_suppress": [L] memories checked, "n_agree_candidates", "n_suppress_candidates": [L],
                 "agree_delta", "agree_control_delta", "suppress_delta", "suppress_control_delta": [L] mean deltas
                 (nats), "agree_exceeds_control", "suppress_exceeds_control": [L] shares, each of these six with its
@@ -70,8 +80,16 @@ face (coefficients < 0, value -v) of signed (non-ReLU) models; they are absent f
 
 In ``aggregation`` the headline Fig 7-8 keys use the rule named by ``active_rule`` (m > 0 for ReLU FFNs,
 |m_i| > active_threshold * max_j |m_j| otherwise); ``sweep`` repeats them under every rule, from the same forward
-pass. ``*_quantiles`` are over examples (the paper plots medians). Files written before these keys existed lack
-them, and ``ffkv report`` draws what is there.
+pass. ``*_quantiles`` are over examples (the paper plots medians). ``X_ci`` is X's 95 % interval
+(``ffkv.analysis.intervals``): Wilson for shares (null where a share has no examples), percentile bootstrap over
+examples for means and for the medians (``q50_ci``); the sweep's entry of the headline rule also carries the
+bootstrap intervals (``active_fraction_mean_ci``, ``q50_ci``), the other rules only the Wilson ones. ``ffn_change*``
+automate §5.2 with the sentence embedder: among examples where top(lens(r)) != top(lens(r + o)) (``ffn_change_n``
+per layer), the share whose two token strings embed less alike than ``random_pair_cosine_q95``, the 95th
+percentile of ``random_pairs`` random vocabulary pairs (the paper: 66 of 100 last-layer cases "semantically
+distant"), and ``ffn_change_content*`` the same among changes between two content words; without the embedder
+these keys are absent and the top-level ``missing`` has ``"aggregation.ffn_change"``. Files written before these
+keys existed lack them, and ``ffkv report`` draws what is there.
 
 In ``causal`` a memory face *agrees* when its value's top token (argmax of s * v . E, s = -1 on the negative face)
 is the token t after its top-1 trigger, and *suppresses* when its bottom token (argmin) is t; up to

@@ -21,11 +21,18 @@ the model's own logits. Per layer:
   (mean, and the quartiles over examples: the paper reports the median).
 * Fig 11: with a = top(lens(r)), b = top(lens(o)), c = top(lens(r + o)) = top(lens(h)): residual (c = a != b),
   ffn (c = b != a), agreement (a = b = c), composition (c != a and c != b); the four sum to 1.
+* §5.2, which the paper did by hand (100 last-layer cases where the FFN changed the top token, 66 to a
+  "semantically distant" word), automated with the independent sentence embedder (``ffkv.embedder``): among the
+  examples where c != a, the cosine similarity of the embedded token strings of a and c (see ``ffn_change``).
+
+Every share of a sample has a Wilson 95 % interval (``X_ci``), the headline means and medians over examples a
+percentile-bootstrap one (``ffkv.analysis.intervals``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,6 +42,7 @@ from ..atlas import Atlas
 from ..capture import Capture, last_positions, pack_sorted, pad_right
 from ..errors import FfkvError
 from ..projection import ResidualLens, value_extremes, work_dtype
+from .intervals import bootstrap, wilson
 from .words import STOP_WORDS
 
 SHORT_PREFIX = 5
@@ -62,6 +70,11 @@ def active_rules(tau: float, signed: bool) -> tuple[list[tuple[str, float | None
 
 
 EFFECTS = ("residual", "ffn", "agreement", "composition")
+
+RANDOM_PAIRS = 1000
+"""Random pairs of vocabulary tokens whose embedding cosines are the reference of §5.2's "semantically distant"."""
+DISTANT_QUANTILE = 0.95
+"""A changed pair is semantically distant when its cosine is below this quantile of the random pairs' cosines."""
 
 DEFINITIONS = {
     "examples": "prefixes of units the scan did not use (held out), sampled with a seed: one random prefix end "
@@ -96,6 +109,21 @@ DEFINITIONS = {
                                         "the 50th.",
     "ffn_effect": "with a = top(lens(r)), b = top(lens(o)) for the FFN output o, c = top(lens(r + o)): residual "
                   "c = a != b; ffn c = b != a; agreement a = b = c; composition c != a and c != b.",
+    "ffn_change": "§5.2 automated: among the examples where the FFN changes the residual's top token "
+                  "(top(r) != top(r + o), 'ffn_change_n' per layer), the cosine similarity of the sentence "
+                  "embedder's (all-MiniLM-L6-v2) vectors of the two tokens' strings (stripped, lower-cased: the "
+                  "embedder is uncased); 'ffn_change_distant' is the share whose cosine is below the "
+                  f"{DISTANT_QUANTILE:.0%} quantile of the cosines of {RANDOM_PAIRS} random pairs of distinct "
+                  "vocabulary tokens ('random_pair_cosine_q95'), i.e. no more alike than 95 % of unrelated pairs; "
+                  "'ffn_change_shuffled_distant' the same with top(r + o) taken from another changed example of "
+                  "the layer, a random cycle over them (what an FFN that moved to one of its usual targets at "
+                  "random would score); 'ffn_change_content_distant' the share among the changes between two "
+                  "content words (a letter, not a stop word; 'ffn_change_content_n'), because the embedder finds "
+                  "any two function words or punctuation marks alike. The "
+                  "paper read 100 last-layer cases: 66 moved to a semantically distant word.",
+    "intervals": "X_ci beside a per-layer X: its 95 % interval per layer, [low, high] or null; Wilson score for "
+                 "shares, percentile bootstrap over examples (1000 resamples, seed 0) for means and medians "
+                 "(q50_ci inside a quantile block).",
 }
 
 
@@ -194,13 +222,14 @@ def memory_predictions(atlas: Atlas, model, layer: int) -> tuple[torch.Tensor, t
 
 def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, active_threshold: float = 0.1,
                            seed: int = 0, per_unit: int = 1, batch_tokens: int = 2048, max_batch: int = 64,
-                           progress: bool = True) -> dict:
+                           embed: Callable[[list[str]], np.ndarray] | None = None, progress: bool = True) -> dict:
     """The ``aggregation`` block of ``analysis.json`` (every per-layer array has length ``n_layers``).
 
     ``active_threshold`` is tau for smooth activations (ReLU FFNs always use m > 0) in the headline keys; the
     ``sweep`` holds Figs 7-8 under every rule of ``active_rules``. ``per_unit``: prefixes taken per held-out
     unit (see ``sample_prefixes``); ``batch_tokens`` and ``max_batch`` bound each forward batch (padded tokens,
-    rows)."""
+    rows). ``embed`` maps texts to vectors for §5.2 (``ffn_change``); by default the sentence embedder, with the
+    explanations' cache of the atlas; without it installed the §5.2 keys are left out and ``missing`` says why."""
     if not 0.0 <= active_threshold < 1.0:
         raise FfkvError("the active threshold must be in [0, 1)")
     parts = model.parts
@@ -239,6 +268,8 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     rule_acc = {name: np.zeros((n_rules, n_layers)) for name in ("active", "match", "match_stop", "match_short")}
     active_share = np.zeros((n_rules, total, n_layers), dtype=np.float32)
     res_prob = np.zeros((total, n_layers), dtype=np.float32)
+    top_r = np.zeros((total, n_layers), dtype=np.int64)  # §5.2: top(lens(r)) and top(lens(r + o)) per example
+    top_h = np.zeros((total, n_layers), dtype=np.int64)
     acc = {name: np.zeros(n_layers) for name in ("res_final", "res_prob")}
     effects = np.zeros((n_layers, len(EFFECTS)))
     batches = _plan(store, positions, batch_tokens, max_batch)
@@ -305,6 +336,8 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
                     kinds = torch.stack([(c == a) & (a != b), (c == b) & (b != a), (a == b) & (b == c),
                                          (c != a) & (c != b)], dim=1)
                     effects[layer] += kinds.sum(dim=0).cpu().numpy()
+                    top_r[examples, layer] = a.cpu().numpy()
+                    top_h[examples, layer] = c.cpu().numpy()
                 bar.update(n)
     finally:
         bar.close()
@@ -313,34 +346,54 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
         den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
         return [float(x / d) if d > 0 else None for x, d in zip(num, den)]
 
-    def quantiles(per_example: np.ndarray) -> dict:
+    def share_ci(num: np.ndarray, den) -> list:
+        den = np.broadcast_to(np.asarray(den, dtype=np.float64), num.shape)
+        return [wilson(float(x), float(d)) for x, d in zip(num, den)]
+
+    def quantiles(per_example: np.ndarray, median_ci: bool = False) -> dict:
         q = np.quantile(per_example.astype(np.float64), list(QUANTILES.values()), axis=0)
-        return {name: [float(x) for x in row] for name, row in zip(QUANTILES, q)}
+        out = {name: [float(x) for x in row] for name, row in zip(QUANTILES, q)}
+        if median_ci:
+            out["q50_ci"] = per_layer_bootstrap(per_example, "median")
+        return out
 
     sweep = {}
     for j, (name, _) in enumerate(rules):
-        sweep[name] = {
+        matches = rule_acc["match"][j]
+        entry = {
             "active_fraction_mean": share(rule_acc["active"][j], total),
-            "active_fraction_quantiles": quantiles(active_share[j]),
-            "no_single_memory_match": share(total - rule_acc["match"][j], total),
-            "match_is_stopword": share(rule_acc["match_stop"][j], rule_acc["match"][j]),
-            "match_prefix_short": share(rule_acc["match_short"][j], rule_acc["match"][j]),
-            "n_matches": [int(x) for x in rule_acc["match"][j]],
+            "active_fraction_quantiles": quantiles(active_share[j], median_ci=name == headline),
+            "no_single_memory_match": share(total - matches, total),
+            "no_single_memory_match_ci": share_ci(total - matches, total),
+            "match_is_stopword": share(rule_acc["match_stop"][j], matches),
+            "match_is_stopword_ci": share_ci(rule_acc["match_stop"][j], matches),
+            "match_prefix_short": share(rule_acc["match_short"][j], matches),
+            "match_prefix_short_ci": share_ci(rule_acc["match_short"][j], matches),
+            "n_matches": [int(x) for x in matches],
         }
+        if name == headline:  # bootstrap costs ~15-40 ms a layer: the headline rule only
+            entry["active_fraction_mean_ci"] = per_layer_bootstrap(active_share[j], "mean")
+        sweep[name] = entry
     main = sweep[headline]
-    return {
+    positive = rules.index((POSITIVE_RULE, None))
+    block = {
         "n_examples": total,
         "active_fraction_mean": main["active_fraction_mean"],
+        "active_fraction_mean_ci": main["active_fraction_mean_ci"],
         "active_fraction_quantiles": main["active_fraction_quantiles"],
         "active_fraction_positive_mean": sweep[POSITIVE_RULE]["active_fraction_mean"],
-        "no_single_memory_match": main["no_single_memory_match"],
-        "match_is_stopword": main["match_is_stopword"],
-        "match_prefix_short": main["match_prefix_short"],
-        "n_matches": main["n_matches"],
+        "active_fraction_positive_mean_ci": main["active_fraction_mean_ci"] if headline == POSITIVE_RULE else
+        per_layer_bootstrap(active_share[positive], "mean"),
+        **{key: main[key] for key in ("no_single_memory_match", "no_single_memory_match_ci", "match_is_stopword",
+                                      "match_is_stopword_ci", "match_prefix_short", "match_prefix_short_ci",
+                                      "n_matches")},
         "residual_matches_final": share(acc["res_final"], total),
+        "residual_matches_final_ci": share_ci(acc["res_final"], total),
         "residual_prob_of_final": share(acc["res_prob"], total),
-        "residual_prob_of_final_quantiles": quantiles(res_prob),
-        "ffn_effect": {name: share(effects[:, j], total) for j, name in enumerate(EFFECTS)},
+        "residual_prob_of_final_ci": per_layer_bootstrap(res_prob, "mean"),
+        "residual_prob_of_final_quantiles": quantiles(res_prob, median_ci=True),
+        "ffn_effect": {**{name: share(effects[:, j], total) for j, name in enumerate(EFFECTS)},
+                       **{f"{name}_ci": share_ci(effects[:, j], total) for j, name in enumerate(EFFECTS)}},
         "active_threshold": tau,
         "active_rule": headline,
         "sweep": sweep,
@@ -351,4 +404,111 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
         "forward_tokens": int(forward_tokens),
         "seed": seed,
         "definitions": dict(DEFINITIONS, active=DEFINITIONS["active"] + f" Used here: tau = {tau:g}."),
+    }
+    if embed is None:
+        try:
+            from ..embedder import Embedder
+
+            embed = Embedder(cache_dir=atlas.path / "explain_cache").encode
+        except FfkvError as exc:
+            block["missing"] = {"ffn_change": f"not measured: {exc}"}
+    if embed is not None:
+        vocab = min(len(atlas.tokenizer), parts.unembedding.shape[0])
+        block.update(ffn_change(top_r, top_h, token_text(atlas), embed, vocab, seed))
+    return block
+
+
+def per_layer_bootstrap(per_example: np.ndarray, statistic: str) -> list:
+    """The bootstrap interval of ``statistic`` over examples (rows), for each layer (column)."""
+    return [bootstrap(per_example[:, layer], statistic) for layer in range(per_example.shape[1])]
+
+
+def token_text(atlas: Atlas) -> Callable[[int], str]:
+    """A token's string as §5.2 embeds it: decoded alone, stripped and lower-cased (the embedder is uncased and
+    ignores surrounding whitespace; lower-cased words are what the explanations' cache already holds)."""
+
+    @functools.cache
+    def text(token: int) -> str:
+        return atlas.decode([token]).strip().lower()
+
+    return text
+
+
+def _content_word(text: str) -> bool:
+    """A token string (stripped, lower-cased) with a letter that is not a stop word."""
+    return any(ch.isalpha() for ch in text) and text not in STOP_WORDS
+
+
+def _derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random permutation of range(n) that moves every index (a random cycle), for n >= 2; identity below."""
+    order = rng.permutation(n)
+    partner = np.arange(n)
+    partner[order] = np.roll(order, -1)
+    return partner
+
+
+def ffn_change(top_r: np.ndarray, top_h: np.ndarray, text: Callable[[int], str],
+               embed: Callable[[list[str]], np.ndarray], vocab_size: int, seed: int = 0,
+               random_pairs: int = RANDOM_PAIRS) -> dict:
+    """§5.2 automated: the ``ffn_change*`` and ``random_pair*`` keys of the aggregation block.
+
+    ``top_r`` and ``top_h`` [examples, layers] are the top tokens of lens(r) and lens(r + o); ``text`` gives a
+    token's string, ``embed`` the vectors of a list of strings (normalised here). The reference is
+    ``random_pairs`` seeded pairs of distinct token ids below ``vocab_size``: random tokens are almost never
+    related, so a pair is "semantically distant" when it is no more alike than 95 % of them (cosine below their
+    95th percentile; a pair above it is as alike as the top 5 % of unrelated pairs, which a related pair such as
+    'later' / 'earlier' is). Each token string is embedded once. The ``ffn_change_content*`` keys repeat the share
+    for the pairs of two content words (a letter, not a stop word): a sentence embedder finds any two function
+    words or punctuation marks alike, so there "related" says little about meaning."""
+    if vocab_size < 2:
+        raise FfkvError("§5.2 needs a vocabulary of at least two tokens")
+    n_layers = top_r.shape[1]
+    changed = top_r != top_h
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, vocab_size, size=random_pairs)
+    second = (first + rng.integers(1, vocab_size, size=random_pairs)) % vocab_size  # distinct from first
+    shuffled = [_derangement(rng, int(changed[:, layer].sum())) for layer in range(n_layers)]
+    tokens = np.unique(np.concatenate([top_r[changed], top_h[changed], first, second]))
+    vectors = np.asarray(embed([text(int(t)) for t in tokens]), dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+    content = np.array([_content_word(text(int(t))) for t in tokens])
+
+    def cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (vectors[np.searchsorted(tokens, x)] * vectors[np.searchsorted(tokens, y)]).sum(axis=-1)
+
+    def both_content(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return content[np.searchsorted(tokens, x)] & content[np.searchsorted(tokens, y)]
+
+    reference = cosine(first, second)
+    threshold = float(np.quantile(reference, DISTANT_QUANTILE))
+    n, distant, shuffled_distant, mean, mean_ci, content_n, content_distant = [], [], [], [], [], [], []
+    for layer in range(n_layers):
+        rows = changed[:, layer]
+        cos = cosine(top_r[rows, layer], top_h[rows, layer])
+        n.append(int(rows.sum()))
+        distant.append(int((cos < threshold).sum()))
+        words = both_content(top_r[rows, layer], top_h[rows, layer])
+        content_n.append(int(words.sum()))
+        content_distant.append(int((cos[words] < threshold).sum()))
+        shuffled_distant.append(int((cosine(top_r[rows, layer], top_h[rows, layer][shuffled[layer]]) < threshold)
+                                    .sum()))
+        mean.append(float(cos.mean()) if len(cos) else None)
+        mean_ci.append(bootstrap(cos, "mean"))
+    return {
+        "ffn_change_n": n,
+        "ffn_change_distant": [d / k if k else None for d, k in zip(distant, n)],
+        "ffn_change_distant_ci": [wilson(d, k) for d, k in zip(distant, n)],
+        "ffn_change_shuffled_distant": [d / k if k else None for d, k in zip(shuffled_distant, n)],
+        "ffn_change_shuffled_distant_ci": [wilson(d, k) for d, k in zip(shuffled_distant, n)],
+        "ffn_change_cosine_mean": mean,
+        "ffn_change_cosine_mean_ci": mean_ci,
+        "ffn_change_content_n": content_n,
+        "ffn_change_content_distant": [d / k if k else None for d, k in zip(content_distant, content_n)],
+        "ffn_change_content_distant_ci": [wilson(d, k) for d, k in zip(content_distant, content_n)],
+        "random_pairs": int(random_pairs),
+        "random_pair_cosine_mean": float(reference.mean()),
+        "random_pair_cosine_mean_ci": bootstrap(reference, "mean"),
+        "random_pair_cosine_q95": threshold,
     }

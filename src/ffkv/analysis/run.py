@@ -195,6 +195,9 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
         if defs:
             result["definitions"].update(defs)
     result["missing"] = {x: not_run for x in EXPERIMENTS if x not in result}
+    for x in EXPERIMENTS:  # a part of a block that could not be measured (e.g. §5.2 without the embedder)
+        for part, reason in ((result.get(x) or {}).get("missing") or {}).items():
+            result["missing"][f"{x}.{part}"] = reason
     tmp = out_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=float))
     os.replace(tmp, out_path)

@@ -27,7 +27,8 @@ FIGURE_IDS = tuple(FIGURES)
 """Figure ids, also the html ids and the names `ffkv.report.screenshot --figure` takes (plus table1, table2 and
 best, the best-explained memories). Not figures of the paper: ``explain`` (Fig E1, the explanation scores),
 ``fig3b`` (sign changes under token removal), ``fig4b`` (suppression, the mirror of Fig 4) and ``causal`` (Fig C1,
-the causal check of the values)."""
+the causal check of the values); ``fig11b`` automates an analysis the paper did by hand (§5.2: is the FFN's new
+top token semantically distant from the residual's?)."""
 
 
 def plotly_js() -> str:

@@ -1312,22 +1312,83 @@ def _causal_verdict(per_face) -> Verdict:
 
 
 # -- §5 aggregation --------------------------------------------------------------------------------------------
+ABOUT_A_THIRD = (0.25, 0.40)
+"""The paper's "about a third of predictions are determined in the bottom layers" (Fig 9), read as 25–40%."""
+
+
 def _agg_note(inp, fig):
-    n = inp.scalar(inp.block("aggregation"), "n_examples")
+    b = inp.block("aggregation")
+    n = inp.scalar(b, "n_examples")
     if n is None:
-        ns = inp.series(inp.block("aggregation"), "n_examples")
+        ns = inp.series(b, "n_examples")
         n = max((v for v in ns or [] if v is not None), default=None)
     if n is not None:
         fig.notes.append(f"over {n:,.0f} held-out prefixes (paper: 4,000 validation prefixes)")
 
 
+def _ci(inp: ReportInputs, block: dict | None, *path: str) -> list[list[float] | None] | None:
+    """A per-layer ``X_ci`` array of analysis.json ([low, high] or None per layer, padded to n_layers), or None."""
+    x = block
+    for key in path:
+        if not isinstance(x, dict):
+            return None
+        x = x.get(key)
+    if not isinstance(x, list):
+        return None
+    out = []
+    for v in x[: inp.n_layers]:
+        pair = [inp.scalar({"v": u}, "v") for u in v] if isinstance(v, list) and len(v) == 2 else None
+        out.append(pair if pair and None not in pair and pair[0] <= pair[1] else None)
+    out += [None] * (inp.n_layers - len(out))
+    return out if any(v is not None for v in out) else None
+
+
+CI_NOTE = ("error bars: 95% intervals (Wilson for shares of prefixes, percentile bootstrap over prefixes for "
+           "medians)")
+
+
+def _noted_error_bars(fig: Figure, trace: dict, ci: list | None, color: str) -> None:
+    """Draw 95% intervals as error bars on one of our traces, in its hover text, and say so under the figure."""
+    if ci is None:
+        return
+    trace["error_y"] = _error_y(trace["y"], ci, color)
+    trace["text"] = [t if t is None or c is None else f"{t}<br>95% interval {_interval(c)}"
+                     for t, c in zip(trace["text"], ci)]
+    trace["meta"]["ci"] = True
+    if CI_NOTE not in fig.notes:
+        fig.notes.append(CI_NOTE)
+
+
+def _interval(ci: list) -> str:
+    """'10–14%'."""
+    return f"{pct(ci[0]).removesuffix('%')}–{pct(ci[1])}"
+
+
+def _with_ci(value: float | None, ci: list | None) -> str:
+    """'12% (95% interval 10–14%)'."""
+    return pct(value) + (f" (95% interval {_interval(ci)})" if ci is not None else "")
+
+
+def _at(ci: list | None, layer: int) -> list | None:
+    return None if ci is None else ci[layer]
+
+
+def _holds(value: float | None, ci: list | None, low: float, high: float) -> bool:
+    """Whether a number meets [low, high]: its interval overlaps it (``agree``), or without an interval the number
+    lies in it."""
+    if ci is not None:
+        return agree(ci, low, high)
+    return value is not None and low <= value <= high
+
+
 def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
-    """Common body of figures with one headline aggregation series and one paper curve."""
+    """Common body of figures with one headline aggregation series (with its intervals) and one paper curve."""
     plot = Plot(inp, ("pos",))
     b = inp.block("aggregation")
     s = inp.series(b, key)
     if s is not None:
-        plot.ours(0, f"ours: {label}", s, COLORS["main"])
+        trace = plot.ours(0, f"ours: {label}", s, COLORS["main"])
+        _noted_error_bars(fig, trace, _ci(inp, b, key + "_ci"), COLORS["main"])
         plot.paper(0, paper_label, paper_arr, COLORS["main"])
         _note_gaps(fig, inp, label, s)
         _agg_note(inp, fig)
@@ -1335,16 +1396,18 @@ def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
 
 
 def _quartiles(inp: ReportInputs, b: dict | None, key: str) -> dict | None:
-    """{q25, q50, q75} per-layer series of a quantile block of aggregation, or None without a median."""
+    """{q25, q50, q75, q50_ci} per-layer series of a quantile block of aggregation, or None without a median."""
     q = {k: inp.series(b, key, k) for k in ("q25", "q50", "q75")}
+    q["q50_ci"] = _ci(inp, b, key, "q50_ci")
     return q if q["q50"] is not None else None
 
 
-def _band_and_median(plot: Plot, q: dict, label: str) -> None:
-    """The 25–75% band over prefixes and the median line (the headline of Figs 7 and 10)."""
+def _band_and_median(fig: Figure, plot: Plot, q: dict, label: str) -> None:
+    """The 25–75% band over prefixes and the median line with its interval (the headline of Figs 7 and 10)."""
     if q["q25"] is not None and q["q75"] is not None:
         plot.band(0, "ours: 25–75% of prefixes", q["q25"], q["q75"], "rgba(37,99,168,0.18)", pct)
-    plot.ours(0, f"ours: median {label}", q["q50"], COLORS["main"])
+    trace = plot.ours(0, f"ours: median {label}", q["q50"], COLORS["main"])
+    _noted_error_bars(fig, trace, q["q50_ci"], COLORS["main"])
 
 
 def _rule_label(name) -> str:
@@ -1386,6 +1449,17 @@ def _sweep(inp: ReportInputs) -> list[tuple[str, dict, str]]:
     return out
 
 
+def _rule_why(inp: ReportInputs) -> str:
+    """Why the headline uses its active rule, in a clause (empty when analysis.json does not name the rule)."""
+    rule = _headline_rule(inp)
+    if rule is None:
+        return ""
+    if _rule_label(rule) == "m > 0":
+        return "the paper's rule for its ReLU FFN"
+    return ("the documented magnitude rule, because the paper's ReLU rule m > 0 says nothing for a smooth or gated "
+            "FFN, where about half of all coefficients are positive whatever the input")
+
+
 def _rule_caption(inp: ReportInputs) -> str:
     """Which active rule the headline uses, and why."""
     rule = _headline_rule(inp)
@@ -1417,15 +1491,17 @@ def fig7(inp: ReportInputs) -> Figure:
                         "Definitions (blue); the light line is the share with a positive coefficient, which is ≈50% "
                         "for SiLU/GELU gating.")
     if q is not None:
-        fig.caption += (" Blue: the median over prefixes with its 25–75% band, as the paper plots it; thin blue: the "
-                        "mean.")
-        _band_and_median(plot, q, label)
+        fig.caption += (" Blue: the median over prefixes with its 25–75% band, as the paper plots it, and its 95% "
+                        "interval; thin blue: the mean.")
+        _band_and_median(fig, plot, q, label)
         if mean is not None:
             plot.ours(0, "ours: mean active memories", mean, COLORS["main"], thin=True)
     elif mean is not None:
         fig.caption += " Ours is the mean over prefixes, the paper's the median."
-        plot.ours(0, f"ours: {label}", mean, COLORS["main"])
+        _noted_error_bars(fig, plot.ours(0, f"ours: {label}", mean, COLORS["main"]),
+                          _ci(inp, b, "active_fraction_mean_ci"), COLORS["main"])
     head = q["q50"] if q is not None else mean
+    head_ci = q["q50_ci"] if q is not None else _ci(inp, b, "active_fraction_mean_ci")
     if head is not None:
         plot.paper(0, "active memories (median)", ref["median_fraction_approx"], COLORS["main"])
         _note_gaps(fig, inp, label, head)
@@ -1433,7 +1509,7 @@ def fig7(inp: ReportInputs) -> Figure:
     fig.caption += _rule_caption(inp)
     sweep = _sweep(inp)
     pos = inp.series(b, "active_fraction_positive_mean")
-    drawn_rules = 0
+    drawn_rules = []  # (rule, median or mean per layer)
     for name, entry, color in sweep:
         if name == rule:
             continue
@@ -1442,30 +1518,39 @@ def fig7(inp: ReportInputs) -> Figure:
         if series is not None:
             stat = "median" if sq is not None else "mean"
             plot.ours(0, f"ours: {_rule_label(name)} ({stat})", series, color, thin=True)
-            drawn_rules += 1
+            drawn_rules.append((name, series))
     if not sweep and pos is not None:
         plot.ours(0, "ours: coefficient > 0", pos, COLORS["alt"])
-    drawn = head is not None or pos is not None or drawn_rules > 0
+    drawn = head is not None or pos is not None or bool(drawn_rules)
     if drawn:
         stat = "median" if q is not None else "mean"
-        fig.verdict = _fig7_verdict(inp, points(head) if head is not None else points(pos), pos, stat)
+        fig.verdict = _fig7_verdict(inp, head if head is not None else pos, head_ci if head is not None else None,
+                                    pos, drawn_rules, stat)
     return _finish(fig, inp, plot, drawn, "aggregation", ytitle="active memories (% of the layer)",
                    yrange=[0, 1.02])
 
 
-def _fig7_verdict(inp, pts, pos, stat="mean") -> Verdict:
+def _fig7_verdict(inp, series, ci, pos, others, stat="mean") -> Verdict:
+    pts = points(series)
     if not pts:
         return no_verdict("no active-memory numbers")
     vals = [v for _, _, v in pts]
     lo, hi = min(vals), max(vals)
     dip = min(pts, key=lambda t: t[2])
-    in_range = lo >= 0.05 and hi <= 0.6
+    # the paper's 10–50%: every layer's number (its interval where there is one) meets the range
+    in_range = all(_holds(v, _at(ci, layer), 0.10, 0.50) for _, layer, v in pts)
     dip_mid = 0.3 <= dip[0] <= 0.9 and len(pts) >= 3 and dip[2] < max(pts[0][2], pts[-1][2])
     status = "yes" if in_range and dip_mid else "partly" if in_range or dip_mid else "no"
-    rule = _headline_rule(inp)
-    under = f" under {_rule_label(rule)}" if rule else ""
-    claim = (f"{pct_span(lo, hi)} of memories are active ({stat} over prefixes{under}), lowest at layer {dip[1]} "
-             f"(depth {dip[0]:.2f})")
+    why = _rule_why(inp)
+    under = f" under {_rule_label(_headline_rule(inp))}, the headline rule: {why}" if why else ""
+    claim = f"{pct_span(lo, hi)} of memories are active ({stat} over prefixes{under})"
+    claim += f"; lowest at layer {dip[1]} (depth {dip[0]:.2f})"
+    if ci is not None:
+        claim += f", {_with_ci(dip[2], ci[dip[1]])}"
+    spans = [f"{pct_span(min(v for v in s if v is not None), max(v for v in s if v is not None))} under "
+             f"{_rule_label(name)}" for name, s in others]
+    if spans:
+        claim += "; the other rules give " + join_words(spans)
     pp = points(pos)
     if pp:
         claim += f"; {pct(_mean(pp))} have a positive coefficient on average"
@@ -1487,18 +1572,23 @@ def fig8(inp: ReportInputs) -> Figure:
     b = inp.block("aggregation")
     sw, sh = inp.series(b, "match_is_stopword"), inp.series(b, "match_prefix_short")
     if sw is not None:
-        plot.ours(0, "ours: matched token is a stop word", sw, COLORS["stopword"])
+        _noted_error_bars(fig, plot.ours(0, "ours: matched token is a stop word", sw, COLORS["stopword"]),
+                    _ci(inp, b, "match_is_stopword_ci"), COLORS["stopword"])
     if sh is not None:
-        plot.ours(0, "ours: matched prefix < 5 tokens", sh, COLORS["short"])
-    swept = []  # (rule, mean no-match, mean stop-word share, mean short share)
+        _noted_error_bars(fig, plot.ours(0, "ours: matched prefix < 5 tokens", sh, COLORS["short"]),
+                    _ci(inp, b, "match_prefix_short_ci"), COLORS["short"])
+    swept = []  # (rule, mean no-match, mean stop-word share, mean short share, whether >= 68% holds in every layer)
+    floor = min(ref["approx"])
     for name, entry, color in _sweep(inp):
         no_match = inp.series(entry, "no_single_memory_match")
         if no_match is None:
             continue
+        ci = _ci(inp, entry, "no_single_memory_match_ci")
         if name != rule:
             plot.ours(0, f"ours: no single memory matches, {_rule_label(name)}", no_match, color, thin=True)
+        holds = all(_holds(v, _at(ci, layer), floor, 1.0) for _, layer, v in points(no_match))
         swept.append((name, _mean(points(no_match)), *(_mean(points(inp.series(entry, k)))
-                                                       for k in ("match_is_stopword", "match_prefix_short"))))
+                                                       for k in ("match_is_stopword", "match_prefix_short")), holds))
     if s is not None or sw is not None or sh is not None:
         plot.paper_hline(0, f"{ref['stop_word_share_when_matched']:.0%} stop words when matched (all layers)",
                          ref["stop_word_share_when_matched"], COLORS["stopword"])
@@ -1508,44 +1598,61 @@ def fig8(inp: ReportInputs) -> Figure:
         fig.notes.append("mean over layers per active rule (no single memory matches / matched token is a stop "
                          "word / matched prefix < 5 tokens): " + "; ".join(
                              f"{_rule_label(n)}{' (headline)' if n == rule else ''}: {pct(a)} / {pct(w)} / {pct(h)}"
-                             for n, a, w, h in swept))
+                             for n, a, w, h, _ in swept))
     if s is not None:
-        pts = points(s)
-        vals = [v for _, _, v in pts]
-        low = min(pts, key=lambda t: t[2])
-        status = "yes" if low[2] >= 0.6 else "partly" if _mean(pts) >= 0.5 else "no"
-        claim = (f"no single memory gives the layer's top token in {pct(low[2])} (layer {low[1]}) to "
-                 f"{pct(max(vals))} of prefixes") if pct(low[2]) != pct(max(vals)) else \
-            f"no single memory gives the layer's top token in {pct(low[2])} of prefixes in every layer"
-        if rule:
-            claim += f" under {_rule_label(rule)}"
-        others = [(n, a) for n, a, _, _ in swept if n != rule and a is not None]
-        if others:
-            claim += " (on average " + ", ".join(f"{pct(a)} under {_rule_label(n)}" for n, a in others) + ")"
-        extra_bits = []
-        if sw is not None:
-            extra_bits.append(f"{pct(_mean(points(sw)))} of matched tokens are stop words")
-        if sh is not None:
-            extra_bits.append(f"{pct(_mean(points(sh)))} of matched prefixes are short")
-        if extra_bits:
-            claim += "; " + " and ".join(extra_bits)
-        paper = (f"≥{pct(min(ref['approx']))} in every layer under m > 0; "
-                 f"{pct(ref['stop_word_share_when_matched'])} stop words, "
-                 f"{pct(ref['short_prefix_share_when_matched'])} short prefixes")
-        fig.verdict = verdict(inp, status, claim, paper, ("gated", "instruct"))
+        fig.verdict = _fig8_verdict(inp, s, _ci(inp, b, "no_single_memory_match_ci"), sw, sh, swept)
     return _finish(fig, inp, plot, s is not None or sw is not None or sh is not None, "aggregation",
                    ytitle="share of prefixes (%)", yrange=[0, 1.02])
 
 
-def _rise_verdict(inp, s, ref_arr, what, final_ok, early_max, aspects) -> Verdict:
+def _fig8_verdict(inp, s, ci, sw, sh, swept) -> Verdict:
+    ref = inp.paper["fig8_no_single_memory_match"]
+    floor = min(ref["approx"])
+    rule = _headline_rule(inp)
+    pts = points(s)
+    vals = [v for _, _, v in pts]
+    low = min(pts, key=lambda t: t[2])
+    holds = all(_holds(v, _at(ci, layer), floor, 1.0) for _, layer, v in pts)
+    held_by = [n for n, *_, ok in swept if ok]
+    status = "yes" if holds else "partly" if held_by or _mean(pts) >= 0.5 else "no"
+    claim = (f"no single memory gives the layer's top token in {_with_ci(low[2], _at(ci, low[1]))} (layer "
+             f"{low[1]}) to {pct(max(vals))} of prefixes") if pct(low[2]) != pct(max(vals)) else \
+        f"no single memory gives the layer's top token in {pct(low[2])} of prefixes in every layer"
+    why = _rule_why(inp)
+    if why:
+        claim += f" under {_rule_label(rule)} (the headline rule: {why})"
+    others = [(n, a) for n, a, _, _, _ in swept if n != rule and a is not None]
+    if others:
+        claim += " (on average " + ", ".join(f"{pct(a)} under {_rule_label(n)}" for n, a in others) + ")"
+    if len(swept) > 1:
+        failed = [n for n, *_, ok in swept if not ok]
+        claim += (f"; ≥{pct(floor)} in every layer (within the 95% interval) holds under "
+                  f"{join_words([_rule_label(n) for n in held_by]) if held_by else 'none of the rules'}")
+        if held_by and failed:
+            claim += f", not under {join_words([_rule_label(n) for n in failed])}"
+    extra_bits = []
+    if sw is not None:
+        extra_bits.append(f"{pct(_mean(points(sw)))} of matched tokens are stop words")
+    if sh is not None:
+        extra_bits.append(f"{pct(_mean(points(sh)))} of matched prefixes are short")
+    if extra_bits:
+        claim += "; " + " and ".join(extra_bits)
+    paper = (f"≥{pct(floor)} in every layer under m > 0; {pct(ref['stop_word_share_when_matched'])} stop words, "
+             f"{pct(ref['short_prefix_share_when_matched'])} short prefixes")
+    return verdict(inp, status, claim, paper, ("gated", "instruct"))
+
+
+def _rise_verdict(inp, s, ref_arr, what, final_ok, early_max, aspects, ci=None) -> Verdict:
     pts = points(s)
     if len(pts) < 2:
         return no_verdict(f"the trend of {what} needs at least two layers")
     e, final = early(pts), pts[-1]
     pe, pfinal = early(paper_points(ref_arr)), ref_arr[-1]
     rise = final[2] - e
-    status = "yes" if final[2] >= final_ok and e <= early_max and rise > 0.2 else "partly" if rise > 0.1 else "no"
-    claim = f"{what} is {pct(e)} in the lowest third of layers and {pct(final[2])} at the last (layer {final[1]})"
+    status = "yes" if _holds(final[2], _at(ci, final[1]), final_ok, 1.0) and e <= early_max and rise > 0.2 else \
+        "partly" if rise > 0.1 else "no"
+    claim = (f"{what} is {pct(e)} in the lowest third of layers and {_with_ci(final[2], _at(ci, final[1]))} at the "
+             f"last (layer {final[1]})")
     cross, pcross = first_crossing(pts, 0.5), first_crossing(paper_points(ref_arr), 0.5)
     if cross:
         claim += f", above 50% from depth {cross[0]:.2f} (layer {cross[1]})"
@@ -1564,8 +1671,38 @@ def fig9(inp: ReportInputs) -> Figure:
     plot, s = _single_series_fig(inp, fig, "residual_matches_final", "residual top = final top", ref["approx"],
                                  "residual top = final top")
     if s is not None:
-        fig.verdict = _rise_verdict(inp, s, ref["approx"], "the match", 0.8, 0.5, ("depth", "instruct", "quantised"))
+        fig.verdict = _fig9_verdict(inp, s, _ci(inp, inp.block("aggregation"), "residual_matches_final_ci"))
     return _finish(fig, inp, plot, s is not None, "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02])
+
+
+def _fig9_verdict(inp, s, ci) -> Verdict:
+    """Two claims of the paper: about a third of predictions are decided in the bottom layers (read at the top of
+    the lowest third of layers), and the share rises with depth (to ≈95% at the last layer)."""
+    pts = points(s)
+    if len(pts) < 2:
+        return no_verdict("the trend of the match needs at least two layers")
+    ref = inp.paper["fig9_residual_matches_final"]["approx"]
+    lower = [p for p in pts if p[0] <= 1 / 3 + 1e-9] or pts[:1]
+    x, layer, v = lower[-1]
+    final = pts[-1]
+    third_ok = _holds(v, _at(ci, layer), *ABOUT_A_THIRD)
+    low_ci, final_ci = _at(ci, layer), _at(ci, final[1])
+    # the rise is real when the last layer's interval lies above the lower third's (the points without intervals)
+    rises = final_ci[0] > low_ci[1] if low_ci is not None and final_ci is not None else final[2] > v
+    status = "yes" if third_ok and rises else "partly" if third_ok or rises else "no"
+    claim = (f"at layer {layer} (depth {x:.2f}, the top of the lowest third) the residual already gives the final "
+             f"token in {_with_ci(v, low_ci)} of prefixes: "
+             f"{'about a third' if third_ok else 'not about a third'}; ")
+    claim += (f"it {'rises' if rises else 'does not rise clearly'} with depth, to {_with_ci(final[2], final_ci)} at "
+              f"the last layer ({final[1]})")
+    cross = first_crossing(pts, 0.5)
+    if cross:
+        claim += f", above 50% from depth {cross[0]:.2f} (layer {cross[1]})"
+    k = max(i for i in range(len(ref)) if (i + 1) / len(ref) <= 1 / 3 + 1e-9)  # the paper's top of the lowest third
+    paper = (f"about a third of predictions decided in the bottom layers (read as {_interval(ABOUT_A_THIRD)}; its "
+             f"curve: {pct(ref[k])} at depth {(k + 1) / len(ref):.2f}), rising from layer 10 to {pct(ref[-1])} at "
+             "layer 16")
+    return verdict(inp, status, claim, paper, ("depth", "instruct", "quantised"))
 
 
 def _stat_word(inp: ReportInputs, key: str) -> str:
@@ -1579,7 +1716,9 @@ def fig10(inp: ReportInputs) -> Figure:
                  "Per layer, the probability that the residual stream (logit lens, before the layer's FFN) assigns "
                  "to the token the model finally predicts.")
     ref = inp.paper["fig10_residual_prob_of_final"]
-    q = _quartiles(inp, inp.block("aggregation"), "residual_prob_of_final_quantiles")
+    b = inp.block("aggregation")
+    q = _quartiles(inp, b, "residual_prob_of_final_quantiles")
+    ci = None
     if q is None:  # an analysis.json without the quantiles: its one series, mean or median as it says
         stat = _stat_word(inp, "residual_prob_of_final")
         plot, s = _single_series_fig(inp, fig, "residual_prob_of_final",
@@ -1588,22 +1727,28 @@ def fig10(inp: ReportInputs) -> Figure:
         if stat == "mean":
             fig.caption += " Ours is the mean over prefixes, the paper's the median."
         what = "the probability"
+        ci = _ci(inp, b, "residual_prob_of_final_ci")
     else:
         plot = Plot(inp, ("pos",))
-        s = q["q50"]
-        _band_and_median(plot, q, "probability of the final token")
-        mean = inp.series(inp.block("aggregation"), "residual_prob_of_final")
+        s, ci = q["q50"], q["q50_ci"]
+        _band_and_median(fig, plot, q, "probability of the final token")
+        mean = inp.series(b, "residual_prob_of_final")
         if mean is not None:
             plot.ours(0, "ours: mean probability of the final token", mean, COLORS["main"], thin=True)
         plot.paper(0, "median probability of the final token", ref["median_approx"], COLORS["main"])
         _note_gaps(fig, inp, "median probability", s)
         _agg_note(inp, fig)
-        fig.caption += " Ours: the median over prefixes, as the paper reports, with its 25–75% band; thin: the mean."
+        fig.caption += (" Ours: the median over prefixes, as the paper reports, with its 25–75% band and its 95% "
+                        "interval; thin: the mean, which differs a lot from the median where most prefixes give the "
+                        "final token almost nothing.")
         what = "the median probability"
     if s is not None:
         fig.verdict = _rise_verdict(inp, s, ref["median_approx"], what, 0.5, 0.15,
-                                    ("depth", "instruct", "quantised"))
+                                    ("depth", "instruct", "quantised"), ci=ci)
     return _finish(fig, inp, plot, s is not None, "aggregation", ytitle="probability (%)", yrange=[0, 1.02])
+
+
+EFFECT_KINDS = ("residual", "ffn", "agreement", "composition")
 
 
 def fig11(inp: ReportInputs) -> Figure:
@@ -1614,23 +1759,25 @@ def fig11(inp: ReportInputs) -> Figure:
     ref = inp.paper["fig11_ffn_effect"]
     plot = Plot(inp, ("pos",))
     b = inp.block("aggregation")
-    parts = {k: inp.series(b, "ffn_effect", k) for k in ("residual", "ffn", "agreement", "composition")}
+    parts = {k: inp.series(b, "ffn_effect", k) for k in EFFECT_KINDS}
+    cis = {k: _ci(inp, b, "ffn_effect", f"{k}_ci") for k in EFFECT_KINDS}
     drawn = any(v is not None for v in parts.values())
     if drawn:
         for k, v in parts.items():
             if v is not None:
                 plot.bars(0, f"ours: {k}", v, COLORS[k])
+                _noted_error_bars(fig, plot.data[-1], cis[k], INK)
         lo, hi = ref["residual_range"]
         plot.paper_hline(0, f"residual in {lo:.0%}–{hi:.0%} of examples", lo, COLORS["residual"])
         plot.paper_hline(0, f"residual in {lo:.0%}–{hi:.0%} of examples", hi, COLORS["residual"])
         _note_gaps(fig, inp, "residual", parts["residual"])
         _agg_note(inp, fig)
-        fig.verdict = _fig11_verdict(inp, parts)
+        fig.verdict = _fig11_verdict(inp, parts, cis["residual"])
     return _finish(fig, inp, plot, drawn, "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02],
                    barmode="stack")
 
 
-def _fig11_verdict(inp, parts) -> Verdict:
+def _fig11_verdict(inp, parts, ci=None) -> Verdict:
     res = points(parts["residual"])
     if not res:
         return no_verdict("no 'residual' share")
@@ -1642,11 +1789,13 @@ def _fig11_verdict(inp, parts) -> Verdict:
     comp, ffn = (_mean(points(parts[k])) if parts[k] is not None else None for k in ("composition", "ffn"))
     vals = [v for _, _, v in res]
     lo, hi = inp.paper["fig11_ffn_effect"]["residual_range"]
-    overlap = min(vals) <= hi and max(vals) >= lo
+    in_range = [layer for _, layer, v in res if _holds(v, _at(ci, layer), lo, hi)]
     comp_gt = comp is None or ffn is None or comp > ffn
-    status = "yes" if share >= 0.8 and overlap and comp_gt else "partly" if share >= 0.5 or overlap else "no"
+    status = "yes" if share >= 0.8 and len(in_range) >= len(layers) / 2 and comp_gt else \
+        "partly" if share >= 0.5 or in_range else "no"
     claim = (f"the residual keeps its top token in {pct_span(min(vals), max(vals))} of prefixes and dominates in "
-             f"{len(dominant)} of {len(layers)} layers")
+             f"{len(dominant)} of {len(layers)} layers; it meets the paper's {pct(lo)}–{pct(hi)} in "
+             f"{len(in_range)} of {len(layers)} layers{' (within the 95% interval)' if ci is not None else ''}")
     bits = []
     if comp is not None:
         bits.append(f"composition {pct(comp)}")
@@ -1655,6 +1804,97 @@ def _fig11_verdict(inp, parts) -> Verdict:
     if bits:
         claim += f"; on average {join_words(bits)}"
     paper = f"residual {pct(lo)}–{pct(hi)}, ffn very small, composition small but above ffn"
+    return verdict(inp, status, claim, paper, ("gated", "instruct"))
+
+
+def fig11b(inp: ReportInputs) -> Figure:
+    fig = Figure("fig11b", "11b", "aggregation", "Where the FFN changes the top token: to a semantically distant word?",
+                 "§5.2 of the paper, automated. Per layer, among the prefixes where adding the FFN output changes the "
+                 "residual's top token (top(r) ≠ top(r+o)), the share where the new token is semantically distant "
+                 "from the old: the cosine of the two token strings under an independent sentence embedder "
+                 "(all-MiniLM-L6-v2) is below the 95th percentile of the cosines of random pairs of vocabulary "
+                 "tokens, i.e. no more alike than 95% of unrelated pairs (so random pairs score 95% by "
+                 "construction). Green: the same among the changes between two content words (a letter, not a "
+                 "stop word), since the embedder finds any two function words or punctuation marks alike. Thin: a "
+                 "control pairing each old token with the new token of another changed prefix of the same layer. "
+                 "The paper read 100 last-layer cases by hand: 66 distant.")
+    ref = inp.paper["fig11_ffn_effect"]
+    plot = Plot(inp, ("pos",))
+    b = inp.block("aggregation")
+    s = inp.series(b, "ffn_change_distant")
+    ci = _ci(inp, b, "ffn_change_distant_ci")
+    if s is not None:
+        _noted_error_bars(fig, plot.ours(0, "ours: changed to a distant word", s, COLORS["main"]), ci, COLORS["main"])
+        content = inp.series(b, "ffn_change_content_distant")
+        if content is not None:
+            _noted_error_bars(fig, plot.ours(0, "ours: between two content words", content, COLORS["first"]),
+                        _ci(inp, b, "ffn_change_content_distant_ci"), COLORS["first"])
+        shuffled = inp.series(b, "ffn_change_shuffled_distant")
+        if shuffled is not None:
+            _noted_error_bars(fig, plot.ours(0, "ours: shuffled new tokens (control)", shuffled, COLORS["random"],
+                                       baseline=True), _ci(inp, b, "ffn_change_shuffled_distant_ci"),
+                        COLORS["random"])
+        plot.ours(0, "random vocabulary pairs (95% by construction)", [0.95] * inp.n_layers, COLORS["uniform"],
+                  baseline=True)
+        share, n = ref["semantic_change_distant"], ref["semantic_change_read"]
+        p_ci = wilson(share * n, n)
+        plot.paper_point(0, f"{share * n:.0f} of {n} last-layer changes distant", 1.0, share, COLORS["main"])
+        plot.paper_vline(0, f"{share * n:.0f} of {n}: its 95% interval", 1.0, p_ci[0], p_ci[1], COLORS["main"])
+        _note_gaps(fig, inp, "distant share", s)
+        _agg_note(inp, fig)
+        counts = inp.series(b, "ffn_change_n")
+        cos, rnd = inp.series(b, "ffn_change_cosine_mean"), inp.scalar(b, "random_pair_cosine_mean")
+        threshold = inp.scalar(b, "random_pair_cosine_q95")
+        if counts is not None:
+            fig.notes.append("prefixes where the FFN changes the top token, per layer, mean per third of the layers "
+                             "(low / mid / high): " + " / ".join(_third(counts, lambda v: f"{v:,.0f}")))
+        if cos is not None and rnd is not None:
+            fig.notes.append("mean cosine of the old and new token per third: " + " / ".join(
+                _third(cos, lambda v: f"{v:.2f}")) + f"; random vocabulary pairs: {rnd:.2f}" +
+                (f", their 95th percentile (the 'distant' threshold) {threshold:.2f}" if threshold is not None else ""))
+        fig.verdict = _fig11b_verdict(inp, s, ci, shuffled, cos, rnd, content,
+                                      _ci(inp, b, "ffn_change_content_distant_ci"))
+    fig = _finish(fig, inp, plot, s is not None, "aggregation", ytitle="share of changed prefixes (%)",
+                  yrange=[0, 1.02])
+    reason = ((inp.analysis or {}).get("missing") or {}).get("aggregation.ffn_change")
+    if fig.missing and isinstance(reason, str) and b is not None:
+        fig.missing = f"analysis.json has no §5.2 numbers: {reason}"
+    return fig
+
+
+def _third(values: list, fmt) -> list[str]:
+    """Per third of the layers, the mean of a per-layer series, formatted."""
+    n = len(values)
+    out = []
+    for part in (values[: n // 3], values[n // 3: 2 * n // 3], values[2 * n // 3:]):
+        present = [v for v in part if v is not None]
+        out.append(fmt(sum(present) / len(present)) if present else "n/a")
+    return out
+
+
+def _fig11b_verdict(inp, s, ci, shuffled, cos, rnd, content=None, content_ci=None) -> Verdict:
+    pts = points(s)
+    if not pts:
+        return no_verdict("no share of changed prefixes")
+    ref = inp.paper["fig11_ffn_effect"]
+    share, n = ref["semantic_change_distant"], ref["semantic_change_read"]
+    p_ci = wilson(share * n, n)
+    _, layer, v = pts[-1]
+    last_ci = _at(ci, layer)
+    ok = _holds(v, last_ci, *p_ci)
+    status = "yes" if ok else "partly" if v > 0.5 else "no"
+    outside = "" if ok else ", outside the paper's interval"
+    claim = (f"at the last layer (layer {layer}) {_with_ci(v, last_ci)} of the changes go to a semantically distant "
+             f"word{outside}; {pct_span(min(p[2] for p in pts), max(p[2] for p in pts))} across layers")
+    if content is not None and content[layer] is not None:
+        claim += (f"; between two content words {_with_ci(content[layer], _at(content_ci, layer))}"
+                  f"{'' if _holds(content[layer], _at(content_ci, layer), *p_ci) else ', also outside it'}")
+    if shuffled is not None and shuffled[layer] is not None:
+        claim += f"; with the new tokens shuffled, {pct(shuffled[layer])} at the last layer"
+    if cos is not None and cos[layer] is not None and rnd is not None:
+        claim += f"; mean cosine {cos[layer]:.2f} against {rnd:.2f} for random vocabulary pairs"
+    paper = (f"{share * n:.0f} of {n} last-layer changes read by hand were semantically distant (95% interval "
+             f"{_interval(p_ci)})")
     return verdict(inp, status, claim, paper, ("gated", "instruct"))
 
 
@@ -1674,12 +1914,13 @@ FIGURE_INFO = {
     "fig9": ("9", "aggregation", "The residual's top token is already the model's final prediction"),
     "fig10": ("10", "aggregation", "Probability the residual gives to the final prediction"),
     "fig11": ("11", "aggregation", "How the FFN output changes the residual's top token"),
+    "fig11b": ("11b", "aggregation", "Where the FFN changes the top token: to a semantically distant word?"),
 }
 """Number, section and title of each figure by id (also used when a figure fails to draw)."""
 
 FIGURES = {"fig2": fig2, "explain": fig_explain, "fig3": fig3, "fig3b": fig3_sign,
            "fig4": fig4, "fig4b": fig4b, "fig5": fig5, "fig6": fig6, "causal": fig_causal,
-           "fig7": fig7, "fig8": fig8, "fig9": fig9, "fig10": fig10, "fig11": fig11}
+           "fig7": fig7, "fig8": fig8, "fig9": fig9, "fig10": fig10, "fig11": fig11, "fig11b": fig11b}
 
 
 def build_figures(inp: ReportInputs) -> list[Figure]:

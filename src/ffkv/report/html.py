@@ -54,6 +54,7 @@ FIGURE_SHORT = {
     "fig9": "The residual settles the prediction in upper layers",
     "fig10": "The residual's probability of the final token rises with depth",
     "fig11": "The residual dominates; the FFN rarely overrides it",
+    "fig11b": "Where the FFN changes the top token, mostly to a semantically distant word (66 of 100)",
 }
 
 
