@@ -248,7 +248,8 @@ def aggregation_experiment(atlas: Atlas, model, n_examples: int = 4000, *, activ
     device = model.device
     wd = work_dtype(parts.unembedding.dtype)
     lens = ResidualLens(parts, wd)
-    values = {layer: parts.values(layer).detach().to(wd) for layer in range(n_layers)}
+    # values as the model adds them (gain * v_i after Gemma 3's post-FFN norm; its shared scale keeps the argmax)
+    values = {layer: parts.added_values(layer).to(wd) for layer in range(n_layers)}
     preds = {}
     for layer in range(n_layers):
         pos, neg = memory_predictions(atlas, model, layer)

@@ -236,7 +236,7 @@ def check_memories(atlas, model, chosen: list[Checked], seed: int = 0, max_rows:
             slots.append((None, "clean"))
             for c in checked:
                 if c.layer not in norms:
-                    values = parts.values(c.layer).detach()
+                    values = parts.added_values(c.layer)  # |m| * ||v as added|| is what the memory writes
                     norms[c.layer] = values.to(torch.float64).norm(dim=1).cpu().numpy()
                 m = clean[c.layer][row].to(torch.float64).cpu().numpy()
                 strength = np.abs(m) * norms[c.layer]
