@@ -1390,8 +1390,11 @@ def fig11b(inp: ReportInputs) -> Figure:
         cos, rnd = inp.series(b, "ffn_change_cosine_mean"), inp.scalar(b, "random_pair_cosine_mean")
         threshold = inp.scalar(b, "random_pair_cosine_q95")
         if counts is not None:
+            words = inp.series(b, "ffn_change_content_n")
             fig.notes.append("prefixes where the FFN changes the top token, per layer, mean per third of the layers "
-                             "(low / mid / high): " + " / ".join(_third(counts, lambda v: f"{v:,.0f}")))
+                             "(low / mid / high): " + " / ".join(_third(counts, lambda v: f"{v:,.0f}")) +
+                             ("; of them between two content words: " + " / ".join(
+                                 _third(words, lambda v: f"{v:,.0f}")) if words is not None else ""))
         if cos is not None and rnd is not None:
             fig.notes.append("mean cosine of the old and new token per third: " + " / ".join(
                 _third(cos, lambda v: f"{v:.2f}")) + f"; random vocabulary pairs: {rnd:.2f}" +
