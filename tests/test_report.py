@@ -685,11 +685,17 @@ def test_semantic_change_figure(tmp_path):
     assert fig.verdict.status == "yes" and "70% (95% interval 65–75%)" in fig.verdict.text
     assert "56%–75%" not in fig.verdict.text and "interval 56–75%" in fig.verdict.text
     assert any("random vocabulary pairs: 0.21" in n and "0.33" in n for n in fig.notes)
+    assert any("300 / 300 / 300; of them between two content words: 100 / 100 / 100" in n for n in fig.notes)
     a["aggregation"]["ffn_change_distant"][-1] = 0.9
     a["aggregation"]["ffn_change_distant_ci"][-1] = [0.88, 0.92]
     fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "far", a, signed=False)))}["fig11b"]
     assert fig.verdict.status == "partly" and "outside the paper's interval" in fig.verdict.text
-    assert "between two content words 75% (95% interval 67–83%);" in fig.verdict.text  # meets 56–75%
+    assert "between two content words 75% (95% interval 67–83%), within it;" in fig.verdict.text  # meets 56–75%
+    a["aggregation"]["ffn_change_distant"][-1] = 0.3
+    a["aggregation"]["ffn_change_distant_ci"][-1] = [0.25, 0.35]
+    a["aggregation"]["ffn_change_content_distant_ci"][-1] = [0.8, 0.9]
+    fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "near", a, signed=False)))}["fig11b"]
+    assert fig.verdict.status == "no" and "also outside it" in fig.verdict.text
     # not measured: the figure says why
     for key in [k for k in a["aggregation"] if k.startswith(("ffn_change", "random_pair"))]:
         del a["aggregation"][key]

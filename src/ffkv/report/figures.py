@@ -1846,8 +1846,11 @@ def fig11b(inp: ReportInputs) -> Figure:
         cos, rnd = inp.series(b, "ffn_change_cosine_mean"), inp.scalar(b, "random_pair_cosine_mean")
         threshold = inp.scalar(b, "random_pair_cosine_q95")
         if counts is not None:
+            words = inp.series(b, "ffn_change_content_n")
             fig.notes.append("prefixes where the FFN changes the top token, per layer, mean per third of the layers "
-                             "(low / mid / high): " + " / ".join(_third(counts, lambda v: f"{v:,.0f}")))
+                             "(low / mid / high): " + " / ".join(_third(counts, lambda v: f"{v:,.0f}")) +
+                             ("; of them between two content words: " + " / ".join(
+                                 _third(words, lambda v: f"{v:,.0f}")) if words is not None else ""))
         if cos is not None and rnd is not None:
             fig.notes.append("mean cosine of the old and new token per third: " + " / ".join(
                 _third(cos, lambda v: f"{v:.2f}")) + f"; random vocabulary pairs: {rnd:.2f}" +
@@ -1882,13 +1885,15 @@ def _fig11b_verdict(inp, s, ci, shuffled, cos, rnd, content=None, content_ci=Non
     _, layer, v = pts[-1]
     last_ci = _at(ci, layer)
     ok = _holds(v, last_ci, *p_ci)
-    status = "yes" if ok else "partly" if v > 0.5 else "no"
+    words_ok = content is not None and content[layer] is not None and \
+        _holds(content[layer], _at(content_ci, layer), *p_ci)
+    status = "yes" if ok else "partly" if words_ok or v > 0.5 else "no"
     outside = "" if ok else ", outside the paper's interval"
     claim = (f"at the last layer (layer {layer}) {_with_ci(v, last_ci)} of the changes go to a semantically distant "
              f"word{outside}; {pct_span(min(p[2] for p in pts), max(p[2] for p in pts))} across layers")
     if content is not None and content[layer] is not None:
         claim += (f"; between two content words {_with_ci(content[layer], _at(content_ci, layer))}"
-                  f"{'' if _holds(content[layer], _at(content_ci, layer), *p_ci) else ', also outside it'}")
+                  f"{', within it' if words_ok else ', also outside it'}")
     if shuffled is not None and shuffled[layer] is not None:
         claim += f"; with the new tokens shuffled, {pct(shuffled[layer])} at the last layer"
     if cos is not None and cos[layer] is not None and rnd is not None:
