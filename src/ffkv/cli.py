@@ -148,51 +148,65 @@ def _print_analysis(result: dict) -> None:
     semantic = None
     if p.get("semantic") and p.get("both"):
         semantic = [None if x is None or y is None else x + y for x, y in zip(p["semantic"], p["both"])]
-    rows = [("Fig 2 triggers with only shallow patterns", p.get("shallow"), "{:.2f}"),
-            ("Fig 2 triggers with semantic (or both)", semantic, "{:.2f}"),
-            ("Fig 3 remove first token", t.get("first"), "{:+.0%}"),
-            ("Fig 3 remove last token", t.get("last"), "{:+.0%}"),
-            ("Fig 3 remove random token", t.get("random"), "{:+.0%}"),
-            ("Fig 3 remove last token, median", t.get("last_median"), "{:+.0%}"),
-            ("Fig 3 remove last token, sign flips", t.get("last_sign_change"), "{:.0%}"),
-            ("Fig 4 value agreement rate", v.get("agreement_rate"), "{:.2%}"),
-            ("Fig 4 frequency-matched baseline", v.get("frequency_baseline"), "{:.2%}"),
-            ("Fig 4b value suppression rate", v.get("suppression_rate"), "{:.2%}"),
-            ("Fig 4b suppression, frequency baseline", v.get("suppression_frequency_baseline"), "{:.2%}"),
-            ("Fig 4b next token in the bottom 10", v.get("suppression_bottom10_rate"), "{:.2%}"),
-            ("Fig 4b suppression rate, -v face", (result.get("values_neg") or {}).get("suppression_rate"),
-             "{:.2%}"),
-            ("Fig 4 agreement rate, -v face", (result.get("values_neg") or {}).get("agreement_rate"), "{:.2%}"),
-            ("Fig 5 median rank of next token / |V|", v.get("next_token_rank_median_normed"), "{:.1%}"),
-            ("Causal: agreeing memory off, Δlog p", c.get("agree_delta"), "{:+.3f}"),
-            ("  its control, Δlog p", c.get("agree_control_delta"), "{:+.3f}"),
-            ("  |Δ| above the control's", c.get("agree_exceeds_control"), "{:.0%}"),
-            ("Causal: suppressing memory off, Δlog p", c.get("suppress_delta"), "{:+.3f}"),
-            ("  its control, Δlog p", c.get("suppress_control_delta"), "{:+.3f}"),
-            ("  |Δ| above the control's", c.get("suppress_exceeds_control"), "{:.0%}"),
-            ("Fig 7 active memories", a.get("active_fraction_mean"), "{:.0%}"),
-            ("Fig 7 active memories, median", (a.get("active_fraction_quantiles") or {}).get("q50"), "{:.0%}"),
-            ("Fig 8 no single memory matches", a.get("no_single_memory_match"), "{:.0%}"),
-            ("Fig 9 residual top = final top", a.get("residual_matches_final"), "{:.0%}"),
-            ("Fig 10 residual's p(final), median", (a.get("residual_prob_of_final_quantiles") or {}).get("q50"),
-             "{:.0%}"),
-            ("Fig 11 residual keeps its top", effect.get("residual"), "{:.0%}"),
-            ("Fig 11 FFN overrides it", effect.get("ffn"), "{:.0%}"),
-            ("§5.2 FFN changes it to a distant word", a.get("ffn_change_distant"), "{:.0%}"),
-            ("§5.2   between two content words", a.get("ffn_change_content_distant"), "{:.0%}"),
-            ("§5.2   new tokens shuffled (control)", a.get("ffn_change_shuffled_distant"), "{:.0%}"),
-            ("§5.2   mean cosine old / new token", a.get("ffn_change_cosine_mean"), "{:.2f}")]
+    def row(name: str, block: dict, key: str, fmt: str) -> tuple:
+        return name, block.get(key), fmt, block.get(key + "_ci")
+
+    rows = [row("Fig 2 triggers with only shallow patterns", p, "shallow", "{:.2f}"),
+            ("Fig 2 triggers with semantic (or both)", semantic, "{:.2f}", None),
+            row("Fig 3 remove first token", t, "first", "{:+.0%}"),
+            row("Fig 3 remove last token", t, "last", "{:+.0%}"),
+            row("Fig 3 remove random token", t, "random", "{:+.0%}"),
+            row("Fig 3 remove last token, median", t, "last_median", "{:+.0%}"),
+            row("Fig 3 remove last token, sign flips", t, "last_sign_change", "{:.0%}"),
+            row("Fig 4 value agreement rate", v, "agreement_rate", "{:.2%}"),
+            row("Fig 4 frequency-matched baseline", v, "frequency_baseline", "{:.2%}"),
+            row("Fig 4b value suppression rate", v, "suppression_rate", "{:.2%}"),
+            row("Fig 4b suppression, frequency baseline", v, "suppression_frequency_baseline", "{:.2%}"),
+            row("Fig 4b next token in the bottom 10", v, "suppression_bottom10_rate", "{:.2%}"),
+            row("Fig 4b suppression rate, -v face", result.get("values_neg") or {}, "suppression_rate", "{:.2%}"),
+            row("Fig 4 agreement rate, -v face", result.get("values_neg") or {}, "agreement_rate", "{:.2%}"),
+            row("Fig 5 median rank of next token / |V|", v, "next_token_rank_median_normed", "{:.1%}"),
+            row("Causal: agreeing memory off, Δlog p", c, "agree_delta", "{:+.3f}"),
+            row("  its control, Δlog p", c, "agree_control_delta", "{:+.3f}"),
+            row("  |Δ| above the control's", c, "agree_exceeds_control", "{:.0%}"),
+            row("Causal: suppressing memory off, Δlog p", c, "suppress_delta", "{:+.3f}"),
+            row("  its control, Δlog p", c, "suppress_control_delta", "{:+.3f}"),
+            row("  |Δ| above the control's", c, "suppress_exceeds_control", "{:.0%}"),
+            row("Fig 7 active memories", a, "active_fraction_mean", "{:.0%}"),
+            row("Fig 7 active memories, median", a.get("active_fraction_quantiles") or {}, "q50", "{:.0%}"),
+            row("Fig 8 no single memory matches", a, "no_single_memory_match", "{:.0%}"),
+            row("Fig 9 residual top = final top", a, "residual_matches_final", "{:.0%}"),
+            row("Fig 10 residual's p(final), median", a.get("residual_prob_of_final_quantiles") or {}, "q50", "{:.0%}"),
+            row("Fig 11 residual keeps its top", effect, "residual", "{:.0%}"),
+            row("Fig 11 FFN overrides it", effect, "ffn", "{:.0%}"),
+            row("§5.2 FFN changes it to a distant word", a, "ffn_change_distant", "{:.0%}"),
+            row("§5.2   between two content words", a, "ffn_change_content_distant", "{:.0%}"),
+            row("§5.2   new tokens shuffled (control)", a, "ffn_change_shuffled_distant", "{:.0%}"),
+            row("§5.2   mean cosine old / new token", a, "ffn_change_cosine_mean", "{:.2f}")]
     sweep = a.get("sweep") or {}
     at = next((i for i, (name, *_) in enumerate(rows) if name.startswith("Fig 9")), len(rows))
-    rows[at:at] = [(f"Fig 8   under {rule}{' (headline)' if rule == a.get('active_rule') else ''}",
-                    (entry or {}).get("no_single_memory_match"), "{:.0%}") for rule, entry in sweep.items()]
-    print("per third of the layers (low / mid / high, last layer):")
-    for name, values, fmt in rows:
+    rows[at:at] = [row(f"Fig 8   under {rule}{' (headline)' if rule == a.get('active_rule') else ''}", entry or {},
+                       "no_single_memory_match", "{:.0%}") for rule, entry in sweep.items()]
+    print("per third of the layers (low / mid / high, last layer; [95% interval of the last layer's number]):")
+    for name, values, fmt, ci in rows:
         if values:
-            print(f"  {name:<38} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values)))
+            line = f"  {name:<38} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values))
+            last = ci[-1] if isinstance(ci, list) and ci and values[-1] is not None else None
+            if isinstance(last, list) and len(last) == 2 and None not in last:
+                line += f"  [{fmt.format(last[0])}, {fmt.format(last[1])}]"
+            print(line)
     if a.get("random_pair_cosine_mean") is not None:
         print(f"  §5.2 random vocabulary pairs: mean cosine {a['random_pair_cosine_mean']:.2f}, 95th percentile "
               f"{a['random_pair_cosine_q95']:.2f} (below it: distant)")
+    for block, face in (("causal", "+v"), ("causal_neg", "-v")):
+        pooled = (result.get(block) or {}).get("all_layers") or {}
+        for role, word in (("agree", "agreeing"), ("suppress", "suppressing")):
+            if pooled.get(f"n_{role}") and pooled.get(f"{role}_delta_ci") and pooled.get(f"{role}_control_delta_ci"):
+                lo, hi = pooled[f"{role}_delta_ci"]
+                clo, chi = pooled[f"{role}_control_delta_ci"]
+                print(f"Causal, all layers ({face}): {pooled[f'n_{role}']} {word} memories off, Δlog p "
+                      f"{pooled[f'{role}_delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]; controls "
+                      f"{pooled[f'{role}_control_delta']:+.3f} [{clo:+.3f}, {chi:+.3f}]")
     _print_top_max_prob(result)
 
 
