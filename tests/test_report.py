@@ -797,6 +797,14 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ffkv: error:") and err.count("\n") == 1
+    # --verdicts prints each drawn figure's verdict, the same sentence the page shows
+    full = make_atlas(tmp_path / "full")
+    assert main(["report", str(full), "--verdicts"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    figures = {f.number: f for f in build_figures(load_inputs(full)) if f.verdict is not None}
+    printed = {line.split(" [")[0].removeprefix("Fig "): line for line in out if line.startswith("Fig ")}
+    assert set(printed) == set(figures) and "4b" in printed
+    assert all(printed[n].endswith(f.verdict.text) for n, f in figures.items())
 
 
 def test_formatting():

@@ -304,7 +304,16 @@ def cmd_show(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    print(f"wrote {write_report(args.atlas, args.out)}")
+    path = write_report(args.atlas, args.out)
+    if args.verdicts:
+        from .report import build_figures, load_inputs
+        from .report.compare import STATUS_WORD
+
+        for fig in build_figures(load_inputs(args.atlas)):
+            if fig.verdict is not None:
+                print(f"Fig {fig.number} [{STATUS_WORD.get(fig.verdict.status, fig.verdict.status)}]: "
+                      f"{fig.verdict.text}")
+    print(f"wrote {path}")
     return 0
 
 
@@ -418,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help=text, description=text)
     p.add_argument("atlas")
     p.add_argument("--out", "-o", default=None, help="HTML file to write (default: ATLAS/report.html)")
+    p.add_argument("--verdicts", action="store_true", help="also print each figure's verdict (our numbers with "
+                   "their 95%% intervals beside the paper's)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("show", help="one memory: its top triggers and the tokens its value promotes")
