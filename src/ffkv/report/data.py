@@ -100,19 +100,21 @@ class ReportInputs:
         out += [None] * (self.n_layers - len(out))
         return out if any(v is not None for v in out) else None
 
-    def interval(self, block: dict | None, *path: str) -> tuple[list[float | None], list[float | None]] | None:
-        """The per-layer 95 % interval ``X_ci`` of a series (``path`` ends with its key) as (lows, highs) padded to
-        n_layers, None where a layer has none; None when the block has no such key."""
+    def intervals(self, block: dict | None, *path: str) -> list[list[float] | None] | None:
+        """A per-layer 95 % interval array ``X_ci`` (``path`` descends to it): one [low, high] or None per layer,
+        padded/cut to n_layers; None if absent or entirely empty. Malformed entries (not two finite numbers in
+        order) are None."""
         x = block
-        for key in path[:-1]:
+        for key in path:
             x = x.get(key) if isinstance(x, dict) else None
-        x = x.get(path[-1] + "_ci") if isinstance(x, dict) else None
         if not isinstance(x, list):
             return None
-        pairs = [v if isinstance(v, list) and len(v) == 2 else [None, None] for v in x[: self.n_layers]]
-        pairs += [[None, None]] * (self.n_layers - len(pairs))
-        lows, highs = [_number(a) for a, _ in pairs], [_number(b) for _, b in pairs]
-        return (lows, highs) if any(v is not None for v in lows) else None
+        out = []
+        for v in x[: self.n_layers]:
+            pair = [_number(u) for u in v] if isinstance(v, list) and len(v) == 2 else None
+            out.append(pair if pair and None not in pair and pair[0] <= pair[1] else None)
+        out += [None] * (self.n_layers - len(out))
+        return out if any(v is not None for v in out) else None
 
     def scalar(self, block: dict | None, *path: str) -> float | None:
         x = block

@@ -588,9 +588,9 @@ def fig3(inp: ReportInputs) -> Figure:
         for k, label in (("last", "last token removed"), ("first", "first token removed"),
                          ("random", "random token removed")):
             if s[k] is not None:
-                ci = inp.interval(b, k)
+                ci = inp.intervals(b, f"{k}_ci")
                 if ci is not None:
-                    plot.band(p, f"ours: {label}, 95% interval", ci[0], ci[1], BAND_COLORS[k], spct, face=face)
+                    plot.band(p, f"ours: {label}, 95% interval", *_edges(ci), BAND_COLORS[k], spct, face=face)
                 plot.ours(p, f"ours: {label}", s[k], COLORS[k], spct, face=face)
                 median = inp.series(b, f"{k}_median")
                 if median is not None:
@@ -612,7 +612,7 @@ def fig3(inp: ReportInputs) -> Figure:
                             "or undefined removal)")
             fig.notes.append(f"{FACE_LABEL[face]}: " + ", ".join(bits))
         per_face[face] = {k: points(v) for k, v in s.items()}
-        per_face[face]["last_ci"] = inp.interval(b, "last")
+        per_face[face]["last_ci"] = inp.intervals(b, "last_ci")
     if per_face:
         fig.verdict = _fig3_verdict(inp, per_face)
     return _finish(fig, inp, plot, bool(per_face), "token_removal", ytitle="relative change of coefficient (%)",
@@ -639,9 +639,9 @@ def fig3_sign(inp: ReportInputs) -> Figure:
                          ("random", "random token removed")):
             if s[k] is None:
                 continue
-            ci = inp.interval(b, f"{k}_sign_change")
+            ci = inp.intervals(b, f"{k}_sign_change_ci")
             if ci is not None:
-                plot.band(p, f"ours: {label}, 95% interval", ci[0], ci[1], BAND_COLORS[k], pct, face=face)
+                plot.band(p, f"ours: {label}, 95% interval", *_edges(ci), BAND_COLORS[k], pct, face=face)
             plot.ours(p, f"ours: {label}", s[k], COLORS[k], pct, face=face)
         shares[face] = s
     if drawn:
@@ -653,6 +653,11 @@ def fig3_sign(inp: ReportInputs) -> Figure:
             fig.verdict = Verdict("na", claim[0].upper() + claim[1:] + " (paper: no such number; its ReLU "
                                   "coefficients cannot change sign).")
     return _finish(fig, inp, plot, drawn, "token_removal", ytitle="share of triggers", yformat=".0%")
+
+
+def _edges(intervals) -> tuple[list, list]:
+    """Per-layer intervals [low, high] | None -> (lows, highs), the edges of a shaded band."""
+    return [c[0] if c else None for c in intervals], [c[1] if c else None for c in intervals]
 
 
 def _mean(pts):
@@ -671,14 +676,14 @@ def _fig3_verdict(inp, per_face) -> Verdict:
     r = inp.paper["fig3_token_removal"]["ranges"]
     # the level: the last layer's interval must reach the paper's last-layer value (−20%) for a full "yes"
     ci = s.get("last_ci")
-    last_layer = max((i for i, v in enumerate(ci[0]) if v is not None), default=None) if ci else None
-    level = last_layer is not None and agree([ci[0][last_layer], ci[1][last_layer]], r["last_layer16"])
+    last_layer = max((i for i, v in enumerate(ci) if v is not None), default=None) if ci else None
+    level = last_layer is not None and agree(ci[last_layer], r["last_layer16"])
     status = "yes" if ordering and trend and (level or ci is None) else "partly" if ordering or trend else "no"
     claim = (f"removing the last token changes the coefficient by {spct(e_last)} in the lowest third of layers and "
              f"{spct(l_last)} in the top third")
     if last_layer is not None:
         claim += (f" ({spct(s['last'][-1][2]) if s['last'] else ''} at the last layer, 95% interval "
-                  f"{spct(ci[0][last_layer])} to {spct(ci[1][last_layer])})")
+                  f"{spct(ci[last_layer][0])} to {spct(ci[last_layer][1])})")
     if others:
         claim += f", against {spct(m_first)} for the first token and {spct(m_rand)} for a random one"
     paper = (f"last ≈{spct(sum(r['last_layer1']) / 2)} at layer 1 rising to {spct(r['last_layer16'])} at layer 16, "
@@ -693,22 +698,9 @@ def _fig3_verdict(inp, per_face) -> Verdict:
 
 
 # -- §4 values -------------------------------------------------------------------------------------------------
-def _value_intervals(inp: ReportInputs, b: dict | None, *path: str) -> list[tuple[float, float] | None] | None:
-    """A per-layer ``X_ci`` array (a [low, high] or null per layer), padded/cut to n_layers; None if absent."""
-    x = b
-    for key in path:
-        x = x.get(key) if isinstance(x, dict) else None
-    if not isinstance(x, list):
-        return None
-    out = [(float(v[0]), float(v[1])) if isinstance(v, list) and len(v) == 2 and all(
-        isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in v) else None
-        for v in x[: inp.n_layers]]
-    out += [None] * (inp.n_layers - len(out))
-    return out if any(v is not None for v in out) else None
-
-
 def _error_y(values, intervals, color) -> dict:
     """plotly asymmetric error bars from per-layer values and their [low, high] intervals (None: no bar)."""
+    intervals = intervals or [None] * len(values)
     plus = [None if v is None or ci is None else max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]
     minus = [None if v is None or ci is None else max(0.0, v - ci[0]) for v, ci in zip(values, intervals)]
     return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "color": color, "thickness": 1,
@@ -791,7 +783,7 @@ def fig4(inp: ReportInputs) -> Figure:
             continue
         normed, freq, rnd = (inp.series(b, k) for k in ("agreement_rate_normed", "frequency_baseline",
                                                        "random_baseline"))
-        ag_ci, freq_ci = _value_intervals(inp, b, "agreement_rate_ci"), _value_intervals(inp, b,
+        ag_ci, freq_ci = inp.intervals(b, "agreement_rate_ci"), inp.intervals(b,
                                                                                         "frequency_baseline_ci")
         trace = plot.ours(p, "ours: agreement (v·E)", ag, COLORS["main"], face=face, positive_only=True)
         _error_bars(trace, trace["y"], ag_ci, pct)
@@ -889,7 +881,7 @@ def fig4b(inp: ReportInputs) -> Figure:
         bottom, freq, ag, rnd = (inp.series(b, k) for k in ("suppression_bottom10_rate",
                                                            "suppression_frequency_baseline", "agreement_rate",
                                                            "random_baseline"))
-        cis = {k: _value_intervals(inp, b, f"{k}_ci") for k in ("suppression_rate", "suppression_bottom10_rate",
+        cis = {k: inp.intervals(b, f"{k}_ci") for k in ("suppression_rate", "suppression_bottom10_rate",
                                                                "suppression_frequency_baseline")}
         trace = plot.ours(p, "ours: suppression (bottom token)", sup, COLORS["last"], face=face, positive_only=True)
         _error_bars(trace, trace["y"], cis["suppression_rate"], pct)
@@ -970,7 +962,7 @@ def fig5(inp: ReportInputs) -> Figure:
         b = inp.block("values", face)
         med = inp.series(b, "next_token_rank_median_normed")
         q = {k: inp.series(b, "rank_quantiles_normed", k) for k in QUANTILE_KEYS}
-        med_ci = _value_intervals(inp, b, "next_token_rank_median_normed_ci")
+        med_ci = inp.intervals(b, "next_token_rank_median_normed_ci")
         if med is None and isinstance(vocab, int) and vocab > 0:  # written before the normalised keys
             med = _scaled(inp.series(b, "next_token_rank_median"), vocab)
             q = {k: _scaled(inp.series(b, "rank_quantiles", k), vocab) for k in QUANTILE_KEYS}
@@ -1196,19 +1188,6 @@ def _nats(v):
     return "n/a" if v is None else f"{_signed(v)} nats"
 
 
-def _intervals(inp: ReportInputs, b: dict | None, key: str) -> list[tuple[float, float] | None]:
-    """A per-layer ``X_ci`` array as (low, high) or None per layer, padded to n_layers."""
-    raw = (b or {}).get(key)
-    raw = raw if isinstance(raw, list) else []
-    out = []
-    for i in range(inp.n_layers):
-        v = raw[i] if i < len(raw) else None
-        ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                          and math.isfinite(x) for x in v)
-        out.append((float(v[0]), float(v[1])) if ok else None)
-    return out
-
-
 def fig_causal(inp: ReportInputs) -> Figure:
     fig = Figure("causal", "C1", "values", "Switching a memory off where it fired: change of its trigger's next-token "
                  "log-probability",
@@ -1234,14 +1213,14 @@ def fig_causal(inp: ReportInputs) -> Figure:
         for role, word, color, control_color in CAUSAL_ROLES:
             if means[role] is not None:
                 t = plot.ours(p, f"ours: {word} memories off", means[role], color, _nats, face=face)
-                t["error_y"] = _error_y(means[role], _intervals(inp, b, f"{role}_delta_ci"), color)
+                t["error_y"] = _error_y(means[role], inp.intervals(b, f"{role}_delta_ci"), color)
             control = inp.series(b, f"{role}_control_delta")
             if control is not None:
                 t = plot.ours(p, f"ours: their controls ({word})", control, control_color, _nats, face=face,
                               baseline=True)
                 t.update(mode="lines+markers", x=[round(x + dodge, 6) for x in t["x"]],
                          marker={"size": 5, "color": control_color, "symbol": "circle-open"},
-                         error_y=_error_y(control, _intervals(inp, b, f"{role}_control_delta_ci"), control_color))
+                         error_y=_error_y(control, inp.intervals(b, f"{role}_control_delta_ci"), control_color))
             counts = inp.series(b, f"n_{role}") or []
             empty = [i for i, n in enumerate(counts) if n == 0]
             if empty:
@@ -1326,23 +1305,6 @@ def _agg_note(inp, fig):
         fig.notes.append(f"over {n:,.0f} held-out prefixes (paper: 4,000 validation prefixes)")
 
 
-def _ci(inp: ReportInputs, block: dict | None, *path: str) -> list[list[float] | None] | None:
-    """A per-layer ``X_ci`` array of analysis.json ([low, high] or None per layer, padded to n_layers), or None."""
-    x = block
-    for key in path:
-        if not isinstance(x, dict):
-            return None
-        x = x.get(key)
-    if not isinstance(x, list):
-        return None
-    out = []
-    for v in x[: inp.n_layers]:
-        pair = [inp.scalar({"v": u}, "v") for u in v] if isinstance(v, list) and len(v) == 2 else None
-        out.append(pair if pair and None not in pair and pair[0] <= pair[1] else None)
-    out += [None] * (inp.n_layers - len(out))
-    return out if any(v is not None for v in out) else None
-
-
 CI_NOTE = ("error bars: 95% intervals (Wilson for shares of prefixes, percentile bootstrap over prefixes for "
            "medians)")
 
@@ -1388,7 +1350,7 @@ def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
     s = inp.series(b, key)
     if s is not None:
         trace = plot.ours(0, f"ours: {label}", s, COLORS["main"])
-        _noted_error_bars(fig, trace, _ci(inp, b, key + "_ci"), COLORS["main"])
+        _noted_error_bars(fig, trace, inp.intervals(b, key + "_ci"), COLORS["main"])
         plot.paper(0, paper_label, paper_arr, COLORS["main"])
         _note_gaps(fig, inp, label, s)
         _agg_note(inp, fig)
@@ -1398,7 +1360,7 @@ def _single_series_fig(inp, fig, key, label, paper_arr, paper_label) -> tuple:
 def _quartiles(inp: ReportInputs, b: dict | None, key: str) -> dict | None:
     """{q25, q50, q75, q50_ci} per-layer series of a quantile block of aggregation, or None without a median."""
     q = {k: inp.series(b, key, k) for k in ("q25", "q50", "q75")}
-    q["q50_ci"] = _ci(inp, b, key, "q50_ci")
+    q["q50_ci"] = inp.intervals(b, key, "q50_ci")
     return q if q["q50"] is not None else None
 
 
@@ -1499,9 +1461,9 @@ def fig7(inp: ReportInputs) -> Figure:
     elif mean is not None:
         fig.caption += " Ours is the mean over prefixes, the paper's the median."
         _noted_error_bars(fig, plot.ours(0, f"ours: {label}", mean, COLORS["main"]),
-                          _ci(inp, b, "active_fraction_mean_ci"), COLORS["main"])
+                          inp.intervals(b, "active_fraction_mean_ci"), COLORS["main"])
     head = q["q50"] if q is not None else mean
-    head_ci = q["q50_ci"] if q is not None else _ci(inp, b, "active_fraction_mean_ci")
+    head_ci = q["q50_ci"] if q is not None else inp.intervals(b, "active_fraction_mean_ci")
     if head is not None:
         plot.paper(0, "active memories (median)", ref["median_fraction_approx"], COLORS["main"])
         _note_gaps(fig, inp, label, head)
@@ -1573,17 +1535,17 @@ def fig8(inp: ReportInputs) -> Figure:
     sw, sh = inp.series(b, "match_is_stopword"), inp.series(b, "match_prefix_short")
     if sw is not None:
         _noted_error_bars(fig, plot.ours(0, "ours: matched token is a stop word", sw, COLORS["stopword"]),
-                    _ci(inp, b, "match_is_stopword_ci"), COLORS["stopword"])
+                    inp.intervals(b, "match_is_stopword_ci"), COLORS["stopword"])
     if sh is not None:
         _noted_error_bars(fig, plot.ours(0, "ours: matched prefix < 5 tokens", sh, COLORS["short"]),
-                    _ci(inp, b, "match_prefix_short_ci"), COLORS["short"])
+                    inp.intervals(b, "match_prefix_short_ci"), COLORS["short"])
     swept = []  # (rule, mean no-match, mean stop-word share, mean short share, whether >= 68% holds in every layer)
     floor = min(ref["approx"])
     for name, entry, color in _sweep(inp):
         no_match = inp.series(entry, "no_single_memory_match")
         if no_match is None:
             continue
-        ci = _ci(inp, entry, "no_single_memory_match_ci")
+        ci = inp.intervals(entry, "no_single_memory_match_ci")
         if name != rule:
             plot.ours(0, f"ours: no single memory matches, {_rule_label(name)}", no_match, color, thin=True)
         holds = all(_holds(v, _at(ci, layer), floor, 1.0) for _, layer, v in points(no_match))
@@ -1600,7 +1562,7 @@ def fig8(inp: ReportInputs) -> Figure:
                              f"{_rule_label(n)}{' (headline)' if n == rule else ''}: {pct(a)} / {pct(w)} / {pct(h)}"
                              for n, a, w, h, _ in swept))
     if s is not None:
-        fig.verdict = _fig8_verdict(inp, s, _ci(inp, b, "no_single_memory_match_ci"), sw, sh, swept)
+        fig.verdict = _fig8_verdict(inp, s, inp.intervals(b, "no_single_memory_match_ci"), sw, sh, swept)
     return _finish(fig, inp, plot, s is not None or sw is not None or sh is not None, "aggregation",
                    ytitle="share of prefixes (%)", yrange=[0, 1.02])
 
@@ -1671,7 +1633,7 @@ def fig9(inp: ReportInputs) -> Figure:
     plot, s = _single_series_fig(inp, fig, "residual_matches_final", "residual top = final top", ref["approx"],
                                  "residual top = final top")
     if s is not None:
-        fig.verdict = _fig9_verdict(inp, s, _ci(inp, inp.block("aggregation"), "residual_matches_final_ci"))
+        fig.verdict = _fig9_verdict(inp, s, inp.intervals(inp.block("aggregation"), "residual_matches_final_ci"))
     return _finish(fig, inp, plot, s is not None, "aggregation", ytitle="share of prefixes (%)", yrange=[0, 1.02])
 
 
@@ -1727,7 +1689,7 @@ def fig10(inp: ReportInputs) -> Figure:
         if stat == "mean":
             fig.caption += " Ours is the mean over prefixes, the paper's the median."
         what = "the probability"
-        ci = _ci(inp, b, "residual_prob_of_final_ci")
+        ci = inp.intervals(b, "residual_prob_of_final_ci")
     else:
         plot = Plot(inp, ("pos",))
         s, ci = q["q50"], q["q50_ci"]
@@ -1760,7 +1722,7 @@ def fig11(inp: ReportInputs) -> Figure:
     plot = Plot(inp, ("pos",))
     b = inp.block("aggregation")
     parts = {k: inp.series(b, "ffn_effect", k) for k in EFFECT_KINDS}
-    cis = {k: _ci(inp, b, "ffn_effect", f"{k}_ci") for k in EFFECT_KINDS}
+    cis = {k: inp.intervals(b, "ffn_effect", f"{k}_ci") for k in EFFECT_KINDS}
     drawn = any(v is not None for v in parts.values())
     if drawn:
         for k, v in parts.items():
@@ -1822,17 +1784,17 @@ def fig11b(inp: ReportInputs) -> Figure:
     plot = Plot(inp, ("pos",))
     b = inp.block("aggregation")
     s = inp.series(b, "ffn_change_distant")
-    ci = _ci(inp, b, "ffn_change_distant_ci")
+    ci = inp.intervals(b, "ffn_change_distant_ci")
     if s is not None:
         _noted_error_bars(fig, plot.ours(0, "ours: changed to a distant word", s, COLORS["main"]), ci, COLORS["main"])
         content = inp.series(b, "ffn_change_content_distant")
         if content is not None:
             _noted_error_bars(fig, plot.ours(0, "ours: between two content words", content, COLORS["first"]),
-                        _ci(inp, b, "ffn_change_content_distant_ci"), COLORS["first"])
+                        inp.intervals(b, "ffn_change_content_distant_ci"), COLORS["first"])
         shuffled = inp.series(b, "ffn_change_shuffled_distant")
         if shuffled is not None:
             _noted_error_bars(fig, plot.ours(0, "ours: shuffled new tokens (control)", shuffled, COLORS["random"],
-                                       baseline=True), _ci(inp, b, "ffn_change_shuffled_distant_ci"),
+                                       baseline=True), inp.intervals(b, "ffn_change_shuffled_distant_ci"),
                         COLORS["random"])
         plot.ours(0, "random vocabulary pairs (95% by construction)", [0.95] * inp.n_layers, COLORS["uniform"],
                   baseline=True)
@@ -1856,7 +1818,7 @@ def fig11b(inp: ReportInputs) -> Figure:
                 _third(cos, lambda v: f"{v:.2f}")) + f"; random vocabulary pairs: {rnd:.2f}" +
                 (f", their 95th percentile (the 'distant' threshold) {threshold:.2f}" if threshold is not None else ""))
         fig.verdict = _fig11b_verdict(inp, s, ci, shuffled, cos, rnd, content,
-                                      _ci(inp, b, "ffn_change_content_distant_ci"))
+                                      inp.intervals(b, "ffn_change_content_distant_ci"))
     fig = _finish(fig, inp, plot, s is not None, "aggregation", ytitle="share of changed prefixes (%)",
                   yrange=[0, 1.02])
     reason = ((inp.analysis or {}).get("missing") or {}).get("aggregation.ffn_change")
