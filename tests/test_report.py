@@ -804,7 +804,7 @@ def test_report_command(tmp_path, capsys):
     figures = {f.number: f for f in build_figures(load_inputs(full)) if f.verdict is not None}
     printed = {line.split(" [")[0].removeprefix("Fig "): line for line in out if line.startswith("Fig ")}
     assert set(printed) == set(figures) and "4b" in printed
-    assert all(printed[n].endswith(f.verdict.text) for n, f in figures.items())
+    assert all(printed[n].endswith(f.verdict.text.split(": ", 1)[-1]) for n, f in figures.items())
 
 
 def test_formatting():

@@ -311,8 +311,8 @@ def cmd_report(args) -> int:
 
         for fig in build_figures(load_inputs(args.atlas)):
             if fig.verdict is not None:
-                print(f"Fig {fig.number} [{STATUS_WORD.get(fig.verdict.status, fig.verdict.status)}]: "
-                      f"{fig.verdict.text}")
+                word = STATUS_WORD.get(fig.verdict.status, fig.verdict.status)
+                print(f"Fig {fig.number} [{word}]: {fig.verdict.text.removeprefix(word + ': ')}")
     print(f"wrote {path}")
     return 0
 
