@@ -14,7 +14,7 @@ from ffkv.cli import main
 
 ANALYZE_FLAGS = ["--removal-keys", "2", "--removal-triggers", "3",
                  "--examples", "12", "--quiet"]
-BLOCKS = ("patterns", "token_removal", "values", "aggregation")
+BLOCKS = ("patterns", "token_removal", "values", "aggregation", "causal")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_rescan_makes_the_old_analysis_stale(inputs, tmp_path, capsys):
     # the same scan: --only adds to what is there
     more = _analyze(out, "--only", "values")
     assert more["patterns"] == fresh["patterns"] and "values" in more
-    assert set(more["missing"]) == {"token_removal", "aggregation"}
+    assert set(more["missing"]) == {"token_removal", "aggregation", "causal"}
     assert "earlier scan" not in json.dumps(more["missing"])
 
     assert main(["report", str(out)]) == 0

@@ -643,6 +643,7 @@ def fig3_sign(inp: ReportInputs) -> Figure:
             if ci is not None:
                 plot.band(p, f"ours: {label}, 95% interval", *_edges(ci), BAND_COLORS[k], pct, face=face)
             plot.ours(p, f"ours: {label}", s[k], COLORS[k], pct, face=face)
+        plot.paper_hline(p, "none (ReLU coefficients cannot change sign)", 0.0, COLORS["uniform"])
         shares[face] = s
     if drawn:
         s = shares.get("pos") or next(iter(shares.values()))
