@@ -835,12 +835,11 @@ def _fig4_verdict(inp, per_face) -> Verdict:
     top_env = None if pooled else _envelope(s.get("ag_ci"), 0.75, 1)
     paper_top = _paper_range(ref["approx"], 0.75, 1)
     interval = pooled[1] if pooled else top_env
-    if interval is None:
-        status = "yes" if rising and above_base else "partly" if rising or (above_base and top > 0.005) else "no"
-    else:  # "reproduces" needs the paper's top-quarter level inside our interval
-        level = agree(interval, *paper_top)
-        status = "yes" if rising and above_base and level else \
-            "partly" if rising or (above_base and top > 0.005) else "no"
+    # "reproduces" needs the paper's top-quarter level inside our interval (a file without intervals: our number
+    # itself inside the paper's range)
+    level = agree(interval, *paper_top) if interval is not None else paper_top[0] <= top <= paper_top[1]
+    status = "yes" if rising and above_base and level else \
+        "partly" if rising or (above_base and top > 0.005) else "no"
     top_text = _pooled_text(pooled) if pooled else f"{pct(top)}{_span(top_env)}"
     claim = (f"agreement is {pct(low)} in the lower half of layers and {top_text} in the top quarter"
              f" (peak {pct(peak[2])} at layer {peak[1]})")
