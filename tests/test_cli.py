@@ -304,6 +304,18 @@ def analyzable(cli_atlas, tmp_path, monkeypatch):
 ANALYZE_SMALL = ["--only", "patterns", "--removal-triggers", "4", "--quiet"]
 
 
+def test_removal_triggers_default_to_the_atlas_top_k(analyzable, capsys):
+    """Unset, --removal-triggers is 25 or the atlas's top-k (5 here) when smaller; set out of range, one line."""
+    out, _ = analyzable
+    assert main(["analyze", str(out), "--only", "patterns", "--quiet"]) == 0
+    assert json.loads((out / "analysis.json").read_text())["config"]["removal_triggers"] == 5
+    capsys.readouterr()
+    for bad in ("6", "0"):
+        assert main(["analyze", str(out), "--only", "patterns", "--removal-triggers", bad, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--removal-triggers" in err and "top-k 5" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("flags,dtype", [([], "float64"), (["--dtype", "float32"], "float32"),
                                          (["--dtype", "float64"], "float64")])
 def test_analyze_dtype(flags, dtype, analyzable, capsys):

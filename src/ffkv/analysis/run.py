@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -19,14 +20,19 @@ from ..version import __version__
 EXPERIMENTS = ("patterns", "token_removal", "values", "aggregation", "causal")
 
 
+REMOVAL_TRIGGERS = 25
+"""Triggers per key for token removal when not set: the paper's Fig 2 annotation size (its Fig 3 used 50)."""
+
+
 @dataclass
 class AnalyzeConfig:
     """Sizes of the experiments; every field is also a flag of `ffkv analyze`."""
 
     removal_keys: int = field(default=10, metadata={"help": "keys per layer and face for token removal "
                               "(Fig 3; paper: 100)"})
-    removal_triggers: int = field(default=25, metadata={"help": "triggers per key for token removal "
-                                  "(paper: 50)"})
+    removal_triggers: int | None = field(default=None, metadata={"help": "triggers per key for token removal "
+                                         f"(default: {REMOVAL_TRIGGERS}, or the atlas's top-k when smaller; "
+                                         "paper: 50)"})
     examples: int = field(default=4000, metadata={"help": "held-out prefixes for §5 (Figs 7-11; paper: 4000)"})
     active_threshold: float = field(default=0.1, metadata={"help": "smooth activations: a memory is active "
                                     "when |m| > this x the layer's max |m| (ReLU: m > 0)"})
@@ -68,11 +74,13 @@ DEFINITIONS = {
 }
 
 
-def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> None:
+def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> AnalyzeConfig:
+    """FfkvError for a size the atlas cannot take; returns the config with the removal triggers resolved."""
     top_k = atlas.manifest["scan"]["top_k"]
-    for name in ("removal_triggers",):
-        if getattr(cfg, name) > top_k:
-            raise FfkvError(f"--{name.replace('_', '-')} {getattr(cfg, name)} exceeds the atlas's top-k {top_k}")
+    if cfg.removal_triggers is None:
+        cfg = dataclasses.replace(cfg, removal_triggers=min(REMOVAL_TRIGGERS, top_k))
+    elif not 1 <= cfg.removal_triggers <= top_k:
+        raise FfkvError(f"--removal-triggers {cfg.removal_triggers} must be between 1 and the atlas's top-k {top_k}")
     for name in ("removal_keys",):
         if not 1 <= getattr(cfg, name) <= atlas.d_ff:
             raise FfkvError(f"--{name.replace('_', '-')} must be between 1 and d_ff = {atlas.d_ff}")
@@ -80,6 +88,7 @@ def _check_sizes(atlas: Atlas, cfg: AnalyzeConfig) -> None:
         raise FfkvError("--examples must be positive")
     if cfg.causal_memories < 1:
         raise FfkvError("--causal-memories must be positive")
+    return cfg
 
 
 def _read_previous(path: Path) -> dict:
@@ -114,7 +123,7 @@ def analyze(atlas_path: str | Path, config: AnalyzeConfig | None = None, model=N
 
     cfg = config or AnalyzeConfig()
     atlas = Atlas.load(atlas_path)
-    _check_sizes(atlas, cfg)
+    cfg = _check_sizes(atlas, cfg)
     wanted = EXPERIMENTS if cfg.only is None else tuple(x.strip() for x in cfg.only.split(","))
     unknown = [x for x in wanted if x not in EXPERIMENTS]
     if unknown:
