@@ -788,6 +788,18 @@ def test_trigger_tokens_highlighted_and_escaped(full_report, tmp_path):
     assert split.parts(None) is None
 
 
+def test_header_names_what_sits_at_position_0(tmp_path):
+    atlas = make_atlas(tmp_path / "bos")
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    assert "position 0" not in write_report(atlas).read_text()  # an atlas from before the setting was recorded
+    manifest["corpus"].update(bos=True, special_prefix=[1], special_prefix_tokens=["<|im_start|>"])
+    (atlas / "manifest.json").write_text(json.dumps(manifest))
+    assert "position 0</dt><dd>&lt;|im_start|&gt; (--bos), fed, not scored" in write_report(atlas).read_text()
+    manifest["corpus"].update(bos=False, special_prefix=[], special_prefix_tokens=[])
+    (atlas / "manifest.json").write_text(json.dumps(manifest))
+    assert "position 0</dt><dd>the unit&#x27;s first text token (no BOS)" in write_report(atlas).read_text()
+
+
 def test_report_command(tmp_path, capsys):
     from ffkv.cli import main
 

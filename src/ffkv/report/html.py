@@ -406,6 +406,16 @@ def _shell(x) -> str:
     return s if re.fullmatch(r"[\w./:,@%+=-]+", s) else "'" + s.replace("'", "'\\''") + "'"
 
 
+def _special_prefix(c: dict) -> str | None:
+    """What every unit starts with: the special tokens fed (never scored) before its text, or its first text token;
+    None for atlases from before the manifest recorded it."""
+    if "special_prefix_tokens" not in c and "bos" not in c:
+        return None
+    tokens = c.get("special_prefix_tokens") or []
+    how = " (--bos)" if c.get("bos") else " (the tokenizer's)"
+    return esc(" ".join(tokens) + how) + ", fed, not scored" if tokens else esc("the unit's first text token (no BOS)")
+
+
 def header(inp: ReportInputs, atlas_arg: str) -> str:
     m, c = inp.model, inp.manifest.get("corpus") or {}
     s, r = inp.manifest.get("scan") or {}, inp.manifest.get("result") or {}
@@ -432,6 +442,7 @@ def header(inp: ReportInputs, atlas_arg: str) -> str:
         ("tokens", _fmt_int(c.get("n_tokens"))),
         ("documents", _fmt_int(c.get("n_documents"))),
         ("max length", _fmt_int(c.get("max_length"))),
+        ("position 0", _special_prefix(c)),
     ])
     scan = _dl([
         ("tokens scanned", _fmt_int(r.get("tokens_scanned"))),
