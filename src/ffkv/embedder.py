@@ -8,6 +8,7 @@ cached next to the atlas (``explain_cache/``), keyed by the text itself.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -32,17 +33,22 @@ def embedder_dir() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
+def _sentence_model(path: str, device: str):
+    """The sentence model, loaded once per process: `ffkv analyze` embeds in explain and again for §5.2."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise FfkvError("sentence-transformers is missing: pip install sentence-transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return SentenceTransformer(path, device=device)
+
+
 class Embedder:
     """Unit-length sentence vectors of texts, each text embedded once (an in-memory and an on-disk cache)."""
 
     def __init__(self, cache_dir: Path | None = None, device: str = "cpu", batch_size: int = 256):
-        path = embedder_dir()
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise FfkvError("sentence-transformers is missing: pip install sentence-transformers")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(str(path), device=device)
+        self.model = _sentence_model(str(embedder_dir()), device)
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.index: dict[str, int] = {}

@@ -11,14 +11,13 @@ Interventions are ``capture.Intervention``s; callers serialise calls (one model)
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..arch import ModelParts
-from ..capture import Capture, Intervention, check_interventions
+from ..capture import Capture, Intervention, cache_keyword, check_interventions, returned_cache
 from ..projection import logit_lens
 
 __all__ = ["Intervention", "added_value_norms", "check_interventions", "generate", "run_prompt"]
@@ -86,8 +85,7 @@ def generate(model: nn.Module, parts: ModelParts, input_ids: torch.Tensor, inter
     """Greedy continuation under ``interventions`` (they apply to the new tokens too). Returns the new token ids
     and why it stopped ('eos' or 'length')."""
     device = next(model.parameters()).device
-    # transformers renamed past_key_values to cache (5.x); use whichever this version's forward takes
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(model)
     new: list[int] = []
     with Capture(parts, interventions=interventions, stop=False):
         out = model(input_ids=input_ids.to(device), use_cache=True)
@@ -98,6 +96,6 @@ def generate(model: nn.Module, parts: ModelParts, input_ids: torch.Tensor, inter
                 return new, "eos"
             if len(new) == max_new_tokens:
                 break
-            cache = getattr(out, "cache", None) if cache_arg == "cache" else out.past_key_values
+            cache = returned_cache(out)
             out = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True, **{cache_arg: cache})
     return new, "length"
