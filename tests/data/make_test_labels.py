@@ -5,7 +5,12 @@ the raters) and a rater packet (the trigger texts only: no layer, key or face) t
 before the explainer has seen its keys; a later set (``--seed``, ``--name``) leaves out the keys of the earlier
 sets in this folder:
 
-    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME]
+    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME [controls]]
+
+With ``controls`` (the third set on), each item also shows 25 control prefixes: random positions of the scanned
+units with the same prefix lengths as the triggers, and the rule (``RULE_WITH_CONTROLS``) puts a number on
+"more often than random text": the rater counts a feature in both lists. The first two sets' raters had no
+such number and called most keys "both".
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import random
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from ffkv.atlas import Atlas
 
@@ -31,12 +38,55 @@ RULE = (
     "share that meaning too. Label: shallow (only shallow patterns), semantic (only semantic), both (at least "
     "one of each), none (no pattern). Also give has_shallow, has_semantic and a short note naming the patterns."
 )
+RULE_WITH_CONTROLS = (
+    "Each item shows two lists of 25 text prefixes of Wikipedia sentences. Each prefix ends at a token marked "
+    "[[...]]; each line gives the unit (sentence) it comes from and the topic / article title of its source. "
+    "List A: the top-25 trigger prefixes of one FFN key (where it fires most). List B: 25 control prefixes, "
+    "random positions of the same text with the same prefix lengths. A pattern is a feature a reader would name "
+    "that (1) at least 3 prefixes of list A from distinct units share (prefixes of one unit count once) and "
+    "(2) is clearly rarer in list B: A's count is at least three times B's and at least B's plus 3 (3 vs 0, "
+    "4 vs 1, 6 vs 2, 9 vs 3 count; 4 vs 2 or 5 vs 3 do not). "
+    "Shallow = surface form: the same marked token or the same last two tokens; the same token among the last "
+    "three; the same kind of marked token (a number or year, punctuation, a piece that continues a word, a "
+    "capitalised word, the first token of a sentence). Semantic = meaning: the same topic or article title; a "
+    "category of the marked word or short phrase (units of length, family relations, time words, "
+    "nationalities, animals...); a subject or situation the prefixes describe. Repeats of one word are shallow, "
+    "not semantic: a category of marked words needs at least 3 different words. Label: shallow (only shallow "
+    "patterns), semantic (only semantic), both (at least one of each), none (no feature meets (1) and (2)). "
+    "Give has_shallow, has_semantic and a note naming each pattern with its counts in A and B "
+    "(e.g. 'marked token \" the\": A 9, B 2; topic History: A 12, B 3')."
+)
 KEYS_PER_LAYER_FACE = 2
 EXTRA = 4  # four more keys on random odd layers and faces: 64 in all
 PACKET_CHARS = 160  # the end of each prefix is what a key reads most; raters see the last 160 characters
 
 
-def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_labels_test.json") -> None:
+def control_prefixes(atlas: Atlas, triggers, rng: random.Random) -> list:
+    """One random scanned position per trigger, at the same offset in a unit long enough to hold it."""
+    store = atlas.store
+    units = np.load(atlas.path / "scanned_units.npy")
+    out = []
+    for t in triggers:
+        offset = t.position - int(store.offset[t.unit])
+        fits = units[store.length[units] > offset]
+        unit = int(fits[rng.randrange(len(fits))])
+        out.append(atlas.trigger_at(int(store.offset[unit]) + offset))
+    return out
+
+
+def _packet_line(t: dict) -> str:
+    text = t["text"] if len(t["text"]) <= PACKET_CHARS else "…" + t["text"][-PACKET_CHARS:]
+    return f"- (unit {t['unit']}, {t['topic']} / {t['title']}) {text}"
+
+
+def _entry_text(atlas: Atlas, t) -> dict:
+    return {"input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):], "unit": t.unit, "topic": t.topic,
+            "title": t.title, "text": t.context[-300:] + "[[" + t.trigger_token + "]]"}
+
+
+def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_labels_test.json",
+         controls: str = "") -> None:
+    with_controls = controls == "controls"
     atlas = Atlas.load(atlas_dir)
     rng = random.Random(int(seed))
     earlier = {(k["layer"], k["key"], k["face"]) for f in Path(__file__).parent.glob("hand_labels*.json")
@@ -53,15 +103,17 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
             if (layer, key, face) not in chosen | earlier and len(triggers) == N_TRIGGERS:
                 break
         chosen.add((layer, key, face))
-        entries.append({"layer": layer, "key": key, "face": face, "triggers": [
-            {"input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):], "unit": t.unit, "topic": t.topic,
-             "title": t.title, "text": t.context[-300:] + "[[" + t.trigger_token + "]]"} for t in triggers]})
+        entry = {"layer": layer, "key": key, "face": face, "triggers": [_entry_text(atlas, t) for t in triggers]}
+        if with_controls:
+            entry["controls"] = [_entry_text(atlas, t) for t in control_prefixes(atlas, triggers, rng)]
+        entries.append(entry)
     rng.shuffle(entries)
     for item, entry in enumerate(entries, 1):
         entry["item"] = item
     doc = {"description": "Blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled; "
                           "labelled by independent raters who saw only the trigger texts (no layer, key or face) "
-                          "and the rule.", "rule": RULE,
+                          "and the rule" + (", beside 25 control prefixes of the same lengths per key." if with_controls
+                                            else "."), "rule": RULE_WITH_CONTROLS if with_controls else RULE,
            "atlas": {"model": atlas.manifest["model"]["name"], "corpus": atlas.manifest["scan"]["corpus"],
                      "unit": atlas.manifest["scan"]["unit"], "max_tokens": atlas.manifest["scan"]["max_tokens"],
                      "seed": atlas.manifest["scan"]["seed"], "max_length": atlas.manifest["scan"]["max_length"]},
@@ -70,9 +122,12 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
     lines = []
     for entry in entries:
         lines.append(f"## Item {entry['item']}\n")
-        for t in entry["triggers"]:
-            text = t["text"] if len(t["text"]) <= PACKET_CHARS else "…" + t["text"][-PACKET_CHARS:]
-            lines.append(f"- (unit {t['unit']}, {t['topic']} / {t['title']}) {text}")
+        if with_controls:
+            lines.append("List A (triggers):\n")
+        lines += [_packet_line(t) for t in entry["triggers"]]
+        if with_controls:
+            lines.append("\nList B (controls):\n")
+            lines += [_packet_line(t) for t in entry["controls"]]
         lines.append("")
     Path(packet).write_text("\n".join(lines))
 
