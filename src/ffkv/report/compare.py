@@ -169,12 +169,15 @@ def factors(inp: ReportInputs, *aspects: str) -> list[str]:
 
 def verdict(inp: ReportInputs, status: str, claim: str, paper: str, aspects: tuple[str, ...] = (),
             extra: str = "") -> Verdict:
-    """'Reproduces: <claim> (paper: <paper>)<extra>; it holds despite / likely reasons: <factors>.'"""
+    """'Reproduces: <claim> (paper: <paper>)<extra>; it holds despite / the setting differs in: <factors>.'
+
+    The factors are differences of setting, not measured causes: the report cannot test them (the README's "what
+    differs" table says which were measured, with which result), so it names them without calling them reasons."""
     text = f"{STATUS_WORD[status]}: {claim} (paper: {paper}){extra}"
     fs = factors(inp, *aspects)
     if fs:
-        text += ("; it holds despite " if status == "yes" else "; likely reasons for the difference: ") + \
-            join_words(fs)
+        text += ("; it holds despite " if status == "yes"
+                 else "; the setting differs from the paper's (untested here as causes) in ") + join_words(fs)
     return Verdict(status, text + ".")
 
 
