@@ -265,6 +265,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .report import write_comparison
+
+    print(f"wrote {write_comparison(args.atlases, args.out)}")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .merge import merge_atlases
 
@@ -378,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdicts", action="store_true", help="also print each figure's verdict (our numbers with "
                    "their 95%% intervals beside the paper's)")
     p.set_defaults(fn=cmd_report)
+
+    text = ("write one self-contained HTML page comparing two or more atlases: every figure with each model's "
+            "curves beside the paper's on relative depth, and per finding each model's verdict, whether it holds "
+            "across models and its numbers per third of the layers")
+    p = sub.add_parser("compare", help=text, description=text,
+                       usage="%(prog)s [-h] ATLAS ATLAS [ATLAS ...] [--out OUT.html]")
+    # zero or one atlas is refused by write_comparison, in one line like every other bad input
+    p.add_argument("atlases", nargs="*", metavar="ATLAS", help="atlas directories, two or more (atlases without "
+                   "analysis.json are drawn around; two atlases of one model are told apart by their folder names)")
+    p.add_argument("--out", "-o", default=None, help="HTML file to write (default: compare.html in the current "
+                   "directory)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("show", help="one memory: its top triggers and the tokens its value promotes")
     p.add_argument("atlas")
