@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .errors import FfkvError
 from .models import check_dtype
+from .report.findings import fmt_value, thirds
+from .report.findings import rows as summary_rows
 from .scan import ScanConfig, parse_layers
 
 RUN_MAX_TOKENS = 40_000
@@ -129,71 +131,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def thirds(values: list) -> list[float | None]:
-    """Means over the lowest, middle and highest third of the layers (missing layers skipped), and the last
-    layer: how the README and the report compare a 30-layer model with the paper's 16."""
-    n = len(values)
-    parts = [values[: n // 3], values[n // 3: 2 * n // 3], values[2 * n // 3:], values[-1:]]
-    out = []
-    for part in parts:
-        present = [v for v in part if v is not None]
-        out.append(sum(present) / len(present) if present else None)
-    return out
-
-
 def _print_analysis(result: dict) -> None:
     """The README's "paper beside ours" rows, from analysis.json: low / mid / high third of the layers, last."""
-    p, t, v, a, c = (result.get(k) or {} for k in ("patterns", "token_removal", "values", "aggregation", "causal"))
-    effect = a.get("ffn_effect") or {}
-    semantic = None
-    if p.get("semantic") and p.get("both"):
-        semantic = [None if x is None or y is None else x + y for x, y in zip(p["semantic"], p["both"])]
-    def row(name: str, block: dict, key: str, fmt: str) -> tuple:
-        return name, block.get(key), fmt, block.get(key + "_ci")
-
-    rows = [row("Fig 2 triggers with only shallow patterns", p, "shallow", "{:.2f}"),
-            ("Fig 2 triggers with semantic (or both)", semantic, "{:.2f}", None),
-            row("Fig 3 remove first token", t, "first", "{:+.0%}"),
-            row("Fig 3 remove last token", t, "last", "{:+.0%}"),
-            row("Fig 3 remove random token", t, "random", "{:+.0%}"),
-            row("Fig 3 remove last token, median", t, "last_median", "{:+.0%}"),
-            row("Fig 3 remove last token, sign flips", t, "last_sign_change", "{:.0%}"),
-            row("Fig 4 value agreement rate", v, "agreement_rate", "{:.2%}"),
-            row("Fig 4 frequency-matched baseline", v, "frequency_baseline", "{:.2%}"),
-            row("Fig 4b value suppression rate", v, "suppression_rate", "{:.2%}"),
-            row("Fig 4b suppression, frequency baseline", v, "suppression_frequency_baseline", "{:.2%}"),
-            row("Fig 4b next token in the bottom 10", v, "suppression_bottom10_rate", "{:.2%}"),
-            row("Fig 4b suppression rate, -v face", result.get("values_neg") or {}, "suppression_rate", "{:.2%}"),
-            row("Fig 4 agreement rate, -v face", result.get("values_neg") or {}, "agreement_rate", "{:.2%}"),
-            row("Fig 5 median rank of next token / |V|", v, "next_token_rank_median_normed", "{:.1%}"),
-            row("Causal: agreeing memory off, Δlog p", c, "agree_delta", "{:+.3f}"),
-            row("  its control, Δlog p", c, "agree_control_delta", "{:+.3f}"),
-            row("  |Δ| above the control's", c, "agree_exceeds_control", "{:.0%}"),
-            row("Causal: suppressing memory off, Δlog p", c, "suppress_delta", "{:+.3f}"),
-            row("  its control, Δlog p", c, "suppress_control_delta", "{:+.3f}"),
-            row("  |Δ| above the control's", c, "suppress_exceeds_control", "{:.0%}"),
-            row("Fig 7 active memories", a, "active_fraction_mean", "{:.0%}"),
-            row("Fig 7 active memories, median", a.get("active_fraction_quantiles") or {}, "q50", "{:.0%}"),
-            row("Fig 8 no single memory matches", a, "no_single_memory_match", "{:.0%}"),
-            row("Fig 9 residual top = final top", a, "residual_matches_final", "{:.0%}"),
-            row("Fig 10 residual's p(final), median", a.get("residual_prob_of_final_quantiles") or {}, "q50", "{:.0%}"),
-            row("Fig 11 residual keeps its top", effect, "residual", "{:.0%}"),
-            row("Fig 11 FFN overrides it", effect, "ffn", "{:.0%}"),
-            row("§5.2 FFN changes it to a distant word", a, "ffn_change_distant", "{:.0%}"),
-            row("§5.2   between two content words", a, "ffn_change_content_distant", "{:.0%}"),
-            row("§5.2   new tokens shuffled (control)", a, "ffn_change_shuffled_distant", "{:.0%}"),
-            row("§5.2   mean cosine old / new token", a, "ffn_change_cosine_mean", "{:.2f}")]
-    sweep = a.get("sweep") or {}
-    at = next((i for i, (name, *_) in enumerate(rows) if name.startswith("Fig 9")), len(rows))
-    rows[at:at] = [row(f"Fig 8   under {rule}{' (headline)' if rule == a.get('active_rule') else ''}", entry or {},
-                       "no_single_memory_match", "{:.0%}") for rule, entry in sweep.items()]
+    a = result.get("aggregation") or {}
     print("per third of the layers (low / mid / high, last layer; [95% interval of the last layer's number]):")
-    for name, values, fmt, ci in rows:
-        if values:
-            line = f"  {name:<38} " + " / ".join("-" if x is None else fmt.format(x) for x in thirds(values))
-            last = ci[-1] if isinstance(ci, list) and ci and values[-1] is not None else None
-            if isinstance(last, list) and len(last) == 2 and None not in last:
-                line += f"  [{fmt.format(last[0])}, {fmt.format(last[1])}]"
+    for row in summary_rows(result):
+        values = row.values(result)
+        if row.printed and values:
+            line = f"  {row.name:<38} " + " / ".join(fmt_value(row, x) for x in thirds(values))
+            last = row.last_interval(result)
+            if last is not None:
+                line += f"  [{row.fmt.format(last[0])}, {row.fmt.format(last[1])}]"
             print(line)
     if a.get("random_pair_cosine_mean") is not None:
         print(f"  §5.2 random vocabulary pairs: mean cosine {a['random_pair_cosine_mean']:.2f}, 95th percentile "
@@ -317,6 +265,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .report import write_comparison
+
+    print(f"wrote {write_comparison(args.atlases, args.out)}")
+    return 0
+
+
 def cmd_merge(args) -> int:
     from .merge import merge_atlases
 
@@ -430,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdicts", action="store_true", help="also print each figure's verdict (our numbers with "
                    "their 95%% intervals beside the paper's)")
     p.set_defaults(fn=cmd_report)
+
+    text = ("write one self-contained HTML page comparing two or more atlases: every figure with each model's "
+            "curves beside the paper's on relative depth, and per finding each model's verdict, whether it holds "
+            "across models and its numbers per third of the layers")
+    p = sub.add_parser("compare", help=text, description=text,
+                       usage="%(prog)s [-h] ATLAS ATLAS [ATLAS ...] [--out OUT.html]")
+    # zero or one atlas is refused by write_comparison, in one line like every other bad input
+    p.add_argument("atlases", nargs="*", metavar="ATLAS", help="atlas directories, two or more (atlases without "
+                   "analysis.json are drawn around; two atlases of one model are told apart by their folder names)")
+    p.add_argument("--out", "-o", default=None, help="HTML file to write (default: compare.html in the current "
+                   "directory)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("show", help="one memory: its top triggers and the tokens its value promotes")
     p.add_argument("atlas")

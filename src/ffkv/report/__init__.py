@@ -8,7 +8,13 @@ page. plotly.js is embedded once; the page makes no network request and opens fr
     path = write_report("atlas")                  # -> atlas/report.html
     path = write_report("atlas", out="r.html")
 
-A figure as PNG (for a README), with the same headless Chromium the tests use:
+Several atlases on one page (`ffkv compare`): each figure with every model's curves and the paper's, and each
+finding's verdict and per-third numbers per model:
+
+    from ffkv.report import write_comparison
+    path = write_comparison(["atlas-smollm2", "atlas-gemma3"], out="compare.html")
+
+A figure as PNG (for a README), with the same headless Chromium the tests use (a comparison page too):
 
     python -m ffkv.report.screenshot atlas/report.html --figure fig4 -o docs/fig4.png
 """
@@ -16,6 +22,7 @@ A figure as PNG (for a README), with the same headless Chromium the tests use:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import FfkvError
@@ -62,9 +69,35 @@ def write_report(atlas_path: str | Path, out: str | Path | None = None) -> Path:
     report shows what exists and says what is missing. The page records the atlas's scan id in a
     ``<meta name="ffkv-scan-id">`` tag."""
     text = build_report(atlas_path)
-    out = Path(out) if out is not None else Path(atlas_path) / "report.html"
+    return _write(text, Path(out) if out is not None else Path(atlas_path) / "report.html", "report.html")
+
+
+def build_comparison(atlases: Sequence[str | Path], out_arg: str | None = None) -> str:
+    """The comparison page as a string. ``out_arg`` is the output file as the 'how to reproduce' command names it
+    (None: the default)."""
+    from .comparison import build
+
+    return build(atlases, plotly_js(), out_arg)
+
+
+def write_comparison(atlases: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Write one HTML page comparing two or more atlases to ``out`` (default ``compare.html`` in the current
+    directory) and return its path.
+
+    Every figure merges the atlases' curves on relative depth with the paper's; a table gives, per finding, each
+    model's verdict, whether it holds across models and the headline numbers per third of the layers. Atlases
+    without analysis.json are drawn around and named. Raises :class:`ffkv.FfkvError` (one line, for exit code 2)
+    for fewer than two atlases, an atlas given twice, a missing atlas or manifest, and the errors of
+    :func:`write_report`. The ``<meta name="ffkv-scan-id">`` tag holds the atlases' scan ids, space-separated, in
+    the order given."""
+    text = build_comparison(atlases, None if out is None else str(out))
+    return _write(text, Path("compare.html") if out is None else Path(out), "compare.html")
+
+
+def _write(text: str, out: Path, name: str) -> Path:
+    """Write a page atomically, with one-line errors for an output that cannot be a file."""
     if out.is_dir():
-        raise FfkvError(f"--out {out} is a directory; give a file name such as {out / 'report.html'}")
+        raise FfkvError(f"--out {out} is a directory; give a file name such as {out / name}")
     if not out.parent.exists():
         raise FfkvError(f"--out {out}: directory {out.parent} does not exist")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -77,5 +110,5 @@ def write_report(atlas_path: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-__all__ = ["FIGURE_IDS", "Figure", "ReportInputs", "build_figures", "build_report", "load_inputs",
-           "load_paper_reference", "write_report"]
+__all__ = ["FIGURE_IDS", "Figure", "ReportInputs", "build_comparison", "build_figures", "build_report", "load_inputs",
+           "load_paper_reference", "write_comparison", "write_report"]

@@ -166,6 +166,8 @@ class ReportInputs:
         return {
             "name": name,
             "display_name": "SmolLM2-135M-Instruct (embedded default)" if default else name,
+            # legends of `ffkv compare` repeat it on every trace: a path is cut to its last component
+            "short_name": "SmolLM2-135M-Instruct" if default else (Path(name).name.removesuffix(".gguf") or name),
             "activation": str(m.get("activation", "?")),
             "gated": bool(m.get("gated", False)),
             "signed": self.signed,

@@ -78,6 +78,8 @@ COLORS = {
 }
 BAND_COLORS = {"last": "rgba(200,65,75,0.14)", "first": "rgba(31,158,137,0.14)", "random": "rgba(123,94,167,0.14)"}
 """Shaded 95 % intervals of the token-removal series (their line colours, light)."""
+DEPTH_TITLE = "relative depth (layer+1)/L"
+"""Start of the x-axis title of every figure drawn against relative depth."""
 SWEEP_GREYS = ("#b3b9c2", "#8b919a", "#646b75", "#3d434c", "#1d2330")
 """Colours of the magnitude rules of the active-rule sweep, lowest threshold first (m > 0 is COLORS['alt'])."""
 
@@ -205,7 +207,7 @@ class Plot:
              xtitle=None, xlog=False, xrange=None, xformat=".2f", height=None) -> dict:
         n = len(self.faces)
         if xtitle is None:
-            xtitle = "relative depth (layer+1)/L"
+            xtitle = DEPTH_TITLE
             if n == 1:
                 xtitle += f" · ours L={self.L}, paper L={PAPER_LAYERS}"
         xaxis = {"title": {"text": xtitle, "font": {"size": 12}}, "showline": True, "linecolor": "#9aa1ab",
@@ -219,17 +221,15 @@ class Plot:
         if ylog:
             yaxis["type"] = "log"
             if ylog_percent:
-                yaxis.update(self._log_percent_ticks())
+                yaxis.update(log_percent_ticks(self.data))
             elif ylog_decades:
                 yaxis.update(dtick=1, tickformat="~s")
         else:
             yaxis["tickformat"] = yformat
         if yrange is not None:
             yaxis["range"] = yrange
-        entries = sum(1 for t in self.data if t.get("showlegend"))
-        rows = entries if n == 1 else math.ceil(entries / 3)
         layout = {
-            "height": height or (330 + 18 * rows),
+            "height": height or legend_height(self.data, per_row=1 if n == 1 else 3),
             "margin": {"l": 70, "r": 18, "t": 10, "b": 50},
             "paper_bgcolor": "white", "plot_bgcolor": "white",
             "font": {"family": FONT, "size": 12, "color": INK},
@@ -253,14 +253,21 @@ class Plot:
             layout["annotations"] = self.annotations
         return {"data": self.data, "layout": layout}
 
-    def _log_percent_ticks(self) -> dict:
-        vals = [v for t in self.data for v in (t.get("y") or []) if isinstance(v, (int, float)) and v > 0]
-        if not vals:
-            return {}
-        lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
-        ticks = [10.0 ** k for k in range(lo, hi + 1)]
-        return {"tickvals": ticks, "ticktext": [pct(t) for t in ticks],
-                "range": [lo - 0.15, hi + 0.15]}
+
+def legend_height(data: list[dict], per_row: int) -> int:
+    """Plot height that leaves room for the legend above it (about ``per_row`` entries fit on a line)."""
+    entries = sum(1 for t in data if t.get("showlegend"))
+    return 330 + 18 * math.ceil(entries / per_row)
+
+
+def log_percent_ticks(data: list[dict]) -> dict:
+    """Decade ticks labelled as percentages, and a range that holds every positive y of ``data``."""
+    vals = [v for t in data for v in (t.get("y") or []) if isinstance(v, (int, float)) and v > 0]
+    if not vals:
+        return {}
+    lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+    ticks = [10.0 ** k for k in range(lo, hi + 1)]
+    return {"tickvals": ticks, "ticktext": [pct(t) for t in ticks], "range": [lo - 0.15, hi + 0.15]}
 
 
 # -- helpers --------------------------------------------------------------------------------------------------

@@ -369,8 +369,9 @@ def _fmt_int(x) -> str:
     return f"{x:,}" if isinstance(x, int) else esc(x) if x is not None else ""
 
 
-def reproduce_command(inp: ReportInputs, atlas_arg: str) -> str:
-    """The commands that remake this report: scan flags that differ from their defaults, then analyze and report."""
+def reproduce_command(inp: ReportInputs, atlas_arg: str, report: bool = True) -> str:
+    """The commands that remake this report: scan flags that differ from their defaults, then analyze and (with
+    ``report``) report."""
     scan = inp.manifest.get("scan") or {}
     fields = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
     skip = {"checkpoint_every", "shard", "layers", "device", "batch_tokens", "max_batch"}
@@ -387,7 +388,8 @@ def reproduce_command(inp: ReportInputs, atlas_arg: str) -> str:
         lines.append(f"# scanned on {scan['world_size']} ranks (torchrun); one process gives the same atlas")
     lines.append("ffkv scan " + " ".join(args + [f"--out {_shell(atlas_arg)}"]))
     lines.append(" ".join(["ffkv analyze", *_analyze_flags(inp), _shell(atlas_arg)]))
-    lines.append(f"ffkv report {_shell(atlas_arg)}")
+    if report:
+        lines.append(f"ffkv report {_shell(atlas_arg)}")
     return "\n".join(lines)
 
 

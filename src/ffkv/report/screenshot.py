@@ -2,6 +2,8 @@
 
     python -m ffkv.report.screenshot ATLAS/report.html --figure fig4 -o docs/fig4.png
     python -m ffkv.report.screenshot ATLAS/report.html -o docs/report.png          # the whole page
+    python -m ffkv.report.screenshot compare.html --figure fig9 -o docs/compare-fig9.png   # `ffkv compare`'s page
+    python -m ffkv.report.screenshot compare.html --figure findings -o docs/findings.png
 
 Needs the Python ``playwright`` package and a Chromium binary: Debian's ``chromium`` (/usr/bin/chromium, install
 with ``apt-get install chromium``) is used; ``--chromium`` or $FFKV_CHROMIUM point elsewhere. Playwright's own
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ffkv.report.screenshot",
                                      description="PNG of an ffkv report or of one figure, via headless Chromium")
     parser.add_argument("report", help="the report's HTML file")
-    parser.add_argument("--figure", "-f", default=None, help="fig2 ... fig11, table1, table2 (default: whole page)")
+    parser.add_argument("--figure", "-f", default=None, help="fig2 ... fig11, table1, table2; on an `ffkv compare` "
+                        "page fig2 ... fig11 or findings (default: whole page)")
     parser.add_argument("--out", "-o", required=True, help="PNG file to write")
     parser.add_argument("--width", type=int, default=1400, help="viewport width in CSS pixels (default 1400)")
     parser.add_argument("--scale", type=float, default=2.0, help="device pixel ratio (default 2)")
