@@ -817,6 +817,14 @@ def test_report_command(tmp_path, capsys):
     printed = {line.split(" [")[0].removeprefix("Fig "): line for line in out if line.startswith("Fig ")}
     assert set(printed) == set(figures) and "4b" in printed
     assert all(printed[n].endswith(f.verdict.text.split(": ", 1)[-1]) for n, f in figures.items())
+    # --rows prints what `ffkv analyze` printed when it wrote analysis.json
+    from ffkv.cli import _print_analysis
+
+    _print_analysis(json.loads((full / "analysis.json").read_text()))
+    expected = capsys.readouterr().out
+    assert main(["report", str(full), "--rows"]) == 0
+    out = capsys.readouterr().out
+    assert "per third of the layers" in expected and out.startswith(expected)
 
 
 def test_formatting():

@@ -252,7 +252,14 @@ def cmd_show(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.atlas, args.out)
+    path = write_report(args.atlas, args.out)  # first: it refuses a missing atlas or a stale analysis.json
+    if args.rows:
+        analysis = Path(args.atlas) / "analysis.json"
+        if analysis.exists():
+            _print_analysis(json.loads(analysis.read_text()))
+        explanations = Path(args.atlas) / "explanations.parquet"
+        if explanations.exists():
+            _print_explain(explanations)
     if args.verdicts:
         from .report import build_figures, load_inputs
         from .report.compare import STATUS_WORD
@@ -384,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default=None, help="HTML file to write (default: ATLAS/report.html)")
     p.add_argument("--verdicts", action="store_true", help="also print each figure's verdict (our numbers with "
                    "their 95%% intervals beside the paper's)")
+    p.add_argument("--rows", action="store_true", help="also print the rows `ffkv analyze` and `ffkv explain` "
+                   "print (per third of the layers), from the atlas's analysis.json and explanations.parquet")
     p.set_defaults(fn=cmd_report)
 
     text = ("write one self-contained HTML page comparing two or more atlases: every figure with each model's "
