@@ -102,6 +102,39 @@ def test_shared_ending_is_shallow(world):
     assert not (e.cover[0, 8:] & 1).any()
 
 
+def test_rare_word_in_three_units_is_a_pattern(world):
+    """Three units ending with a word the corpus never has elsewhere: the least likely candidate, significant
+    although far more than three units share *some* filler word at random."""
+    rng = random.Random(11)
+    mark = world[1].convert_tokens_to_ids("\u2581" + MARK)
+    store, positions = _planted(world, [mark] * 3, rng, 3, 22)
+    e = _explain(_with_store(world, store), positions)
+    assert e.significant["last"][0] and int(e.support["last"][0]) == 3
+    assert world[2].code_text[e.value["last"][0]].strip() == MARK
+
+
+def test_scan_p_is_the_union_bound_by_brute_force(world):
+    """CorpusNull.scan_p against a loop over every token of the corpus: for each, the smallest count >= 3 whose
+    binomial tail is <= t, and that tail, summed."""
+    from scipy.stats import binom
+
+    null = world[4]
+    rates = null.last[null.last > 0]
+    for n in (25, 9, 3):
+        levels = [float(binom.sf(s - 1, n, r)) for r in rates[:5] for s in range(3, n + 1)]
+        for t in levels[:: max(1, len(levels) // 12)] + [1e-30, 0.5]:
+            expected = 0.0
+            for r in rates:
+                for s in range(3, n + 1):
+                    tail = float(binom.sf(s - 1, n, r))
+                    if tail <= t:
+                        expected += tail
+                        break
+            got = null.scan_p("last", np.array([t]), np.array([n]))[0]
+            assert got == pytest.approx(min(1.0, expected), rel=1e-9, abs=1e-300), (n, t)
+    assert null.scan_p("last", np.array([1.0]), np.array([25]))[0] == 1.0  # no candidate
+
+
 def test_token_class_is_shallow(world):
     """Triggers that end with different years: no shared token, one token class."""
     rng = random.Random(6)

@@ -16,9 +16,14 @@ rates matched to each trigger's position in its unit, so that e.g. "capitalised"
 starts; "first token" itself at its overall rate); a
 meaning kind is tested against random sets of the same size drawn from the scanned positions (the statistic:
 the largest group of items with cosine >= the kind's threshold to one of them). A kind is significant when it
-has >= 3 units of support and p < ``alpha`` / 12 (Bonferroni over the kinds tested, one candidate per kind: the
-one with most support; for a kind with many candidates, tokens or topics, p bounds the chance that *any*
-candidate is shared that often, so picking the most shared one is not rewarded).
+has >= 3 units of support and p < ``alpha`` / 12 (Bonferroni over the kinds tested, one candidate per kind).
+
+For a kind with many candidates (tokens, bigrams, topics, titles) the candidate is the *least likely* one under
+the null: each value v shared by s_v >= 3 of the key's n units has the tail t_v = P(Binomial(n, rate_v) >= s_v),
+and the statistic is t = min_v t_v. Its p-value is the union bound over every value the corpus has,
+p = sum_v P(t_v <= t) (see ``CorpusNull.scan_p``), so trying every candidate is paid for, while a rare word
+repeated in 3 units (" deals") counts and a common one (" to") does not: asking only whether the *most shared*
+value is shared more often than some value would be at random misses the first.
 
 **Output side**: what the face promotes and what it suppresses, i.e. the top and the bottom of its value's
 projection on the vocabulary (raw v·E and through the final norm; the negative face adds −v, so its lists are
@@ -156,24 +161,49 @@ class CorpusNull:
             return np.full(len(codes), 1.0 / self.n)
         return np.where(self.bigram_codes[i] == codes, self.bigram_rates[i], 1.0 / self.n)
 
-    def max_p(self, kind: str, support: np.ndarray, n: np.ndarray) -> np.ndarray:
-        """P(some candidate of the kind is shared by >= support of n units) under the null, bounded by the sum over
-        every candidate c (token, bigram, topic...) of P(Binomial(n, rate_c) >= support): the test of the most
-        shared candidate, which was chosen by looking at the triggers."""
-        if not hasattr(self, "_rates"):
-            self._rates = {"last": self.last[self.last > 0], "near": self.near[self.near > 0],
-                           "bigram": self.bigram_rates,
-                           "topic": self.topic[self.topic > 0], "article": self.title[self.title > 0]}
-            self._max_p_cache: dict = {}
-        out = np.ones(len(support))
-        for i, (s_, n_) in enumerate(zip(support.tolist(), n.tolist())):
-            if s_ < MIN_SUPPORT:
-                continue
-            key = (kind, s_, n_)
-            if key not in self._max_p_cache:
-                self._max_p_cache[key] = min(1.0, float(binom.sf(s_ - 1, n_, self._rates[kind]).sum()))
-            out[i] = self._max_p_cache[key]
+    def rates_of(self, kind: str, values: np.ndarray) -> np.ndarray:
+        """Corpus rate of each candidate value of a many-candidate kind (values >= 0)."""
+        if kind == "bigram":
+            return self.bigram_rate(values)
+        table = {"last": self.last, "near": self.near, "topic": self.topic, "article": self.title}[kind]
+        return table[values] if len(table) else np.ones(len(values))
+
+    def scan_p(self, kind: str, t: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """p-value of the statistic t = min_v P(Binomial(n, rate_v) >= s_v) over the candidates v with s_v >= 3:
+        sum over every value v of the corpus of P(the tail of v reaches t or below) = sum_v T_v(s*_v), where
+        T_v(s) = P(Binomial(n, rate_v) >= s) and s*_v the smallest s >= 3 with T_v(s) <= t (the union bound,
+        exact for one candidate). Values of the same rate are summed as one, so a table per (kind, n) has a few
+        thousand rows; t >= 1 (no candidate) gives 1."""
+        out = np.ones(len(t))
+        for n_ in np.unique(n[t < 1.0]).tolist():
+            sel = (n == n_) & (t < 1.0)
+            levels, cumulative = self._scan_table(kind, int(n_))
+            i = np.searchsorted(levels, t[sel] * (1 + 1e-9), side="right") - 1  # t itself is one of the levels
+            out[sel] = np.minimum(1.0, np.where(i >= 0, cumulative[np.maximum(i, 0)], 0.0))
         return out
+
+    def _scan_table(self, kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """For one kind and n: every tail level T_v(s) (s >= 3) in increasing order, and the sum over values of
+        the largest T_v(s) at or below each level. As the level grows past T_v(s), value v's term moves up from
+        T_v(s + 1) to T_v(s): the increments, summed in level order, give the sum at every level."""
+        if not hasattr(self, "_scan_tables"):
+            self._scan_tables: dict = {}
+        key = (kind, n)
+        if key not in self._scan_tables:
+            rates = {"last": self.last, "near": self.near, "bigram": self.bigram_rates, "topic": self.topic,
+                     "article": self.title}[kind]
+            rates, weight = np.unique(rates[rates > 0], return_counts=True)
+            s = np.arange(MIN_SUPPORT, n + 1)
+            if len(s) == 0 or len(rates) == 0:
+                self._scan_tables[key] = (np.zeros(0), np.zeros(0))
+            else:
+                tails = binom.sf(s[None, :] - 1, n, rates[:, None])  # [rates, s], falling with s
+                below = np.concatenate([tails[:, 1:], np.zeros((len(rates), 1))], axis=1)
+                levels = tails.ravel()
+                order = np.argsort(levels, kind="stable")
+                increments = ((tails - below) * weight[:, None]).ravel()[order]
+                self._scan_tables[key] = (levels[order], np.cumsum(increments))
+        return self._scan_tables[key]
 
     def class_rates(self, offsets: np.ndarray) -> np.ndarray:
         """[len(CLASSES), *offsets.shape] rate of each class at these within-unit offsets."""
@@ -248,22 +278,30 @@ def _distinct_triples(k: np.ndarray, values: np.ndarray, units: np.ndarray) -> t
     return kv // nv, v_of[kv % nv], kv
 
 
-def _mode_by_units(values: np.ndarray, units: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the value shared by most distinct units, and that number (ties: the smaller value)."""
-    k_idx = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)
+def _least_likely(values: np.ndarray, units: np.ndarray, valid: np.ndarray, n_units: np.ndarray,
+                  rates_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: among the values shared by >= MIN_SUPPORT distinct units, the one least likely under the null
+    (smallest binomial tail at its corpus rate ``rates_of(values)``; ties: more units, then the smaller value),
+    its units of support and its tail (-1, 0 and 1 where no value qualifies)."""
+    rows = values.shape[0]
+    best, support, tail = np.full(rows, -1, np.int64), np.zeros(rows, np.int64), np.ones(rows)
+    k_idx = np.broadcast_to(np.arange(rows)[:, None], values.shape)
     sel = valid & (values >= 0)
-    best, support = np.full(values.shape[0], -1, np.int64), np.zeros(values.shape[0], np.int64)
     if not sel.any():
-        return best, support
+        return best, support, tail
     ks, vs, kv = _distinct_triples(k_idx[sel], values[sel], units[sel])
     _, start, counts = np.unique(kv, return_index=True, return_counts=True)
     ks, vs = ks[start], vs[start]
-    order = np.lexsort((vs, -counts, ks))
-    ks, vs, counts = ks[order], vs[order], counts[order]
+    keep = counts >= MIN_SUPPORT
+    ks, vs, counts = ks[keep], vs[keep], counts[keep]
+    if len(ks) == 0:
+        return best, support, tail
+    tails = binom.sf(counts - 1, n_units[ks], np.clip(rates_of(vs), 1e-12, 1.0))
+    order = np.lexsort((vs, -counts, tails, ks))
+    ks, vs, counts, tails = ks[order], vs[order], counts[order], tails[order]
     first = np.r_[True, ks[1:] != ks[:-1]]
-    best[ks[first]] = vs[first]
-    support[ks[first]] = counts[first]
-    return best, support
+    best[ks[first]], support[ks[first]], tail[ks[first]] = vs[first], counts[first], tails[first]
+    return best, support, tail
 
 
 def _units_where(flag: np.ndarray, units: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -296,24 +334,27 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
     sig, sup, pv, lift, val = {}, {}, {}, {}, {}
     covers = {}
 
-    def record(kind, value, support, rate, covered):
-        p = _binomial_p(support, n_units, rate) if kind in CLASSES else null.max_p(kind, support, n_units)
+    def record(kind, value, support, rate, covered, tail=None):
+        p = _binomial_p(support, n_units, rate) if tail is None else null.scan_p(kind, tail, n_units)
         sig[kind], sup[kind], pv[kind], val[kind] = p < threshold, support, p, value
         share = support / np.maximum(n_units, 1)
         lift[kind] = np.log(np.maximum(share, 1e-9) / np.clip(rate, 1e-9, 1.0))
         covers[kind] = covered
 
+    def candidate(kind, values, in_units=units, in_valid=valid):
+        return _least_likely(values, in_units, in_valid, n_units, lambda v: null.rates_of(kind, v))
+
     code = np.where(valid, feats.code[r], -1)
-    best, support = _mode_by_units(code, units, valid)
-    record("last", best, support, null.last[np.maximum(best, 0)], code == best[:, None])
+    best, support, tail = candidate("last", code)
+    record("last", best, support, null.last[np.maximum(best, 0)], code == best[:, None], tail)
     bigram = np.where(valid & (feats.prev[r] >= 0), feats.prev[r] * vocab.n_codes + feats.code[r], -1)
-    best, support = _mode_by_units(bigram, units, valid)
-    record("bigram", best, support, null.bigram_rate(best),
-           bigram == best[:, None])
+    best, support, tail = candidate("bigram", bigram)
+    record("bigram", best, support, null.bigram_rate(best), (bigram == best[:, None]) & (best[:, None] >= 0), tail)
     near_codes = np.concatenate([np.where(valid, feats.prev[r], -1), np.where(valid, feats.prev2[r], -1)], axis=1)
-    best, support = _mode_by_units(near_codes, np.concatenate([units, units], 1), np.concatenate([valid, valid], 1))
+    best, support, tail = candidate("near", near_codes, np.concatenate([units, units], 1),
+                                    np.concatenate([valid, valid], 1))
     near_cover = (near_codes[:, :T] == best[:, None]) | (near_codes[:, T:] == best[:, None])
-    record("near", best, support, null.near[np.maximum(best, 0)], near_cover & (best[:, None] >= 0))
+    record("near", best, support, null.near[np.maximum(best, 0)], near_cover & (best[:, None] >= 0), tail)
     offsets = np.where(valid, feats.offset[r], 0)
     rates = null.class_rates(offsets)  # [C, K, T]
     for c, name in enumerate(CLASSES):
@@ -323,12 +364,12 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
         else:
             rate = np.where(valid, rates[c], 0).sum(1) / np.maximum(valid.sum(1), 1)
         record(name, np.full(K, c), _units_where(flag, units, valid), rate, flag)
-    for kind, column, rate_of in (("topic", feats.topic, null.topic), ("article", feats.title, null.title)):
+    for kind, column in (("topic", feats.topic), ("article", feats.title)):
         ids = np.where(valid, column[r], -1)
-        best, support = _mode_by_units(ids, units, valid)
-        rate = rate_of[np.maximum(best, 0)] if len(rate_of) else np.ones(K)
-        record(kind, best, np.where(best >= 0, support, 0), np.where(best >= 0, rate, 1.0),
-               (ids == best[:, None]) & (best[:, None] >= 0))
+        best, support, tail = candidate(kind, ids)
+        rate = null.rates_of(kind, np.maximum(best, 0)) if K else np.ones(0)
+        record(kind, best, support, np.where(best >= 0, rate, 1.0), (ids == best[:, None]) & (best[:, None] >= 0),
+               tail)
     centroid, radius, group = {}, {}, {}
     for kind in ("category", "subject"):
         c, rad, g, members_cover, support, m, size = _meaning_groups(kind, feats, r, valid, units, cfg)
