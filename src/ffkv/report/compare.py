@@ -62,9 +62,11 @@ def num(v: float | None) -> str:
 
 
 def tokens_text(n: int) -> str:
+    """Three significant digits and a unit, rounded before the unit is chosen (999,973 is "1M", not "1e+03k")."""
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{unit}"
+        value = float(f"{n / div:.3g}")
+        if value >= 1:
+            return f"{value:g}{unit}"
     return str(n)
 
 
