@@ -831,7 +831,7 @@ def test_formatting():
     assert pct(0.035) == "3.5%" and pct(4e-6) == "0.0004%" and pct(0.675) == "68%" and pct(-0.2) == "−20%"
     assert pct(None) == "n/a" and pct(0) == "0%"
     assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
-    assert [tokens_text(n) for n in (999_973, 40_000, 1_050_760, 1_234, 999)] == ["1M", "40k", "1.05M", "1.23k", "1k"]
+    assert [tokens_text(n) for n in (999_973, 40_000, 1_050_760, 1_234, 999)] == ["1M", "40k", "1.05M", "1.23k", "999"]
     assert tokens_text(12) == "12"
 
 
