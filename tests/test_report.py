@@ -396,6 +396,18 @@ def test_verdicts_follow_the_numbers(tmp_path):
     assert "60k tokens" in good["fig4"].verdict.text and "instruct" in good["fig4"].verdict.text
 
 
+
+def test_embedded_models_name_their_quantisation(tmp_path):
+    """Each embedded model's shipped quantisation is a difference of setting; Gemma 3 270M is a base model."""
+    atlas = make_atlas(tmp_path / "gemma")
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    for name, quant, instruct in (("default", "Q4_1", True), ("gemma3-270m", "Q4_K_M", False)):
+        manifest["model"].update(name=name, **{"class": "X"})
+        (atlas / "manifest.json").write_text(json.dumps(manifest))
+        traits = load_inputs(atlas).traits
+        assert traits["quantised"].startswith(quant) and traits["instruct"] is instruct
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_fig2_bars_are_trigger_shares_with_the_key_share_line(tmp_path, signed):
     a = make_analysis(12, signed)

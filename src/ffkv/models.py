@@ -155,11 +155,14 @@ class EmbeddedModel:
     directory: str
     """Name of the cached copy under $FFKV_HOME/models."""
     gguf: embedded.EmbeddedAsset | embedded.SplitAsset
+    quantization: str
+    """How the shipped weights were quantised (the report names it among the differences from the paper)."""
 
 
 EMBEDDED_MODELS = {
-    "default": EmbeddedModel("smollm2-135m-instruct", embedded.SMOLLM2),  # SmolLM2-135M-Instruct, Q4_1
-    "gemma3-270m": EmbeddedModel("gemma3-270m", embedded.GEMMA3_270M),  # Gemma 3 270M (base), Q4_K_M
+    "default": EmbeddedModel("smollm2-135m-instruct", embedded.SMOLLM2, "Q4_1 (GGUF), dequantised to fp32"),
+    "gemma3-270m": EmbeddedModel("gemma3-270m", embedded.GEMMA3_270M, "Q4_K_M (GGUF), dequantised to fp32"),
+    # Gemma 3 270M is the base model, not the instruction-tuned one
 }
 """--model names of the embedded models."""
 

@@ -153,9 +153,11 @@ class ReportInputs:
         text = " ".join(str(x) for x in (name, m.get("class", ""), m.get("quantization", "")))
         default = name == "default"
         instruct = default or bool(re.search(r"instruct|chat|(^|[-_/])it($|[-_/.])|sft|rlhf|dpo", text, re.I))
+        from ..models import EMBEDDED_MODELS
+
         quant = None
-        if default:
-            quant = "Q4_1 (GGUF), dequantised to fp32"
+        if name in EMBEDDED_MODELS:
+            quant = EMBEDDED_MODELS[name].quantization
         elif m.get("quantization"):
             quant = str(m["quantization"])
         else:
