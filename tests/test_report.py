@@ -686,6 +686,7 @@ def test_fig8_verdict_names_the_rules_where_the_paper_floor_holds(tmp_path):
 
 def test_semantic_change_figure(tmp_path):
     a = make_analysis(12, False)
+    a["aggregation"]["ffn_change_shuffled_distant"][-1] = 0.4  # the control below the measured share
     fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "atlas", a, signed=False)))}["fig11b"]
     traces = _traces(fig.spec)
     assert traces["ours: changed to a distant word"]["y"] == a["aggregation"]["ffn_change_distant"]
@@ -698,6 +699,10 @@ def test_semantic_change_figure(tmp_path):
     assert "56%–75%" not in fig.verdict.text and "interval 56–75%" in fig.verdict.text
     assert any("random vocabulary pairs: 0.21" in n and "0.33" in n for n in fig.notes)
     assert any("300 / 300 / 300; of them between two content words: 100 / 100 / 100" in n for n in fig.notes)
+    # the same share below its shuffled control shows nothing about distance: not a reproduction
+    a["aggregation"]["ffn_change_shuffled_distant"][-1] = 0.9
+    fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "control", a, signed=False)))}["fig11b"]
+    assert fig.verdict.status == "partly" and "not above this control" in fig.verdict.text
     a["aggregation"]["ffn_change_distant"][-1] = 0.9
     a["aggregation"]["ffn_change_distant_ci"][-1] = [0.88, 0.92]
     fig = {f.id: f for f in build_figures(load_inputs(make_atlas(tmp_path / "far", a, signed=False)))}["fig11b"]
