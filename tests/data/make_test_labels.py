@@ -5,12 +5,13 @@ the raters) and a rater packet (the trigger texts only: no layer, key or face) t
 before the explainer has seen its keys; a later set (``--seed``, ``--name``) leaves out the keys of the earlier
 sets in this folder:
 
-    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME [controls]]
+    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME [controls|table]]
 
 With ``controls`` (the third set on), each item also shows 25 control prefixes: random positions of the scanned
 units with the same prefix lengths as the triggers, and the rule (``RULE_WITH_CONTROLS``) puts a number on
 "more often than random text": the rater counts a feature in both lists. The first two sets' raters had no
-such number and called most keys "both".
+such number and called most keys "both". With ``table`` (set 5), "rarer" is the explainer's own level: the count
+a feature needs among the triggers for its count among the controls (``count_table``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,32 @@ RULE_WITH_CONTROLS = (
     "Give has_shallow, has_semantic and a note naming each pattern with its counts in A and B "
     "(e.g. 'marked token \" the\": A 9, B 2; topic History: A 12, B 3')."
 )
+
+
+def count_table(alpha: float = 0.05 / 12, n: int = 25, max_controls: int = 12) -> dict[int, int]:
+    """Per count B among the 25 controls: the smallest count A among the 25 triggers with P(Binomial(25, r) >= A)
+    < alpha at the rate r = (B + 0.5) / 25.5 the controls suggest: the explainer's per-kind level (0.05 / 12) as a
+    number a rater can look up."""
+    from scipy.stats import binom
+
+    table = {}
+    for b in range(max_controls + 1):
+        r = (b + 0.5) / (n + 0.5)
+        table[b] = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, r) < alpha), n + 1)
+    return table
+
+
+def rule_with_table() -> str:
+    """Set 5 on: set 3's rule, with condition (2) replaced by the count table."""
+    table = count_table()
+    pairs = "; ".join(f"B {b} -> A at least {a}" for b, a in table.items())
+    return RULE_WITH_CONTROLS.replace(
+        "(2) is clearly rarer in list B: A's count is at least three times B's and at least B's plus 3 (3 vs 0, "
+        "4 vs 1, 6 vs 2, 9 vs 3 count; 4 vs 2 or 5 vs 3 do not). ",
+        "(2) reaches, in list A, the count this table gives for its count in list B (B counted the same way; a "
+        f"feature more common than that in B never counts): {pairs}. ")
+
+
 KEYS_PER_LAYER_FACE = 2
 EXTRA = 4  # four more keys on random odd layers and faces: 64 in all
 PACKET_CHARS = 160  # the end of each prefix is what a key reads most; raters see the last 160 characters
@@ -86,7 +113,8 @@ def _entry_text(atlas: Atlas, t) -> dict:
 
 def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_labels_test.json",
          controls: str = "") -> None:
-    with_controls = controls == "controls"
+    with_controls = controls in ("controls", "table")
+    rule = rule_with_table() if controls == "table" else RULE_WITH_CONTROLS if with_controls else RULE
     atlas = Atlas.load(atlas_dir)
     rng = random.Random(int(seed))
     earlier = {(k["layer"], k["key"], k["face"]) for f in Path(__file__).parent.glob("hand_labels*.json")
@@ -113,7 +141,7 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
     doc = {"description": "Blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled; "
                           "labelled by independent raters who saw only the trigger texts (no layer, key or face) "
                           "and the rule" + (", beside 25 control prefixes of the same lengths per key." if with_controls
-                                            else "."), "rule": RULE_WITH_CONTROLS if with_controls else RULE,
+                                            else "."), "rule": rule,
            "atlas": {"model": atlas.manifest["model"]["name"], "corpus": atlas.manifest["scan"]["corpus"],
                      "unit": atlas.manifest["scan"]["unit"], "max_tokens": atlas.manifest["scan"]["max_tokens"],
                      "seed": atlas.manifest["scan"]["seed"], "max_length": atlas.manifest["scan"]["max_length"]},
