@@ -86,9 +86,15 @@ def _planted(world, ending_ids, rng, n_planted, n_random=0):
     return edited, positions
 
 
-def _with_store(world, store):
+def _with_store(world, store, refit=False):
+    """The world with an edited store: its features read like the world's (same centre and word clusters), or,
+    with ``refit``, features and null fitted on the edited corpus itself (word clusters that know its words)."""
     _, tokenizer, vocab, _, null = world
-    feats = position_features(store, np.arange(store.n_units), vocab, Embedder(), centre=world[3].centre)
+    if refit:
+        feats = position_features(store, np.arange(store.n_units), vocab, Embedder())
+        return store, tokenizer, vocab, feats, CorpusNull(feats, vocab, CFG)
+    feats = position_features(store, np.arange(store.n_units), vocab, Embedder(), centre=world[3].centre,
+                              clusters=world[3].clusters)
     return store, tokenizer, vocab, feats, null
 
 
@@ -155,11 +161,12 @@ def test_shared_topic_is_semantic(world):
 
 
 def test_meaning_group_is_semantic(world):
-    """Triggers that end with different family words: no shared token, one category."""
+    """Triggers that end with different family words: no shared token, one category (a word cluster of the
+    corpus, whose ten family words occur nowhere else)."""
     rng = random.Random(3)
     ids = [world[1].convert_tokens_to_ids("\u2581" + w) for w in FAMILY]
     store, positions = _planted(world, ids, rng, len(ids), 10)
-    e = _explain(_with_store(world, store), positions)
+    e = _explain(_with_store(world, store, refit=True), positions)
     assert e.significant["category"][0], e.p_value["category"]
     assert not e.significant["last"][0]
     assert face_kind(e.significant, 0) == "semantic"

@@ -166,7 +166,8 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
     if score:
         t = time.time()
         units = heldout_sample(atlas.store, held, cfg.heldout_tokens, cfg.seed)
-        held_feats = position_features(atlas.store, units, vocab, embedder, centre=feats.centre)
+        held_feats = position_features(atlas.store, units, vocab, embedder, centre=feats.centre,
+                                        clusters=feats.clusters)
         face_max = {}
         for e in explanations:
             top = atlas.layer_tensors(e.layer)[f"{e.face}_scores"][e.keys, 0].numpy()
@@ -251,7 +252,7 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
     base = position_features(store, scanned, vocab, embedder)
     null = CorpusNull(base, vocab, cfg)
     units = np.union1d(scanned, store.unit_of(positions[positions >= 0]))
-    feats = position_features(store, units, vocab, embedder, centre=base.centre)
+    feats = position_features(store, units, vocab, embedder, centre=base.centre, clusters=base.clusters)
     e = explain_layer_face(-1, "pos", np.arange(len(labelled)), positions, feats, null, vocab, cfg)
     predicted = [face_kind(e.significant, i) for i in range(len(labelled))]
     truth = [entry["label"] for entry in labelled]

@@ -1,9 +1,15 @@
 """What the explainer sees of a corpus position: token classes, n-gram codes, topic and article, and two meaning
 vectors from the independent sentence embedder (``ffkv.embedder``).
 
-* **word** of a position: the word the token ends (or continues) so far, e.g. " Berz" + "elius" → "Berzelius";
-  its vector is the embedder's vector of that word (lower-cased; words without a letter have none). This is
-  the "category" view: units of length, family relations, time words.
+* **word** of a position: the whole word the token is part of, e.g. " Berz" + "elius" → "Berzelius" at both
+  pieces (a key that fires on the first piece of a name is read as firing on that name, as a reader of the
+  prefix would guess it; a word-start fragment alone — "ext", "aut" — means nothing to an embedder); its vector
+  is the embedder's vector of that word (lower-cased; words without a letter have none). This is the
+  "category" view: units of length, family relations, time words.
+* **word clusters**: the distinct content words of the scanned positions, clustered by their vectors (spherical
+  k-means at ``CLUSTER_LEVELS`` granularities, fitted once on the scanned positions and reused for held-out
+  text). A cluster is a category the corpus itself offers (time words, place names, groups of people), so a
+  category can be counted among the triggers and tested against its own corpus rate, like a token.
 * **subject** of a position: the mean of the vectors of the complete content words before the current word,
   within the last ``SUBJECT_WINDOW`` tokens of the same unit (a bag-of-words subject of the prefix, built from
   the same word vectors, so no extra embedder call per prefix). Prefixes with no content word have none.
@@ -16,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..corpus import TokenStore
 from ..embedder import DIM, Embedder
@@ -25,6 +32,10 @@ CLASSES = ("number", "punct", "piece", "first", "capital")
 """Token classes of a position: a number or year, punctuation, a piece continuing a word, the first token of
 the unit, a capitalised word."""
 SUBJECT_WINDOW = 48
+CLUSTER_LEVELS = (32, 128, 512)
+"""Numbers of word clusters, coarse to fine: a category may be broad ("a place") or narrow ("a month")."""
+KMEANS_ITERATIONS = 25
+STEM_CHARS = 5
 
 
 class Vocabulary:
@@ -71,6 +82,9 @@ class PositionFeatures:
     word: list[str]
     word_id: np.ndarray
     """Index of ``word`` among the distinct words of these positions."""
+    stem_id: np.ndarray
+    """Index of the word's first ``STEM_CHARS`` letters: "supply", "supplied", "supplying" are one stem, so that
+    a category needs different words, not forms of one."""
     category_word: np.ndarray
     """Whether ``word`` can be a category member: a content word (function words all look alike to an embedder)
     with a vector."""
@@ -83,6 +97,27 @@ class PositionFeatures:
     titles: list[str]
     centre: tuple[np.ndarray, np.ndarray]
     """The mean word and subject vectors these features were centred on."""
+    word_cluster: np.ndarray
+    """[N, len(CLUSTER_LEVELS)] cluster of the position's word at each level, numbered across levels (-1: not a
+    category word)."""
+
+    clusters: list[np.ndarray]
+    """Per level, the [k, DIM] unit centroids of its clusters (numbered in level order, then within a level)."""
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """[all clusters, DIM]: every level's centroids, in the numbering of ``word_cluster``."""
+        return np.concatenate(self.clusters) if self.clusters else np.zeros((0, DIM), np.float32)
+
+    @property
+    def n_clusters(self) -> int:
+        return sum(len(c) for c in self.clusters)
+
+    def category_values(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The category candidates of each row: its word's cluster at every level, and the word's stem beside
+        each ([*rows.shape, levels], -1 where the row has no category word)."""
+        own = self.word_cluster[np.asarray(rows)]
+        return own, np.where(own >= 0, self.stem_id[np.asarray(rows)][..., None], -1)
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """Row of each flat store position (-1 where the position is not covered)."""
@@ -105,13 +140,15 @@ def _ids(column, n: int) -> tuple[np.ndarray, list[str]]:
 
 
 def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, embedder: Embedder,
-                      progress: bool = False, centre: tuple[np.ndarray, np.ndarray] | None = None) -> PositionFeatures:
+                      progress: bool = False, centre: tuple[np.ndarray, np.ndarray] | None = None,
+                      clusters: list[np.ndarray] | None = None) -> PositionFeatures:
     """Features of all content positions of ``units`` (any order; duplicates ignored).
 
     Word and subject vectors are centred (the mean over these positions subtracted, then made unit-length again):
     sentence-embedder vectors share a large common direction, so that uncentred, any two Wikipedia prefixes
-    look alike. Pass ``centre`` (another set's ``PositionFeatures.centre``) to centre on the same means, as the
-    held-out features must be centred like the scanned ones."""
+    look alike. Pass ``centre`` and ``clusters`` (another set's ``PositionFeatures.centre`` and ``.clusters``) to
+    centre on the same means and assign words to the same clusters, as held-out features must be read like the
+    scanned ones."""
     units = np.unique(np.asarray(units, dtype=np.int64))
     starts = store.offset[units] + store.n_special[units]
     counts = np.maximum(store.length[units] - store.n_special[units], 0)
@@ -139,6 +176,9 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
     ends_word = np.ones(n, dtype=bool)
     if n:
         ends_word[:-1] = word_start[1:] | (unit[1:] != unit[:-1])
+        # every piece of a word gets the whole word: the word of the next position that ends one
+        word_end = np.minimum.accumulate(np.where(ends_word, np.arange(n), n)[::-1])[::-1]
+        words = [words[j] for j in word_end.tolist()]
     has_letter = vocab.alpha[tok]
     wanted = sorted({w for w, ok in zip(words, has_letter) if ok and w})
     vecs = embedder.encode(wanted, progress=progress) if wanted else np.zeros((0, DIM), np.float32)
@@ -153,17 +193,68 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
     if centre is None:
         centre = tuple(_mean_of_nonzero(v) for v in (word_vec, subject_vec))
     word_vec, subject_vec = (_centred(v, mu) for v, mu in zip((word_vec, subject_vec), centre))
+    category_word = np.array([bool(word_vec[i].any()) and len(w) >= 3 and w not in STOP_WORDS
+                              for i, w in enumerate(words)], dtype=bool)
+    if clusters is None:
+        clusters = word_clusters(_distinct_rows(word_vec, words, category_word))
+    word_cluster = _assign(word_vec, category_word, clusters)
     topic_ids, topics = _ids(store.columns.get("topic"), store.n_units)
     title_ids, titles = _ids(store.columns.get("title"), store.n_units)
     return PositionFeatures(pos=pos, unit=unit, offset=offset, code=code, prev=prev, prev2=prev2, classes=classes,
                             topic=topic_ids[unit], title=title_ids[unit], word=words,
-                            word_id=np.unique(np.array(words, dtype=object), return_inverse=True)[1].astype(np.int64)
-                            if n else np.zeros(0, np.int64),
-                            category_word=np.array([bool(word_vec[i].any()) and len(w) >= 3 and w not in STOP_WORDS
-                                                    for i, w in enumerate(words)], dtype=bool), word_vec=word_vec,
+                            word_id=_index_of(words), stem_id=_index_of([w[:STEM_CHARS] for w in words]),
+                            category_word=category_word, word_vec=word_vec,
                             subject_vec=subject_vec, has_word_vec=np.abs(word_vec).sum(1) > 0,
                             has_subject=np.abs(subject_vec).sum(1) > 0, topics=topics, titles=titles,
-                            centre=centre)
+                            centre=centre, word_cluster=word_cluster, clusters=clusters)
+
+
+def _index_of(names: list[str]) -> np.ndarray:
+    """Index of each name among the distinct names."""
+    if not names:
+        return np.zeros(0, np.int64)
+    return np.unique(np.array(names, dtype=object), return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
+def _distinct_rows(vectors: np.ndarray, words: list[str], keep: np.ndarray) -> np.ndarray:
+    """The vector of each distinct kept word, once (clusters are of word types, not of their frequencies)."""
+    first: dict[str, int] = {}
+    for i in np.nonzero(keep)[0].tolist():
+        first.setdefault(words[i], i)
+    return vectors[sorted(first.values())]
+
+
+def word_clusters(vectors: np.ndarray, levels: tuple[int, ...] = CLUSTER_LEVELS, seed: int = 0) -> list[np.ndarray]:
+    """Per level, [k, DIM] unit centroids: spherical k-means of the unit ``vectors`` (k at most a third of the
+    words, so that a tiny corpus still has clusters of several words; no level when that is below 1)."""
+    x = torch.from_numpy(np.ascontiguousarray(vectors, np.float32))
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for k in levels:
+        k = min(k, len(x) // 3)
+        if k < 1:
+            continue
+        c = x[torch.randperm(len(x), generator=gen)[:k]].clone()
+        for _ in range(KMEANS_ITERATIONS):
+            assign = (x @ c.T).argmax(1)
+            summed = torch.zeros_like(c).index_add_(0, assign, x)
+            empty = summed.norm(dim=1) < 1e-9
+            summed[empty] = c[empty]  # an empty cluster keeps its centroid
+            c = summed / summed.norm(dim=1, keepdim=True)
+        out.append(c.numpy())
+    return out
+
+
+def _assign(word_vec: np.ndarray, category_word: np.ndarray, clusters: list[np.ndarray]) -> np.ndarray:
+    """[N, levels] nearest centroid of each category word at each level, numbered across levels (-1 elsewhere)."""
+    out = np.full((len(word_vec), max(len(clusters), 1)), -1, np.int64)
+    rows = np.nonzero(category_word)[0]
+    first = 0
+    for j, c in enumerate(clusters):
+        if len(rows):
+            out[rows, j] = first + (torch.from_numpy(word_vec[rows]) @ torch.from_numpy(c).T).argmax(1).numpy()
+        first += len(c)
+    return out
 
 
 def _mean_of_nonzero(v: np.ndarray) -> np.ndarray:

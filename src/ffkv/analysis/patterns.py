@@ -7,8 +7,10 @@ pattern kinds, each tested on *all* triggers (so a key can be shallow and semant
   two before the last), and the token classes ``number``, ``punct``, ``piece``, ``first``, ``capital``
   (``analysis.features.CLASSES``);
 * semantic: ``topic`` and ``article`` (the corpus's topic / title, where it has them), ``category`` (trigger words
-  that mean alike under the independent sentence embedder: triggers with the same word are merged first, so a
-  repeated word is not a meaning) and ``subject`` (prefixes whose subjects are alike; one item per unit).
+  in one cluster of the corpus's words under the independent sentence embedder, ``features.word_clusters``: it
+  needs >= 3 *different* words (by their first letters, ``features.STEM_CHARS``), so a repeated word or the forms
+  of one are not a meaning) and ``subject`` (prefixes whose subjects
+  are alike; one item per unit).
 
 Support counts distinct units (prefixes of one sentence are one piece of evidence). The null is the corpus: a
 token / class / topic kind is tested with a binomial tail at its rate among the scanned positions (the class
@@ -18,9 +20,10 @@ meaning kind is tested against random sets of the same size drawn from the scann
 the largest group of items with cosine >= the kind's threshold to one of them). A kind is significant when it
 has >= 3 units of support and p < ``alpha`` / 12 (Bonferroni over the kinds tested, one candidate per kind).
 
-For a kind with many candidates (tokens, bigrams, topics, titles) the candidate is the *least likely* one under
-the null: each value v shared by s_v >= 3 of the key's n units has the tail t_v = P(Binomial(n, rate_v) >= s_v),
-and the statistic is t = min_v t_v. Its p-value is the union bound over every value the corpus has,
+For a kind with many candidates (tokens, bigrams, topics, titles, word clusters) the candidate is the *least
+likely* one under the null: each value v shared by s_v >= 3 of the key's n units has the tail
+t_v = P(Binomial(n, rate_v) >= s_v), and the statistic is t = min_v t_v.
+Its p-value is the union bound over every value the corpus has,
 p = sum_v P(t_v <= t) (see ``CorpusNull.scan_p``), so trying every candidate is paid for, while a rare word
 repeated in 3 units (" deals") counts and a common one (" to") does not: asking only whether the *most shared*
 value is shared more often than some value would be at random misses the first.
@@ -68,8 +71,6 @@ class ExplainConfig:
     triggers: int | None = field(default=None, metadata={"help": "top triggers per face read for patterns "
                                  "(default: 25 as in the paper, or the atlas's top-k where smaller)"})
     alpha: float = field(default=0.05, metadata={"help": "family-wise significance level over the 12 pattern kinds"})
-    word_cosine: float = field(default=0.3, metadata={"help": "centred embedder cosine above which two trigger "
-                               "words mean alike (category patterns; tuned on the development labels)"})
     subject_cosine: float = field(default=0.25, metadata={"help": "centred embedder cosine above which two prefixes "
                                   "have alike subjects (subject patterns; tuned on the development labels)"})
     null_sets: int = field(default=1000, metadata={"help": "random sets per size in the null of the meaning tests"})
@@ -141,17 +142,17 @@ class CorpusNull:
         self.first_rate = float(feats.classes[:, CLASSES.index("first")].mean()) if len(feats) else 1.0
         self.topic = np.bincount(feats.topic[feats.topic >= 0], minlength=len(feats.topics)) / n
         self.title = np.bincount(feats.title[feats.title >= 0], minlength=len(feats.titles)) / n
+        values, _ = feats.category_values(np.arange(len(feats)))  # distinct clusters per position
+        pairs = np.unique(np.stack([np.repeat(np.arange(len(feats)), values.shape[1]), values.ravel()], 1), axis=0)
+        self.cluster = np.bincount(pairs[pairs[:, 1] >= 0, 1], minlength=feats.n_clusters) / n
         rng = np.random.default_rng(cfg.seed)
-        self.word_pool = _distinct_rows(feats.word_vec, [w if ok else "" for w, ok in zip(feats.word,
-                                                                                          feats.category_word)])
         has_subject = np.abs(feats.subject_vec).sum(1) > 0
         pick = rng.permutation(np.nonzero(has_subject)[0])
         _, first = np.unique(feats.unit[pick], return_index=True)  # one random prefix per unit
         self.subject_pool = feats.subject_vec[pick[first]]
         sample = rng.choice(len(feats), min(len(feats), NULL_POSITIONS), replace=False)
-        self.word_positions, self.subject_positions = feats.word_vec[sample], feats.subject_vec[sample]
+        self.subject_positions = feats.subject_vec[sample]
         self.group_null = {
-            "category": _null_group_sizes(self.word_pool, cfg.word_cosine, cfg.triggers, cfg.null_sets, rng),
             "subject": _null_group_sizes(self.subject_pool, cfg.subject_cosine, cfg.triggers, cfg.null_sets, rng),
         }
 
@@ -165,7 +166,8 @@ class CorpusNull:
         """Corpus rate of each candidate value of a many-candidate kind (values >= 0)."""
         if kind == "bigram":
             return self.bigram_rate(values)
-        table = {"last": self.last, "near": self.near, "topic": self.topic, "article": self.title}[kind]
+        table = {"last": self.last, "near": self.near, "topic": self.topic, "article": self.title,
+                 "category": self.cluster}[kind]
         return table[values] if len(table) else np.ones(len(values))
 
     def scan_p(self, kind: str, t: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -191,7 +193,7 @@ class CorpusNull:
         key = (kind, n)
         if key not in self._scan_tables:
             rates = {"last": self.last, "near": self.near, "bigram": self.bigram_rates, "topic": self.topic,
-                     "article": self.title}[kind]
+                     "article": self.title, "category": self.cluster}[kind]
             rates, weight = np.unique(rates[rates > 0], return_counts=True)
             s = np.arange(MIN_SUPPORT, n + 1)
             if len(s) == 0 or len(rates) == 0:
@@ -209,14 +211,6 @@ class CorpusNull:
         """[len(CLASSES), *offsets.shape] rate of each class at these within-unit offsets."""
         bucket = np.searchsorted(OFFSET_BUCKETS, offsets, side="right") - 1
         return self.class_rate[:, bucket]
-
-
-def _distinct_rows(vectors: np.ndarray, names: list[str]) -> np.ndarray:
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name and name not in seen:
-            seen[name] = i
-    return vectors[list(seen.values())] if seen else np.zeros((0, vectors.shape[1]), vectors.dtype)
 
 
 def _gram(vectors: np.ndarray) -> np.ndarray:
@@ -279,10 +273,11 @@ def _distinct_triples(k: np.ndarray, values: np.ndarray, units: np.ndarray) -> t
 
 
 def _least_likely(values: np.ndarray, units: np.ndarray, valid: np.ndarray, n_units: np.ndarray,
-                  rates_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: among the values shared by >= MIN_SUPPORT distinct units, the one least likely under the null
-    (smallest binomial tail at its corpus rate ``rates_of(values)``; ties: more units, then the smaller value),
-    its units of support and its tail (-1, 0 and 1 where no value qualifies)."""
+                  rates_of, names: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: among the values shared by >= MIN_SUPPORT distinct units (and, with ``names``, >= MIN_SUPPORT
+    distinct names: the words of a category), the one least likely under the null (smallest binomial tail at
+    its corpus rate ``rates_of(values)``; ties: more units, then the smaller value), its units of support and
+    its tail (-1, 0 and 1 where no value qualifies)."""
     rows = values.shape[0]
     best, support, tail = np.full(rows, -1, np.int64), np.zeros(rows, np.int64), np.ones(rows)
     k_idx = np.broadcast_to(np.arange(rows)[:, None], values.shape)
@@ -293,6 +288,10 @@ def _least_likely(values: np.ndarray, units: np.ndarray, valid: np.ndarray, n_un
     _, start, counts = np.unique(kv, return_index=True, return_counts=True)
     ks, vs = ks[start], vs[start]
     keep = counts >= MIN_SUPPORT
+    if names is not None:
+        _, _, kv_named = _distinct_triples(k_idx[sel], values[sel], names[sel])
+        named, n_names = np.unique(kv_named, return_counts=True)
+        keep &= np.isin(np.unique(kv), named[n_names >= MIN_SUPPORT])
     ks, vs, counts = ks[keep], vs[keep], counts[keep]
     if len(ks) == 0:
         return best, support, tail
@@ -341,8 +340,8 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
         lift[kind] = np.log(np.maximum(share, 1e-9) / np.clip(rate, 1e-9, 1.0))
         covers[kind] = covered
 
-    def candidate(kind, values, in_units=units, in_valid=valid):
-        return _least_likely(values, in_units, in_valid, n_units, lambda v: null.rates_of(kind, v))
+    def candidate(kind, values, in_units=units, in_valid=valid, names=None):
+        return _least_likely(values, in_units, in_valid, n_units, lambda v: null.rates_of(kind, v), names)
 
     code = np.where(valid, feats.code[r], -1)
     best, support, tail = candidate("last", code)
@@ -371,18 +370,24 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
         record(kind, best, support, np.where(best >= 0, rate, 1.0), (ids == best[:, None]) & (best[:, None] >= 0),
                tail)
     centroid, radius, group = {}, {}, {}
-    for kind in ("category", "subject"):
-        c, rad, g, members_cover, support, m, size = _meaning_groups(kind, feats, r, valid, units, cfg)
-        p = _empirical_p(null.group_null[kind], m, size)
-        p = np.where(support >= MIN_SUPPORT, p, 1.0)
-        pool = null.word_positions if kind == "category" else null.subject_positions
-        # add-one smoothing: a group no null prefix matches gets a rate of 1 / (pool + 1), not 0
-        rate = (((pool @ c.T) >= rad[None, :]).sum(0) + 1) / (len(pool) + 1)
-        sig[kind], sup[kind], pv[kind], val[kind] = p < threshold, support, p, np.full(K, -1)
-        share = support / np.maximum(n_units, 1)
-        lift[kind] = np.log(np.maximum(share, 1e-9) / np.clip(rate, 1e-9, 1.0))
-        covers[kind] = members_cover
-        centroid[kind], radius[kind], group[kind] = c, rad, g
+    clusters, stems = feats.category_values(r)  # [K, T, V]
+    clusters = np.where(valid[:, :, None], clusters, -1)
+    V = clusters.shape[2]
+    best, support, tail = candidate("category", clusters.reshape(K, -1), np.repeat(units, V, axis=1),
+                                    np.repeat(valid, V, axis=1), stems.reshape(K, -1))
+    members = (clusters == best[:, None, None]).any(2) & (best[:, None] >= 0)
+    record("category", best, support, null.rates_of("category", np.maximum(best, 0)) if K else np.ones(0), members,
+           tail)
+    centroid["category"], radius["category"], group["category"] = _cluster_groups(feats, r, members, best)
+    c, rad, g, members_cover, support, m, size = _subject_groups(feats, r, valid, units, cfg)
+    p = _empirical_p(null.group_null["subject"], m, size)
+    p = np.where(support >= MIN_SUPPORT, p, 1.0)
+    # add-one smoothing: a group no null prefix matches gets a rate of 1 / (pool + 1), not 0
+    rate = (((null.subject_positions @ c.T) >= rad[None, :]).sum(0) + 1) / (len(null.subject_positions) + 1)
+    sig["subject"], sup["subject"], pv["subject"], val["subject"] = p < threshold, support, p, np.full(K, -1)
+    lift["subject"] = np.log(np.maximum(support / np.maximum(n_units, 1), 1e-9) / np.clip(rate, 1e-9, 1.0))
+    covers["subject"] = members_cover
+    centroid["subject"], radius["subject"], group["subject"] = c, rad, g
     cover = np.zeros((K, T), np.int64)
     for kind in KINDS:
         cover |= np.where(covers[kind] & sig[kind][:, None] & valid, KIND_BIT[kind], 0)
@@ -398,18 +403,33 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
                                 group, cover, last_codes)
 
 
-def _meaning_groups(kind, feats, r, valid, units, cfg):
-    """The largest group of alike items per key. category: items = distinct trigger words with a vector (content
-    words only); subject: items = distinct units (mean subject vector of the unit's triggers)."""
+def _cluster_groups(feats: PositionFeatures, r: np.ndarray, members: np.ndarray, best: np.ndarray):
+    """The category's centroid (its word cluster's), radius (the lowest cosine of a member word to it) and
+    members: feature rows of the member triggers, one per stem, closest to the centroid first; -1 after the
+    last."""
     K, T = r.shape
-    vec_all = feats.word_vec if kind == "category" else feats.subject_vec
-    threshold = cfg.word_cosine if kind == "category" else cfg.subject_cosine
-    usable = valid & (feats.has_word_vec[r] if kind == "category" else feats.has_subject[r])
-    if kind == "category":
-        usable &= feats.category_word[r]
-        name = feats.word_id[r]
-    else:
-        name = units
+    centroids = feats.centroids
+    c = centroids[np.maximum(best, 0)] if len(centroids) else np.zeros((K, DIM), np.float32)
+    cos = np.einsum("ktd,kd->kt", feats.word_vec[r], c)
+    rad = np.where(members, cos, np.inf).min(1)
+    rad = np.where(np.isfinite(rad), rad, 1.0)
+    group = np.full((K, T), -1, np.int64)
+    for k in np.nonzero(members.any(1))[0].tolist():
+        seen: dict[int, int] = {}
+        for t in np.argsort(-np.where(members[k], cos[k], -np.inf)).tolist():
+            if members[k, t]:
+                seen.setdefault(int(feats.stem_id[r[k, t]]), int(r[k, t]))
+        group[k, :len(seen)] = list(seen.values())
+    return np.where(best[:, None] >= 0, c, 0).astype(np.float32), rad.astype(np.float32), group
+
+
+def _subject_groups(feats, r, valid, units, cfg):
+    """The largest group of alike subjects per key: items = distinct units (the mean subject vector of the unit's
+    triggers), a group = the items with cosine >= ``cfg.subject_cosine`` to the item with most such neighbours."""
+    K, T = r.shape
+    vec_all, threshold = feats.subject_vec, cfg.subject_cosine
+    usable = valid & feats.has_subject[r]
+    name = units
     k_idx = np.broadcast_to(np.arange(K)[:, None], (K, T))
     items = np.zeros((K, T, vec_all.shape[1]), np.float32)
     mask = np.zeros((K, T), bool)
@@ -427,13 +447,10 @@ def _meaning_groups(kind, feats, r, valid, units, cfg):
         item_of[trig_k, trig_t] = slot[inverse]
         mask[uniq[:, 0], slot] = True
         first_trigger[uniq[:, 0], slot] = trig_t[first]
-        if kind == "category":  # the triggers of one item share its word, hence its (unit) vector
-            items[uniq[:, 0], slot] = vec_all[r[uniq[:, 0], trig_t[first]]]
-        else:  # the mean over the unit's triggers, made unit-length again
-            flat = torch.from_numpy(items.reshape(K * T, -1))  # shares memory with ``items``
-            flat.index_add_(0, torch.from_numpy(trig_k * T + slot[inverse]),
-                            torch.from_numpy(vec_all[r[trig_k, trig_t]]))
-            items /= np.maximum(np.linalg.norm(items, axis=2, keepdims=True), 1e-12)
+        # the mean over the unit's triggers, made unit-length again
+        flat = torch.from_numpy(items.reshape(K * T, -1))  # shares memory with ``items``
+        flat.index_add_(0, torch.from_numpy(trig_k * T + slot[inverse]), torch.from_numpy(vec_all[r[trig_k, trig_t]]))
+        items /= np.maximum(np.linalg.norm(items, axis=2, keepdims=True), 1e-12)
     size, members = _largest_groups(items, mask, threshold)
     m = mask.sum(1)
     c = (items * members[:, :, None]).sum(1)

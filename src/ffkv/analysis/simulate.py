@@ -11,8 +11,9 @@ over the face's significant patterns j that match x (0 when nothing matches), wh
 triggers with the token / pattern j / its rate in the scanned corpus) is fitted on the triggers. The token part is
 the explanation's list of trigger tokens (``last_tokens``); the lookup baseline below is that list alone, so the
 difference between the two is what the patterns add. A pattern matches x when x has the same last two tokens /
-token one or two before the last, the class, the topic or the article; a meaning pattern matches when the embedder
-vector of x's word (category) or subject has cosine >= the group's radius with the group's centroid. The
+token one or two before the last, the class, the topic or the article; a category matches when x's word falls in
+the category's word cluster (nearest centroid, at the cluster's level), a subject when the embedder vector of x's
+subject has cosine >= the group's radius with the group's centroid. The
 explanation predicts that the face fires where a(x) >= its firing threshold: the median of a over the face's own
 triggers (also fitted on the triggers only).
 
@@ -101,9 +102,10 @@ class Simulator:
         for kind, column in (("topic", f.topic), ("article", f.title)):
             v = e.value[kind][cols]
             take(kind, (v >= 0) & (column[rows] == v))
-        for kind, vec in (("category", f.word_vec), ("subject", f.subject_vec)):
-            sims = np.einsum("kjd,kd->kj", vec[rows], e.centroid[kind][cols[:, 0]])
-            take(kind, sims >= e.radius[kind][cols])
+        category = e.value["category"][cols]
+        take("category", (category >= 0) & (f.category_values(rows)[0] == category[..., None]).any(-1))
+        sims = np.einsum("kjd,kd->kj", f.subject_vec[rows], e.centroid["subject"][cols[:, 0]])
+        take("subject", sims >= e.radius["subject"][cols])
         return a
 
     def dense(self, rows: np.ndarray) -> np.ndarray:
@@ -125,9 +127,10 @@ class Simulator:
                 match = f.classes[rows, CLASSES.index(kind)][:, None]
             elif kind in ("topic", "article"):
                 match = (f.topic if kind == "topic" else f.title)[rows][:, None] == e.value[kind][cols][None, :]
+            elif kind == "category":  # the position's word is in the category's word cluster
+                match = (f.category_values(rows)[0][:, :, None] == e.value[kind][cols][None, None, :]).any(1)
             else:
-                vec = f.word_vec if kind == "category" else f.subject_vec
-                match = vec[rows] @ e.centroid[kind][cols].T >= e.radius[kind][cols][None, :]
+                match = f.subject_vec[rows] @ e.centroid[kind][cols].T >= e.radius[kind][cols][None, :]
             a[:, cols] += np.where(match, w[kind][cols][None, :], np.float32(0))
         return a
 
