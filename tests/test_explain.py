@@ -13,7 +13,7 @@ import pytest
 
 import ffkv
 from ffkv.analysis.features import Vocabulary, position_features
-from ffkv.analysis.patterns import CorpusNull, ExplainConfig, explain_layer_face, face_kind
+from ffkv.analysis.patterns import CorpusNull, ExplainConfig, explain_layer_face, face_kind, pattern_phrase
 from ffkv.analysis.simulate import FaceScores, Simulator, derangement
 from ffkv.cli import main
 from ffkv.corpus import build_token_store, load_corpus
@@ -27,6 +27,8 @@ blanket hammer island jacket kettle lemon marble needle onion parrot puzzle rabb
 wagon zipper anchor barrel cactus dragon feather glove helmet insect jungle koala lantern magnet""".split()
 FAMILY = ["mother", "father", "sister", "brother", "uncle", "aunt", "daughter", "cousin", "grandmother", "nephew"]
 MARK = "substitutes"
+PREPOSITIONS = ["of", "in", "for", "with", "by", "from", "into", "under"]
+FORMS = ["mothers", "motherhood", "motherly"]
 YEARS = ["1984", "2001", "1776", "1848", "1969", "1917", "1066", "1945", "1812", "1492"]
 CFG = ExplainConfig(null_sets=300, triggers=25)
 
@@ -46,7 +48,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     path = root / "synthetic.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in docs))
-    words = ["<unk>", "."] + FILLER + FAMILY + YEARS + [MARK]
+    words = ["<unk>", "."] + FILLER + FAMILY + YEARS + [MARK] + PREPOSITIONS + FORMS
     vocab = {("\u2581" + w if w not in ("<unk>",) else w): i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
@@ -170,6 +172,51 @@ def test_meaning_group_is_semantic(world):
     assert e.significant["category"][0], e.p_value["category"]
     assert not e.significant["last"][0]
     assert face_kind(e.significant, 0) == "semantic"
+
+
+def test_closed_word_class_is_shallow(world):
+    """Triggers that end with eight different prepositions: no shared token, one closed word class."""
+    rng = random.Random(7)
+    ids = [world[1].convert_tokens_to_ids("\u2581" + w) for w in PREPOSITIONS]
+    store, positions = _planted(world, ids, rng, len(ids), 12)
+    e = _explain(_with_store(world, store, refit=True), positions)
+    assert e.significant["wordclass"][0] and not e.significant["last"][0], e.p_value["wordclass"]
+    assert pattern_phrase("wordclass", e, 0, world[2], None) == "a preposition"
+    assert face_kind(e.significant, 0) == "shallow"
+
+
+def test_forms_of_one_word_are_not_a_category(world):
+    """Four units ending with forms of one word ("mother", "mothers", ...): one stem, so no category, however
+    alike the forms are; four different family words are one."""
+    def category(words, seed):
+        ids = [world[1].convert_tokens_to_ids("\u2581" + w) for w in words]
+        store, positions = _planted(world, ids, random.Random(seed), len(ids), 21)
+        planted = _with_store(world, store, refit=True)
+        shared = set.intersection(*(set(planted[3].word_cluster[planted[3].rows(p)].tolist()) for p in positions[:4]))
+        return _explain(planted, positions), shared
+
+    forms, shared = category(["mother"] + FORMS, 8)
+    assert shared  # the four forms are one cluster: only the stem rule keeps them from being a category
+    assert not forms.significant["category"][0], forms.p_value["category"]
+    family, shared = category(FAMILY[:4], 8)
+    assert shared and family.significant["category"][0], family.p_value["category"]
+    assert int(family.support["category"][0]) == 4
+
+
+def test_word_clusters_and_their_rates_by_brute_force(world):
+    """Each category word sits in its nearest centroid at every level, and a cluster's corpus rate is the share of
+    scanned positions whose word is in it."""
+    feats, null = world[3], world[4]
+    first = 0
+    for level, c in enumerate(feats.clusters):
+        rows = np.nonzero(feats.category_word)[0]
+        nearest = np.argmax(feats.word_vec[rows] @ c.T, axis=1) + first
+        assert (feats.word_cluster[rows, level] == nearest).all()
+        assert (feats.word_cluster[~feats.category_word, level] == -1).all()
+        first += len(c)
+    for cluster in np.unique(feats.word_cluster[feats.word_cluster >= 0])[:20].tolist():
+        share = (feats.word_cluster == cluster).any(1).mean()
+        assert null.cluster[cluster] == pytest.approx(share)
 
 
 def test_random_triggers_mostly_have_no_pattern(world):

@@ -26,13 +26,13 @@ import torch
 
 from ..corpus import TokenStore
 from ..embedder import DIM, Embedder
-from .words import STOP_WORDS
+from .words import STOP_WORDS, WORD_CLASSES
 
 CLASSES = ("number", "punct", "piece", "first", "capital")
 """Token classes of a position: a number or year, punctuation, a piece continuing a word, the first token of
 the unit, a capitalised word."""
 SUBJECT_WINDOW = 48
-CLUSTER_LEVELS = (32, 128, 512)
+CLUSTER_LEVELS = (16, 64, 256, 1024)
 """Numbers of word clusters, coarse to fine: a category may be broad ("a place") or narrow ("a month")."""
 KMEANS_ITERATIONS = 25
 STEM_CHARS = 5
@@ -97,6 +97,8 @@ class PositionFeatures:
     titles: list[str]
     centre: tuple[np.ndarray, np.ndarray]
     """The mean word and subject vectors these features were centred on."""
+    word_class: np.ndarray
+    """Index in ``WORD_CLASSES`` of the position's word (-1: none), at the first token of the word."""
     word_cluster: np.ndarray
     """[N, len(CLUSTER_LEVELS)] cluster of the position's word at each level, numbered across levels (-1: not a
     category word)."""
@@ -206,7 +208,14 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
                             category_word=category_word, word_vec=word_vec,
                             subject_vec=subject_vec, has_word_vec=np.abs(word_vec).sum(1) > 0,
                             has_subject=np.abs(subject_vec).sum(1) > 0, topics=topics, titles=titles,
-                            centre=centre, word_cluster=word_cluster, clusters=clusters)
+                            centre=centre, word_cluster=word_cluster, clusters=clusters,
+                            word_class=_word_classes(words, word_start))
+
+
+def _word_classes(words: list[str], word_start: np.ndarray) -> np.ndarray:
+    class_of = {w: i for i, members in enumerate(WORD_CLASSES.values()) for w in members}
+    return np.array([class_of.get(w, -1) if start else -1 for w, start in zip(words, word_start.tolist())],
+                    dtype=np.int64)
 
 
 def _index_of(names: list[str]) -> np.ndarray:

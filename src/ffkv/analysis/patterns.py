@@ -1,11 +1,12 @@
 """The input and output side of `ffkv explain`: patterns of a face's triggers, what its value promotes, one line.
 
-**Input side: patterns shared by a face's top triggers** (``ExplainConfig.triggers``, 25 by default). Twelve
+**Input side: patterns shared by a face's top triggers** (``ExplainConfig.triggers``, 25 by default). Thirteen
 pattern kinds, each tested on *all* triggers (so a key can be shallow and semantic at once):
 
 * shallow: ``last`` (the same last token), ``bigram`` (the same last two tokens), ``near`` (the same token one or
-  two before the last), and the token classes ``number``, ``punct``, ``piece``, ``first``, ``capital``
-  (``analysis.features.CLASSES``);
+  two before the last), ``wordclass`` (a closed word class of the last word: a preposition, a determiner, an
+  auxiliary verb..., ``words.WORD_CLASSES``, shared by >= 3 different words), and the token classes
+  ``number``, ``punct``, ``piece``, ``first``, ``capital`` (``analysis.features.CLASSES``);
 * semantic: ``topic`` and ``article`` (the corpus's topic / title, where it has them), ``category`` (trigger words
   in one cluster of the corpus's words under the independent sentence embedder, ``features.word_clusters``: it
   needs >= 3 *different* words (by their first letters, ``features.STEM_CHARS``), so a repeated word or the forms
@@ -18,7 +19,7 @@ rates matched to each trigger's position in its unit, so that e.g. "capitalised"
 starts; "first token" itself at its overall rate); a
 meaning kind is tested against random sets of the same size drawn from the scanned positions (the statistic:
 the largest group of items with cosine >= the kind's threshold to one of them). A kind is significant when it
-has >= 3 units of support and p < ``alpha`` / 12 (Bonferroni over the kinds tested, one candidate per kind).
+has >= 3 units of support and p < ``alpha`` / 13 (Bonferroni over the kinds tested, one candidate per kind).
 
 For a kind with many candidates (tokens, bigrams, topics, titles, word clusters) the candidate is the *least
 likely* one under the null: each value v shared by s_v >= 3 of the key's n units has the tail
@@ -49,8 +50,9 @@ from scipy.stats import binom
 from ..embedder import DIM, Embedder
 from ..errors import FfkvError
 from .features import CLASSES, PositionFeatures, Vocabulary
+from .words import WORD_CLASSES
 
-SHALLOW_KINDS = ("last", "bigram", "near", *CLASSES)
+SHALLOW_KINDS = ("last", "bigram", "near", "wordclass", *CLASSES)
 SEMANTIC_KINDS = ("topic", "article", "category", "subject")
 KINDS = SHALLOW_KINDS + SEMANTIC_KINDS
 KIND_BIT = {k: 1 << i for i, k in enumerate(KINDS)}
@@ -70,7 +72,7 @@ class ExplainConfig:
 
     triggers: int | None = field(default=None, metadata={"help": "top triggers per face read for patterns "
                                  "(default: 25 as in the paper, or the atlas's top-k where smaller)"})
-    alpha: float = field(default=0.05, metadata={"help": "family-wise significance level over the 12 pattern kinds"})
+    alpha: float = field(default=0.05, metadata={"help": "family-wise significance level over the 13 pattern kinds"})
     subject_cosine: float = field(default=0.25, metadata={"help": "centred embedder cosine above which two prefixes "
                                   "have alike subjects (subject patterns; tuned on the development labels)"})
     null_sets: int = field(default=1000, metadata={"help": "random sets per size in the null of the meaning tests"})
@@ -142,6 +144,7 @@ class CorpusNull:
         self.first_rate = float(feats.classes[:, CLASSES.index("first")].mean()) if len(feats) else 1.0
         self.topic = np.bincount(feats.topic[feats.topic >= 0], minlength=len(feats.topics)) / n
         self.title = np.bincount(feats.title[feats.title >= 0], minlength=len(feats.titles)) / n
+        self.word_class = np.bincount(feats.word_class[feats.word_class >= 0], minlength=len(WORD_CLASSES)) / n
         values, _ = feats.category_values(np.arange(len(feats)))  # distinct clusters per position
         pairs = np.unique(np.stack([np.repeat(np.arange(len(feats)), values.shape[1]), values.ravel()], 1), axis=0)
         self.cluster = np.bincount(pairs[pairs[:, 1] >= 0, 1], minlength=feats.n_clusters) / n
@@ -167,7 +170,7 @@ class CorpusNull:
         if kind == "bigram":
             return self.bigram_rate(values)
         table = {"last": self.last, "near": self.near, "topic": self.topic, "article": self.title,
-                 "category": self.cluster}[kind]
+                 "category": self.cluster, "wordclass": self.word_class}[kind]
         return table[values] if len(table) else np.ones(len(values))
 
     def scan_p(self, kind: str, t: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -193,7 +196,7 @@ class CorpusNull:
         key = (kind, n)
         if key not in self._scan_tables:
             rates = {"last": self.last, "near": self.near, "bigram": self.bigram_rates, "topic": self.topic,
-                     "article": self.title, "category": self.cluster}[kind]
+                     "article": self.title, "category": self.cluster, "wordclass": self.word_class}[kind]
             rates, weight = np.unique(rates[rates > 0], return_counts=True)
             s = np.arange(MIN_SUPPORT, n + 1)
             if len(s) == 0 or len(rates) == 0:
@@ -354,6 +357,10 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
                                     np.concatenate([valid, valid], 1))
     near_cover = (near_codes[:, :T] == best[:, None]) | (near_codes[:, T:] == best[:, None])
     record("near", best, support, null.near[np.maximum(best, 0)], near_cover & (best[:, None] >= 0), tail)
+    word_class = np.where(valid, feats.word_class[r], -1)
+    best, support, tail = candidate("wordclass", word_class, names=feats.stem_id[r])
+    record("wordclass", best, support, null.rates_of("wordclass", np.maximum(best, 0)) if K else np.ones(0),
+           (word_class == best[:, None]) & (best[:, None] >= 0), tail)
     offsets = np.where(valid, feats.offset[r], 0)
     rates = null.class_rates(offsets)  # [C, K, T]
     for c, name in enumerate(CLASSES):
@@ -525,6 +532,8 @@ def pattern_phrase(kind: str, e: LayerFaceExplanation, i: int, vocab: Vocabulary
         return "after " + _quote(vocab.code_text[v])
     if kind in CLASS_WORDS:
         return CLASS_WORDS[kind]
+    if kind == "wordclass":
+        return list(WORD_CLASSES)[v]
     if kind == "topic":
         return f"topic {feats.topics[v]}"
     if kind == "article":

@@ -10,12 +10,12 @@ a prefix x is a(x) = lift of x's last token among the face's trigger tokens, whe
 over the face's significant patterns j that match x (0 when nothing matches), where lift = log(share of the face's
 triggers with the token / pattern j / its rate in the scanned corpus) is fitted on the triggers. The token part is
 the explanation's list of trigger tokens (``last_tokens``); the lookup baseline below is that list alone, so the
-difference between the two is what the patterns add. A pattern matches x when x has the same last two tokens /
-token one or two before the last, the class, the topic or the article; a category matches when x's word falls in
-the category's word cluster (nearest centroid, at the cluster's level), a subject when the embedder vector of x's
-subject has cosine >= the group's radius with the group's centroid. The
-explanation predicts that the face fires where a(x) >= its firing threshold: the median of a over the face's own
-triggers (also fitted on the triggers only).
+difference between the two is what the patterns add. A pattern matches x when x has the same last two tokens / token
+one or two before the last, the word class, the class, the topic or the article; a category matches when x's word
+falls in the category's word cluster (nearest centroid, at the cluster's level), a subject when the embedder vector
+of x's subject has cosine >= the group's radius with the group's centroid. The explanation predicts that the face
+fires where a(x) >= its firing threshold: the median of a over the face's own triggers (also fitted on the triggers
+only).
 
 **Scores** per face, with s(x) = m(x) on the positive face and -m(x) on the negative one:
 
@@ -97,6 +97,8 @@ class Simulator:
         bigram, near = e.value["bigram"][cols], e.value["near"][cols]
         take("bigram", (prev >= 0) & (prev * self.n_codes + code == bigram))
         take("near", (near >= 0) & ((prev == near) | (prev2 == near)))
+        word_class = e.value["wordclass"][cols]
+        take("wordclass", (word_class >= 0) & (f.word_class[rows] == word_class))
         for c, name in enumerate(CLASSES):
             take(name, f.classes[rows, c])
         for kind, column in (("topic", f.topic), ("article", f.title)):
@@ -123,6 +125,8 @@ class Simulator:
             elif kind == "near":
                 v = e.value[kind][cols][None, :]
                 match = (prev == v) | (prev2 == v)
+            elif kind == "wordclass":
+                match = f.word_class[rows][:, None] == e.value[kind][cols][None, :]
             elif kind in CLASSES:
                 match = f.classes[rows, CLASSES.index(kind)][:, None]
             elif kind in ("topic", "article"):
