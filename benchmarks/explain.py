@@ -2,7 +2,8 @@
 
     python benchmarks/explain.py ATLAS                 # per-layer score table of ATLAS/explanations.parquet, and
                                                        # memory faces explained and scored per CPU-minute
-    python benchmarks/explain.py ATLAS --labels FILE   # agreement with hand labels (kappa, bootstrap 95 % CI)
+    python benchmarks/explain.py ATLAS --labels FILE   # agreement with hand labels (kappa, bootstrap 95 % CI);
+                                                       # several files: each, then all their keys pooled
     python benchmarks/explain.py ATLAS --raters FILE   # agreement among the raters of a blind label file
 
 Speed comes from the timings the parquet records (``ffkv explain`` / ``ffkv run`` measure every stage) and the CPU
@@ -80,12 +81,20 @@ def scores(atlas: Path) -> None:
           f"faces with corr >= 0.8: {sum((r['sim_corr'] or 0) >= 0.8 for r in rows)}")
 
 
-def labels(atlas: Path, path: Path) -> None:
+def labels(atlas: Path, paths: list[Path]) -> None:
+    docs = [(path.name, json.loads(path.read_text())["keys"]) for path in paths]
+    if len(docs) > 1:
+        docs.append(("pooled " + " + ".join(path.name for path in paths), [k for _, keys in docs for k in keys]))
+    for name, keys in docs:
+        agreement(atlas, name, keys)
+
+
+def agreement(atlas: Path, name: str, keys: list[dict]) -> None:
     from ffkv.analysis.explain import label_agreement
 
-    doc = json.loads(path.read_text())
+    doc = {"keys": keys}
     r = label_agreement(atlas, doc["keys"])
-    print(f"{path.name}: n = {r['n']}, accuracy {r['accuracy']:.3f}")
+    print(f"{name}: n = {r['n']}, accuracy {r['accuracy']:.3f}")
     for name in ("kappa", "kappa_shallow", "kappa_semantic"):
         lo, hi = r[name + "_ci95"]
         print(f"  {name:<15} {r[name]:+.3f}  (95 % bootstrap CI {lo:+.3f} .. {hi:+.3f})")
@@ -115,7 +124,7 @@ def raters(path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("atlas", type=Path, nargs="?")
-    ap.add_argument("--labels", type=Path, help="hand-label file (tests/data/hand_labels*.json)")
+    ap.add_argument("--labels", type=Path, nargs="+", help="hand-label files (tests/data/hand_labels*.json)")
     ap.add_argument("--raters", type=Path, help="blind label file with per-rater labels")
     args = ap.parse_args()
     if args.raters:
