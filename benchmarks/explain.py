@@ -3,7 +3,8 @@
     python benchmarks/explain.py ATLAS                 # per-layer score table of ATLAS/explanations.parquet, and
                                                        # memory faces explained and scored per CPU-minute
     python benchmarks/explain.py ATLAS --labels FILE   # agreement with hand labels (kappa, bootstrap 95 % CI);
-                                                       # several files: each, then all their keys pooled
+                                                       # several files: each, then all their keys pooled;
+                                                       # --cluster-levels / --seed: the same with other settings
     python benchmarks/explain.py ATLAS --raters FILE   # agreement among the raters of a blind label file
 
 Speed comes from the timings the parquet records (``ffkv explain`` / ``ffkv run`` measure every stage) and the CPU
@@ -81,31 +82,44 @@ def scores(atlas: Path) -> None:
           f"faces with corr >= 0.8: {sum((r['sim_corr'] or 0) >= 0.8 for r in rows)}")
 
 
-def labels(atlas: Path, paths: list[Path]) -> None:
+def labels(atlas: Path, paths: list[Path], cluster_levels: tuple[int, ...] | None = None, seed: int = 0) -> None:
+    """The explainer (run once over every file's keys) against each file's labels, then, for several files, their
+    keys pooled and the mean of the files' 4-class kappas."""
+    from ffkv.analysis.explain import ExplainConfig, kappas, label_agreement
+    from ffkv.analysis.features import CLUSTER_LEVELS
+    from ffkv.atlas import Atlas
+
     docs = [(path.name, json.loads(path.read_text())["keys"]) for path in paths]
+    keys = [k for _, ks in docs for k in ks]
+    predicted = label_agreement(atlas, keys, ExplainConfig(seed=seed), cluster_levels or CLUSTER_LEVELS)["predicted"]
+    n_layers = Atlas.load(atlas).n_layers
+    start, per_file = 0, []
+    for name, ks in docs:
+        per_file.append(report(name, ks, predicted[start: start + len(ks)], n_layers, kappas, seed))
+        start += len(ks)
     if len(docs) > 1:
-        docs.append(("pooled " + " + ".join(path.name for path in paths), [k for _, keys in docs for k in keys]))
-    for name, keys in docs:
-        agreement(atlas, name, keys)
+        report("pooled " + " + ".join(name for name, _ in docs), keys, predicted, n_layers, kappas, seed)
+        print(f"mean 4-class kappa over the {len(docs)} files: {np.mean(per_file):+.3f}")
 
 
-def agreement(atlas: Path, name: str, keys: list[dict]) -> None:
-    from ffkv.analysis.explain import label_agreement
-
-    doc = {"keys": keys}
-    r = label_agreement(atlas, doc["keys"])
+def report(name: str, keys: list[dict], predicted: list[str], n_layers: int, kappas, seed: int) -> float:
+    truth = [e["label"] for e in keys]
+    r = kappas(truth, predicted, seed=seed)
     print(f"{name}: n = {r['n']}, accuracy {r['accuracy']:.3f}")
-    for name in ("kappa", "kappa_shallow", "kappa_semantic"):
-        lo, hi = r[name + "_ci95"]
-        print(f"  {name:<15} {r[name]:+.3f}  (95 % bootstrap CI {lo:+.3f} .. {hi:+.3f})")
-    truth = [e["label"] for e in doc["keys"]]
+    for kappa in ("kappa", "kappa_shallow", "kappa_semantic"):
+        lo, hi = r[kappa + "_ci95"]
+        print(f"  {kappa:<15} {r[kappa]:+.3f}  (95 % bootstrap CI {lo:+.3f} .. {hi:+.3f})")
     confusion = {}
-    for t, p in zip(truth, r["predicted"]):
+    for t, p in zip(truth, predicted):
         confusion[t, p] = confusion.get((t, p), 0) + 1
     kinds = ("shallow", "semantic", "both", "none")
     print("  shares, labels:    " + ", ".join(f"{k} {truth.count(k) / len(truth):.0%}" for k in kinds))
-    print("  shares, explainer: " + ", ".join(f"{k} {r['predicted'].count(k) / len(truth):.0%}" for k in kinds))
+    print("  shares, explainer: " + ", ".join(f"{k} {predicted.count(k) / len(truth):.0%}" for k in kinds))
     print("  confusion (label -> explainer):", ", ".join(f"{t}->{p}: {n}" for (t, p), n in sorted(confusion.items())))
+    thirds = [[e for e in keys if third * n_layers <= 3 * e["layer"] < (third + 1) * n_layers] for third in range(3)]
+    print("  labelled semantic (or both), per third of the layers: " + ", ".join(
+        f"{sum(e['label'] in ('semantic', 'both') for e in t)} of {len(t)}" for t in thirds))
+    return r["kappa"]
 
 
 def raters(path: Path) -> None:
@@ -126,11 +140,15 @@ def main() -> int:
     ap.add_argument("atlas", type=Path, nargs="?")
     ap.add_argument("--labels", type=Path, nargs="+", help="hand-label files (tests/data/hand_labels*.json)")
     ap.add_argument("--raters", type=Path, help="blind label file with per-rater labels")
+    ap.add_argument("--cluster-levels", help="word-cluster levels for --labels, e.g. 32,128,512 (default: the "
+                    "explainer's)")
+    ap.add_argument("--seed", type=int, default=0, help="explainer seed for --labels (word clusters, null samples)")
     args = ap.parse_args()
     if args.raters:
         raters(args.raters)
     if args.atlas and args.labels:
-        labels(args.atlas, args.labels)
+        levels = tuple(int(x) for x in args.cluster_levels.split(",")) if args.cluster_levels else None
+        labels(args.atlas, args.labels, levels, args.seed)
     elif args.atlas:
         scores(args.atlas)
     return 0

@@ -300,6 +300,44 @@ def test_explain_writes_one_row_per_face_with_scores(tiny_atlas):
     assert vectors.shape == (len(rows), 384)
 
 
+def test_kappa_of_a_worked_example():
+    """Cohen's kappa of a textbook 2 x 2 table (20 yes/yes, 5 yes/no, 10 no/yes, 15 no/no): observed agreement
+    0.7, chance 0.5 x 0.6 + 0.5 x 0.4 = 0.5, kappa 0.4; and the has-shallow / has-semantic kappas read the
+    4-class labels as two binary ones."""
+    from ffkv.analysis.explain import cohen_kappa, kappas
+
+    a = ["yes"] * 25 + ["no"] * 25
+    b = ["yes"] * 20 + ["no"] * 5 + ["yes"] * 10 + ["no"] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    truth = ["both", "shallow", "semantic", "none", "both", "shallow"]
+    predicted = ["shallow", "shallow", "semantic", "none", "both", "both"]
+    r = kappas(truth, predicted)
+    assert r["accuracy"] == pytest.approx(round(4 / 6, 3))
+    has_semantic = [x in ("semantic", "both") for x in truth], [x in ("semantic", "both") for x in predicted]
+    assert r["kappa_semantic"] == pytest.approx(round(cohen_kappa(*has_semantic), 3))
+    assert r["kappa_shallow_ci95"][0] <= r["kappa_shallow"] <= r["kappa_shallow_ci95"][1]
+
+
+def test_label_agreement_predicts_the_kinds_explain_wrote(tiny_atlas):
+    """Faces labelled with the kinds `ffkv explain` wrote for them, found again from their trigger texts by
+    ``label_agreement`` (the path of the README's validation numbers): every prediction matches, kappa 1."""
+    from ffkv.analysis.explain import explain, label_agreement
+
+    atlas, loaded = tiny_atlas
+    cfg = ExplainConfig(triggers=8, heldout_tokens=200, heldout_random=50, heldout_top=5, null_sets=100)
+    rows = pq.read_table(explain(atlas.path, cfg, model=loaded, progress=False, score=False)).to_pylist()
+    labelled = []
+    for r in rows:
+        triggers = atlas.triggers(r["layer"], r["key"], r["face"], 8)
+        if len(triggers) == 8 and len(labelled) < 40:
+            labelled.append({"label": r["kind"], "triggers": [
+                {"unit": t.unit, "input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):]} for t in triggers]})
+    assert len({e["label"] for e in labelled}) >= 2  # more than one kind, so kappa is defined
+    out = label_agreement(atlas.path, labelled, cfg)
+    assert out["predicted"] == [e["label"] for e in labelled]
+    assert out["kappa"] == 1.0 and out["accuracy"] == 1.0
+
+
 def test_f1_of_explain_matches_a_direct_recomputation(tiny_atlas):
     """Fires and predicted fires of one face, recomputed from a batch-1 forward of every held-out unit."""
     from ffkv.analysis.aggregation import held_out_units

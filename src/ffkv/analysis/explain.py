@@ -25,7 +25,7 @@ from ..atlas import Atlas
 from ..embedder import DIM, Embedder
 from ..errors import FfkvError
 from .aggregation import held_out_units
-from .features import Vocabulary, position_features
+from .features import CLUSTER_LEVELS, Vocabulary, position_features
 from .patterns import (
     KINDS,
     SEMANTIC_MASK,
@@ -103,7 +103,7 @@ def explain(atlas_path: str | Path, config: ExplainConfig | None = None, layers:
         atlas.check_model(model)
     vocab = Vocabulary(atlas.tokenizer)
     scanned = np.load(atlas.path / "scanned_units.npy")
-    feats = position_features(atlas.store, scanned, vocab, embedder, progress=progress)
+    feats = position_features(atlas.store, scanned, vocab, embedder, progress=progress, seed=cfg.seed)
     null = CorpusNull(feats, vocab, cfg)
     coherence = Coherence(vocab, embedder, COHERENCE_SIZE, cfg.null_sets, cfg.seed)
     timings = {"features": round(time.time() - t0, 1)}
@@ -228,11 +228,13 @@ def _bootstrap(truth: list, predicted: list, n: int = 2000, seed: int = 0) -> tu
     return round(float(lo), 3), round(float(hi), 3)
 
 
-def label_agreement(atlas_path: str | Path, labelled: list[dict], config: ExplainConfig | None = None) -> dict:
+def label_agreement(atlas_path: str | Path, labelled: list[dict], config: ExplainConfig | None = None,
+                    cluster_levels: tuple[int, ...] = CLUSTER_LEVELS) -> dict:
     """The explainer's kinds against hand labels. ``labelled``: entries {"label", "triggers": [{"unit",
     "input_ids"}]} of the atlas's corpus (the ids without the special prefix); each trigger is found in the atlas's
     token store. Returns the 4-class and the binary (has-shallow, has-semantic) kappas with bootstrap 95 %
-    intervals, and the predictions."""
+    intervals (``kappas``), and the predictions. ``cluster_levels`` (and ``config.seed``, which also seeds the
+    word clusters) are there to measure how the agreement depends on them."""
     atlas = Atlas.load(atlas_path)
     store = atlas.store
     T = max(len(e["triggers"]) for e in labelled)
@@ -249,21 +251,27 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
     embedder = Embedder(cache_dir=atlas.path / "explain_cache")
     vocab = Vocabulary(atlas.tokenizer)
     scanned = np.load(atlas.path / "scanned_units.npy")
-    base = position_features(store, scanned, vocab, embedder)
+    base = position_features(store, scanned, vocab, embedder, cluster_levels=cluster_levels, seed=cfg.seed)
     null = CorpusNull(base, vocab, cfg)
     units = np.union1d(scanned, store.unit_of(positions[positions >= 0]))
     feats = position_features(store, units, vocab, embedder, centre=base.centre, clusters=base.clusters)
     e = explain_layer_face(-1, "pos", np.arange(len(labelled)), positions, feats, null, vocab, cfg)
     predicted = [face_kind(e.significant, i) for i in range(len(labelled))]
-    truth = [entry["label"] for entry in labelled]
-    out = {"n": len(truth), "predicted": predicted,
+    out = kappas([entry["label"] for entry in labelled], predicted, seed=cfg.seed)
+    out["patterns"] = [[k for k in KINDS if e.significant[k][i]] for i in range(len(labelled))]
+    return out
+
+
+def kappas(truth: list[str], predicted: list[str], seed: int = 0) -> dict:
+    """Agreement of predicted kinds with labelled ones: accuracy, the 4-class kappa and the binary kappas of
+    has-shallow and has-semantic, each with its bootstrap 95 % interval (``*_ci95``)."""
+    out = {"n": len(truth), "predicted": list(predicted),
            "accuracy": round(sum(a == b for a, b in zip(truth, predicted)) / len(truth), 3)}
     for name, f in (("kappa", lambda x: x), ("kappa_shallow", lambda x: x in ("shallow", "both")),
                     ("kappa_semantic", lambda x: x in ("semantic", "both"))):
         t, p = [f(x) for x in truth], [f(x) for x in predicted]
         out[name] = round(cohen_kappa(t, p), 3)
-        out[name + "_ci95"] = _bootstrap(t, p, seed=cfg.seed)
-    out["patterns"] = [[k for k in KINDS if e.significant[k][i]] for i in range(len(labelled))]
+        out[name + "_ci95"] = _bootstrap(t, p, seed=seed)
     return out
 
 

@@ -102,7 +102,6 @@ class PositionFeatures:
     word_cluster: np.ndarray
     """[N, len(CLUSTER_LEVELS)] cluster of the position's word at each level, numbered across levels (-1: not a
     category word)."""
-
     clusters: list[np.ndarray]
     """Per level, the [k, DIM] unit centroids of its clusters (numbered in level order, then within a level)."""
 
@@ -114,12 +113,6 @@ class PositionFeatures:
     @property
     def n_clusters(self) -> int:
         return sum(len(c) for c in self.clusters)
-
-    def category_values(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The category candidates of each row: its word's cluster at every level, and the word's stem beside
-        each ([*rows.shape, levels], -1 where the row has no category word)."""
-        own = self.word_cluster[np.asarray(rows)]
-        return own, np.where(own >= 0, self.stem_id[np.asarray(rows)][..., None], -1)
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """Row of each flat store position (-1 where the position is not covered)."""
@@ -143,14 +136,16 @@ def _ids(column, n: int) -> tuple[np.ndarray, list[str]]:
 
 def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, embedder: Embedder,
                       progress: bool = False, centre: tuple[np.ndarray, np.ndarray] | None = None,
-                      clusters: list[np.ndarray] | None = None) -> PositionFeatures:
+                      clusters: list[np.ndarray] | None = None, cluster_levels: tuple[int, ...] = CLUSTER_LEVELS,
+                      seed: int = 0) -> PositionFeatures:
     """Features of all content positions of ``units`` (any order; duplicates ignored).
 
     Word and subject vectors are centred (the mean over these positions subtracted, then made unit-length again):
     sentence-embedder vectors share a large common direction, so that uncentred, any two Wikipedia prefixes
     look alike. Pass ``centre`` and ``clusters`` (another set's ``PositionFeatures.centre`` and ``.clusters``) to
     centre on the same means and assign words to the same clusters, as held-out features must be read like the
-    scanned ones."""
+    scanned ones; otherwise the words are clustered here (``word_clusters`` at ``cluster_levels``, seeded by
+    ``seed``)."""
     units = np.unique(np.asarray(units, dtype=np.int64))
     starts = store.offset[units] + store.n_special[units]
     counts = np.maximum(store.length[units] - store.n_special[units], 0)
@@ -198,7 +193,7 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
     category_word = np.array([bool(word_vec[i].any()) and len(w) >= 3 and w not in STOP_WORDS
                               for i, w in enumerate(words)], dtype=bool)
     if clusters is None:
-        clusters = word_clusters(_distinct_rows(word_vec, words, category_word))
+        clusters = word_clusters(_distinct_rows(word_vec, words, category_word), cluster_levels, seed)
     word_cluster = _assign(word_vec, category_word, clusters)
     topic_ids, topics = _ids(store.columns.get("topic"), store.n_units)
     title_ids, titles = _ids(store.columns.get("title"), store.n_units)

@@ -106,7 +106,8 @@ class LayerFaceExplanation:
     value: dict[str, np.ndarray]
     """The candidate of each kind: a code (last, near), a bigram code, a class flag, a topic / title id."""
     centroid: dict[str, np.ndarray]
-    """category / subject -> [K, DIM] unit centroid of the group; radius the lowest member cosine to it."""
+    """subject -> [K, DIM] unit centroid of the group; radius the lowest member cosine to it (a category is matched
+    by its word cluster, ``value``, instead)."""
     radius: dict[str, np.ndarray]
     group: dict[str, np.ndarray]
     """category / subject -> [K, T] feature rows of one trigger per group member, closest to the centroid first
@@ -145,9 +146,8 @@ class CorpusNull:
         self.topic = np.bincount(feats.topic[feats.topic >= 0], minlength=len(feats.topics)) / n
         self.title = np.bincount(feats.title[feats.title >= 0], minlength=len(feats.titles)) / n
         self.word_class = np.bincount(feats.word_class[feats.word_class >= 0], minlength=len(WORD_CLASSES)) / n
-        values, _ = feats.category_values(np.arange(len(feats)))  # distinct clusters per position
-        pairs = np.unique(np.stack([np.repeat(np.arange(len(feats)), values.shape[1]), values.ravel()], 1), axis=0)
-        self.cluster = np.bincount(pairs[pairs[:, 1] >= 0, 1], minlength=feats.n_clusters) / n
+        # a position's word is in one cluster per level, numbered apart: each cluster's share of positions
+        self.cluster = np.bincount(feats.word_cluster[feats.word_cluster >= 0], minlength=feats.n_clusters) / n
         rng = np.random.default_rng(cfg.seed)
         has_subject = np.abs(feats.subject_vec).sum(1) > 0
         pick = rng.permutation(np.nonzero(has_subject)[0])
@@ -169,9 +169,13 @@ class CorpusNull:
         """Corpus rate of each candidate value of a many-candidate kind (values >= 0)."""
         if kind == "bigram":
             return self.bigram_rate(values)
-        table = {"last": self.last, "near": self.near, "topic": self.topic, "article": self.title,
-                 "category": self.cluster, "wordclass": self.word_class}[kind]
+        table = self.value_rates(kind)
         return table[values] if len(table) else np.ones(len(values))
+
+    def value_rates(self, kind: str) -> np.ndarray:
+        """The corpus rate of every value of a many-candidate kind (bigrams: of those the corpus has)."""
+        return {"last": self.last, "near": self.near, "bigram": self.bigram_rates, "topic": self.topic,
+                "article": self.title, "category": self.cluster, "wordclass": self.word_class}[kind]
 
     def scan_p(self, kind: str, t: np.ndarray, n: np.ndarray) -> np.ndarray:
         """p-value of the statistic t = min_v P(Binomial(n, rate_v) >= s_v) over the candidates v with s_v >= 3:
@@ -195,8 +199,7 @@ class CorpusNull:
             self._scan_tables: dict = {}
         key = (kind, n)
         if key not in self._scan_tables:
-            rates = {"last": self.last, "near": self.near, "bigram": self.bigram_rates, "topic": self.topic,
-                     "article": self.title, "category": self.cluster, "wordclass": self.word_class}[kind]
+            rates = self.value_rates(kind)
             rates, weight = np.unique(rates[rates > 0], return_counts=True)
             s = np.arange(MIN_SUPPORT, n + 1)
             if len(s) == 0 or len(rates) == 0:
@@ -288,13 +291,13 @@ def _least_likely(values: np.ndarray, units: np.ndarray, valid: np.ndarray, n_un
     if not sel.any():
         return best, support, tail
     ks, vs, kv = _distinct_triples(k_idx[sel], values[sel], units[sel])
-    _, start, counts = np.unique(kv, return_index=True, return_counts=True)
+    kv, start, counts = np.unique(kv, return_index=True, return_counts=True)
     ks, vs = ks[start], vs[start]
     keep = counts >= MIN_SUPPORT
-    if names is not None:
+    if names is not None:  # the same (row, value) codes, counted over distinct names instead of units
         _, _, kv_named = _distinct_triples(k_idx[sel], values[sel], names[sel])
         named, n_names = np.unique(kv_named, return_counts=True)
-        keep &= np.isin(np.unique(kv), named[n_names >= MIN_SUPPORT])
+        keep &= np.isin(kv, named[n_names >= MIN_SUPPORT])
     ks, vs, counts = ks[keep], vs[keep], counts[keep]
     if len(ks) == 0:
         return best, support, tail
@@ -377,15 +380,15 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
         record(kind, best, support, np.where(best >= 0, rate, 1.0), (ids == best[:, None]) & (best[:, None] >= 0),
                tail)
     centroid, radius, group = {}, {}, {}
-    clusters, stems = feats.category_values(r)  # [K, T, V]
-    clusters = np.where(valid[:, :, None], clusters, -1)
+    clusters = np.where(valid[:, :, None], feats.word_cluster[r], -1)  # [K, T, levels]: one candidate per level
     V = clusters.shape[2]
+    stems = np.repeat(feats.stem_id[r], V, axis=1)  # the word behind each candidate, for ">= 3 different words"
     best, support, tail = candidate("category", clusters.reshape(K, -1), np.repeat(units, V, axis=1),
-                                    np.repeat(valid, V, axis=1), stems.reshape(K, -1))
+                                    np.repeat(valid, V, axis=1), stems)
     members = (clusters == best[:, None, None]).any(2) & (best[:, None] >= 0)
     record("category", best, support, null.rates_of("category", np.maximum(best, 0)) if K else np.ones(0), members,
            tail)
-    centroid["category"], radius["category"], group["category"] = _cluster_groups(feats, r, members, best)
+    group["category"] = _cluster_members(feats, r, members, best)
     c, rad, g, members_cover, support, m, size = _subject_groups(feats, r, valid, units, cfg)
     p = _empirical_p(null.group_null["subject"], m, size)
     p = np.where(support >= MIN_SUPPORT, p, 1.0)
@@ -410,16 +413,13 @@ def explain_layer_face(layer: int, face: str, keys: np.ndarray, positions: np.nd
                                 group, cover, last_codes)
 
 
-def _cluster_groups(feats: PositionFeatures, r: np.ndarray, members: np.ndarray, best: np.ndarray):
-    """The category's centroid (its word cluster's), radius (the lowest cosine of a member word to it) and
-    members: feature rows of the member triggers, one per stem, closest to the centroid first; -1 after the
-    last."""
+def _cluster_members(feats: PositionFeatures, r: np.ndarray, members: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """[K, T] feature rows of the category's member triggers, one per stem, closest to the cluster's centroid
+    first (-1 after the last): the words the description names."""
     K, T = r.shape
     centroids = feats.centroids
     c = centroids[np.maximum(best, 0)] if len(centroids) else np.zeros((K, DIM), np.float32)
     cos = np.einsum("ktd,kd->kt", feats.word_vec[r], c)
-    rad = np.where(members, cos, np.inf).min(1)
-    rad = np.where(np.isfinite(rad), rad, 1.0)
     group = np.full((K, T), -1, np.int64)
     for k in np.nonzero(members.any(1))[0].tolist():
         seen: dict[int, int] = {}
@@ -427,7 +427,7 @@ def _cluster_groups(feats: PositionFeatures, r: np.ndarray, members: np.ndarray,
             if members[k, t]:
                 seen.setdefault(int(feats.stem_id[r[k, t]]), int(r[k, t]))
         group[k, :len(seen)] = list(seen.values())
-    return np.where(best[:, None] >= 0, c, 0).astype(np.float32), rad.astype(np.float32), group
+    return group
 
 
 def _subject_groups(feats, r, valid, units, cfg):

@@ -105,7 +105,7 @@ class Simulator:
             v = e.value[kind][cols]
             take(kind, (v >= 0) & (column[rows] == v))
         category = e.value["category"][cols]
-        take("category", (category >= 0) & (f.category_values(rows)[0] == category[..., None]).any(-1))
+        take("category", (category >= 0) & (f.word_cluster[rows] == category[..., None]).any(-1))
         sims = np.einsum("kjd,kd->kj", f.subject_vec[rows], e.centroid["subject"][cols[:, 0]])
         take("subject", sims >= e.radius["subject"][cols])
         return a
@@ -132,7 +132,7 @@ class Simulator:
             elif kind in ("topic", "article"):
                 match = (f.topic if kind == "topic" else f.title)[rows][:, None] == e.value[kind][cols][None, :]
             elif kind == "category":  # the position's word is in the category's word cluster
-                match = (f.category_values(rows)[0][:, :, None] == e.value[kind][cols][None, None, :]).any(1)
+                match = (f.word_cluster[rows][:, :, None] == e.value[kind][cols][None, None, :]).any(1)
             else:
                 match = f.subject_vec[rows] @ e.centroid[kind][cols].T >= e.radius[kind][cols][None, :]
             a[:, cols] += np.where(match, w[kind][cols][None, :], np.float32(0))
