@@ -59,10 +59,10 @@ RULE_WITH_CONTROLS = (
 )
 
 
-def count_table(alpha: float = 0.05 / 12, n: int = 25, max_controls: int = 12) -> dict[int, int]:
+def count_table(alpha: float = 0.05 / 13, n: int = 25, max_controls: int = 12) -> dict[int, int]:
     """Per count B among the 25 controls: the smallest count A among the 25 triggers with P(Binomial(25, r) >= A)
-    < alpha at the rate r = (B + 0.5) / 25.5 the controls suggest: the explainer's per-kind level (0.05 / 12) as a
-    number a rater can look up."""
+    < alpha at the rate r = (B + 0.5) / 25.5 the controls suggest: the explainer's per-kind level (0.05 / 13 since
+    set 8; sets 5-7 used 0.05 / 12, one kind fewer) as a number a rater can look up."""
     from scipy.stats import binom
 
     table = {}
