@@ -6,6 +6,9 @@
                                                        # several files: each, then all their keys pooled;
                                                        # --cluster-levels / --seed: the same with other settings
     python benchmarks/explain.py ATLAS --raters FILE   # agreement among the raters of a blind label file
+    python benchmarks/explain.py ATLAS --labels FILES --control-noise DRAWS [--n-controls N]
+                                                       # the raters' rule applied to the explainer's own features,
+                                                       # against the packet's 25 controls and fresh draws of N
 
 Speed comes from the timings the parquet records (``ffkv explain`` / ``ffkv run`` measure every stage) and the CPU
 count, so it reads as faces per CPU-minute. The score table sits beside Neuron-to-Graph's published firing F1 of a
@@ -18,11 +21,13 @@ import argparse
 import itertools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from scipy.stats import binom
 
 N2G_F1 = [0.74, 0.64, 0.60, 0.48, 0.46, 0.42]
 
@@ -102,6 +107,153 @@ def labels(atlas: Path, paths: list[Path], cluster_levels: tuple[int, ...] | Non
         print(f"mean 4-class kappa over the {len(docs)} files: {np.mean(per_file):+.3f}")
 
 
+def parse_count_table(rule: str) -> dict[int, int] | None:
+    """The count table a label file's rule gives ("B 0 -> A at least 4; ..."), or None (sets 3-4: "A at least
+    three times B and at least B + 3")."""
+    pairs = re.findall(r"B (\d+) -> A at least (\d+)", rule)
+    return {int(b): int(a) for b, a in pairs} or None
+
+
+def count_table(n_controls: int, alpha: float = 0.05 / 13, n: int = 25) -> dict[int, int]:
+    """The rule's count table for ``n_controls`` control prefixes: per count B among them, the smallest count A
+    among the 25 triggers with P(Binomial(25, (B + 0.5) / (n_controls + 0.5)) >= A) < alpha (the packets' table
+    at 25 controls; tests/data/make_test_labels.py)."""
+    table = {}
+    for b in range(n_controls + 1):
+        a = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, (b + 0.5) / (n_controls + 0.5)) < alpha), None)
+        if a is None:
+            break
+        table[b] = a
+    return table
+
+
+def passes(a: int, b: int, table: dict[int, int] | None) -> bool:
+    """Condition (1) and (2) of the raters' rule: a of the triggers' units, b of the controls'."""
+    if a < 3:
+        return False
+    if table is None:
+        return a >= 3 * b and a >= b + 3
+    return b in table and a >= table[b]
+
+
+def rule_kinds(e, feats, n_codes: int, trig: np.ndarray, ctrl: np.ndarray, table) -> list[str]:
+    """The raters' rule applied to the explainer's features: per key, every candidate value of every kind that >= 3
+    trigger units share (>= 3 different words for a category or word class) is counted among the triggers' and the
+    controls' units and kept where the table lets it pass; the subject kind counts the explainer's group and the
+    controls whose subject is as close to its centroid. ``trig`` / ``ctrl``: [keys, 25] feature rows (-1: none)."""
+    from ffkv.analysis.features import CLASSES
+    from ffkv.analysis.patterns import KINDS, face_kind
+
+    def values(kind, row):
+        if kind == "last":
+            return {int(feats.code[row])}
+        if kind == "bigram":
+            return {int(feats.prev[row]) * n_codes + int(feats.code[row])} if feats.prev[row] >= 0 else set()
+        if kind == "near":
+            return {int(v) for v in (feats.prev[row], feats.prev2[row]) if v >= 0}
+        if kind in CLASSES:
+            return {0} if feats.classes[row, CLASSES.index(kind)] else set()
+        column = {"wordclass": feats.word_class, "topic": feats.topic, "article": feats.title}.get(kind)
+        if column is not None:
+            return {int(column[row])} if column[row] >= 0 else set()
+        return {int(v) for v in feats.word_cluster[row] if v >= 0}  # category
+
+    K = trig.shape[0]
+    sig = {kind: np.zeros(K, bool) for kind in KINDS}
+    for i in range(K):
+        t_rows, c_rows = trig[i][trig[i] >= 0], ctrl[i][ctrl[i] >= 0]
+        for kind in KINDS:
+            if kind == "subject":
+                c = e.centroid["subject"][i]
+                near_c = feats.subject_vec[c_rows] @ c >= e.radius["subject"][i]
+                b = len(set(feats.unit[c_rows[near_c & feats.has_subject[c_rows]]].tolist()))
+                sig[kind][i] = passes(int(e.support["subject"][i]), b, table)
+                continue
+            units, names, b_units = {}, {}, {}
+            for row in t_rows.tolist():
+                for v in values(kind, row):
+                    units.setdefault(v, set()).add(int(feats.unit[row]))
+                    names.setdefault(v, set()).add(int(feats.stem_id[row]))
+            for row in c_rows.tolist():
+                for v in values(kind, row):
+                    b_units.setdefault(v, set()).add(int(feats.unit[row]))
+            named = kind in ("category", "wordclass")
+            sig[kind][i] = any(passes(len(u), len(b_units.get(v, ())), table) and (not named or len(names[v]) >= 3)
+                               for v, u in units.items())
+    return [face_kind(sig, i) for i in range(K)]
+
+
+def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_controls: int = 25) -> None:
+    """How much of the gap between the explainer and the raters is the rule's single draw of 25 controls, which
+    the three raters of a set share: the rule applied to the explainer's own features against the packet's
+    controls, and against ``draws`` fresh draws of controls (random scanned positions at the triggers' offsets, as
+    the packets drew them). With ``n_controls`` other than 25 the fresh draws hold that many controls, judged by
+    the table for that many (``count_table``): how far a larger control list would steady the rule."""
+    from ffkv.analysis.explain import ExplainConfig, explain_labelled, kappas, labelled_positions
+    from ffkv.analysis.features import Vocabulary
+    from ffkv.analysis.patterns import face_kind
+    from ffkv.atlas import Atlas
+
+    docs = [json.loads(path.read_text()) for path in paths]
+    if not all("controls" in k for doc in docs for k in doc["keys"]):
+        raise SystemExit("--control-noise needs label files with control prefixes (sets 3 on)")
+    keys = [k for doc in docs for k in doc["keys"]]
+    tables = [parse_count_table(doc["rule"]) for doc in docs for _ in doc["keys"]]
+    e, feats, positions, cfg = explain_labelled(atlas, keys, ExplainConfig(seed=seed))
+    a = Atlas.load(atlas)
+    n_codes = Vocabulary(a.tokenizer).n_codes
+    trig = feats.rows(positions)
+    packet = feats.rows(labelled_positions(a, [k["controls"] for k in keys]))
+    truth = [k["label"] for k in keys]
+
+    def rule(ctrl):
+        out = []
+        for table in {json.dumps(t) for t in tables}:  # one pass per distinct rule (JSON: a dict is not hashable)
+            sel = np.array([json.dumps(t) == table for t in tables])
+            loaded = json.loads(table)
+            loaded = {int(b): a for b, a in loaded.items()} if loaded is not None else None
+            out.append((sel, rule_kinds(e, feats, n_codes, np.where(sel[:, None], trig, -1),
+                                        np.where(sel[:, None], ctrl, -1), loaded)))
+        labels = [""] * len(keys)
+        for sel, kinds in out:
+            for i in np.nonzero(sel)[0].tolist():
+                labels[i] = kinds[i]
+        return labels
+
+    explainer = [face_kind(e.significant, i) for i in range(len(keys))]
+    on_packet = rule(packet)
+    scanned = np.load(a.path / "scanned_units.npy")
+    scanned_rows = np.nonzero(np.isin(feats.unit, scanned))[0]
+    by_offset = {o: scanned_rows[feats.offset[scanned_rows] == o] for o in np.unique(feats.offset[trig[trig >= 0]])}
+    rng = np.random.default_rng(seed)
+    fresh = []
+    for _ in range(draws):
+        ctrl = np.full((len(keys), n_controls), -1, np.int64)
+        for i in range(len(keys)):
+            offsets = np.resize(feats.offset[trig[i][trig[i] >= 0]], n_controls)  # the triggers' offsets, cycled
+            for j, o in enumerate(offsets.tolist()):
+                pool = by_offset[int(o)]
+                ctrl[i, j] = pool[rng.integers(len(pool))]
+        fresh.append(rule(ctrl) if n_controls == 25 else
+                     rule_kinds(e, feats, n_codes, trig, ctrl, count_table(n_controls)))
+
+    def k(x, y):
+        return kappas(x, y, seed=seed)["kappa"]
+
+    print(f"{' + '.join(p.name for p in paths)}: n = {len(keys)}; 4-class kappa")
+    print(f"  explainer (corpus rates) vs raters:                       {k(truth, explainer):+.3f}")
+    print(f"  rule on the explainer's features, the packet's controls:  {k(truth, on_packet):+.3f} vs raters, "
+          f"{k(explainer, on_packet):+.3f} vs the explainer")
+    vs_truth = [k(truth, f) for f in fresh]
+    vs_packet = [k(on_packet, f) for f in fresh]
+    label = f"  the same, {draws} fresh draws of {n_controls} controls:".ljust(60)
+    print(label + f"{np.mean(vs_truth):+.3f} vs raters ({min(vs_truth):+.3f} .. {max(vs_truth):+.3f}), "
+          f"{np.mean(vs_packet):+.3f} vs the packet's draw ({min(vs_packet):+.3f} .. {max(vs_packet):+.3f})")
+    pairs = [k(x, y) for x, y in itertools.combinations(fresh, 2)]
+    print(f"  two fresh draws against each other:                       {np.mean(pairs):+.3f} "
+          f"({min(pairs):+.3f} .. {max(pairs):+.3f})")
+
+
 def report(name: str, keys: list[dict], predicted: list[str], n_layers: int, kappas, seed: int) -> float:
     truth = [e["label"] for e in keys]
     r = kappas(truth, predicted, seed=seed)
@@ -142,13 +294,20 @@ def main() -> int:
     ap.add_argument("--raters", type=Path, help="blind label file with per-rater labels")
     ap.add_argument("--cluster-levels", help="word-cluster levels for --labels, e.g. 32,128,512 (default: the "
                     "explainer's)")
+    ap.add_argument("--control-noise", type=int, metavar="DRAWS", help="with --labels (sets 3 on): the raters' rule "
+                    "applied to the explainer's features against the packet's controls and against DRAWS fresh draws")
+    ap.add_argument("--n-controls", type=int, default=25, help="with --control-noise: controls per fresh draw "
+                    "(judged by the count table for that many)")
     ap.add_argument("--seed", type=int, default=0, help="explainer seed for --labels (word clusters, null samples)")
     args = ap.parse_args()
     if args.raters:
         raters(args.raters)
     if args.atlas and args.labels:
         levels = tuple(int(x) for x in args.cluster_levels.split(",")) if args.cluster_levels else None
-        labels(args.atlas, args.labels, levels, args.seed)
+        if args.control_noise:
+            control_noise(args.atlas, args.labels, args.control_noise, args.seed, args.n_controls)
+        else:
+            labels(args.atlas, args.labels, levels, args.seed)
     elif args.atlas:
         scores(args.atlas)
     return 0

@@ -419,3 +419,77 @@ def test_missing_embedder_is_one_line(tiny_atlas, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "embedder" in err[0]
 
+
+
+def _load(path: str, name: str):
+    """A module of the repository's scripts (benchmarks/, tests/data/) by its file path."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_count_table_of_the_labelling_rule_recomputed():
+    """The rule's count table (the least count among 25 triggers that a binomial test at 0.05 / 13 passes, at the
+    rate the 25 controls suggest) by summing the binomial tail directly; the benchmark reads the same table back
+    from a label file's rule, and applies sets 3-4's "three times and plus 3" where a rule has no table."""
+    import math
+    from pathlib import Path
+
+    bench = _load("benchmarks/explain.py", "bench_explain")
+    make = _load("tests/data/make_test_labels.py", "make_test_labels")
+    table = make.count_table()
+    def tail(s, r):
+        return sum(math.comb(25, k) * r ** k * (1 - r) ** (25 - k) for k in range(s, 26))
+
+    for b, a in table.items():
+        r = (b + 0.5) / 25.5
+        assert tail(a, r) < 0.05 / 13 and (a == 3 or tail(a - 1, r) >= 0.05 / 13)
+        assert bench.count_table(25)[b] == a
+    rule = json.loads((Path(__file__).parent / "data" / "hand_labels_test8.json").read_text())["rule"]
+    assert bench.parse_count_table(rule) == table
+    assert bench.passes(4, 0, table) and not bench.passes(3, 0, table) and not bench.passes(5, 1, table)
+    assert not bench.passes(25, 13, table)  # more common among the controls than the table goes: never a pattern
+    rule3 = json.loads((Path(__file__).parent / "data" / "hand_labels_test3.json").read_text())["rule"]
+    assert bench.parse_count_table(rule3) is None
+    assert bench.passes(6, 2, None) and not bench.passes(4, 2, None) and bench.passes(3, 0, None)
+
+
+def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas):
+    """The raters' rule applied to the explainer's features (benchmarks/explain.py --control-noise): with the
+    triggers as their own controls every surface feature is as common among the controls, so no shallow pattern
+    passes; with no controls, a key whose last token (recomputed from the token store) is shared by >= 4 units
+    has a shallow pattern."""
+    from ffkv.analysis.explain import explain_labelled
+
+    bench = _load("benchmarks/explain.py", "bench_explain")
+    table = _load("tests/data/make_test_labels.py", "make_test_labels").count_table()
+    atlas, _ = tiny_atlas
+    labelled = []
+    for layer in atlas.layers:
+        for key in range(atlas.d_ff):
+            triggers = atlas.triggers(layer, key, "pos", 8)
+            if len(triggers) == 8 and len(labelled) < 40:
+                labelled.append({"label": "none", "triggers": [
+                    {"unit": t.unit, "input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):]}
+                    for t in triggers]})
+    cfg = ExplainConfig(triggers=8, null_sets=100)
+    e, feats, positions, _ = explain_labelled(atlas.path, labelled, cfg)
+    trig = feats.rows(positions)
+    n_codes = Vocabulary(atlas.tokenizer).n_codes
+    same = bench.rule_kinds(e, feats, n_codes, trig, trig, table)
+    assert all(kind in ("none", "semantic") for kind in same)
+    free = bench.rule_kinds(e, feats, n_codes, trig, np.full_like(trig, -1), table)
+    vocab = Vocabulary(atlas.tokenizer)
+    shared = 0
+    for i, row in enumerate(positions):
+        units_of: dict[int, set] = {}
+        for p in row.tolist():
+            units_of.setdefault(int(vocab.code[int(atlas.store.tokens[p])]), set()).add(int(atlas.store.unit_of(p)))
+        if max(map(len, units_of.values())) >= 4:
+            shared += 1
+            assert free[i] in ("shallow", "both")
+    assert shared > 0  # the check above ran

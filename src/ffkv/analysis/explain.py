@@ -235,19 +235,37 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
     token store. Returns the 4-class and the binary (has-shallow, has-semantic) kappas with bootstrap 95 %
     intervals (``kappas``), and the predictions. ``cluster_levels`` (and ``config.seed``, which also seeds the
     word clusters) are there to measure how the agreement depends on them."""
-    atlas = Atlas.load(atlas_path)
+    e, _, _, cfg = explain_labelled(atlas_path, labelled, config, cluster_levels)
+    predicted = [face_kind(e.significant, i) for i in range(len(labelled))]
+    out = kappas([entry["label"] for entry in labelled], predicted, seed=cfg.seed)
+    out["patterns"] = [[k for k in KINDS if e.significant[k][i]] for i in range(len(labelled))]
+    return out
+
+
+def labelled_positions(atlas: Atlas, prefixes: list[list[dict]]) -> np.ndarray:
+    """[entries, max prefixes] flat store positions of the last token of each prefix {"unit", "input_ids"}
+    (-1: no prefix); FfkvError where a prefix is not in the atlas's token store."""
     store = atlas.store
-    T = max(len(e["triggers"]) for e in labelled)
-    cfg = dataclasses.replace(config or ExplainConfig(), triggers=T)
-    positions = np.full((len(labelled), T), -1, np.int64)
-    for i, entry in enumerate(labelled):
-        for j, t in enumerate(entry["triggers"]):
+    positions = np.full((len(prefixes), max(map(len, prefixes), default=0)), -1, np.int64)
+    for i, entry in enumerate(prefixes):
+        for j, t in enumerate(entry):
             u = int(t["unit"])
             start = int(store.offset[u] + store.n_special[u])
             if store.tokens[start: start + len(t["input_ids"])].tolist() != list(t["input_ids"]):
                 raise FfkvError(f"hand-labelled trigger of unit {u} is not in this atlas's token store (another "
                                 "corpus, unit or tokenizer)")
             positions[i, j] = start + len(t["input_ids"]) - 1
+    return positions
+
+
+def explain_labelled(atlas_path: str | Path, labelled: list[dict], config: ExplainConfig | None = None,
+                     cluster_levels: tuple[int, ...] = CLUSTER_LEVELS):
+    """The explainer run on hand-labelled keys' triggers: (its explanation, the position features it read (scanned
+    units and the triggers' units), the trigger positions [keys, T], the config)."""
+    atlas = Atlas.load(atlas_path)
+    store = atlas.store
+    positions = labelled_positions(atlas, [entry["triggers"] for entry in labelled])
+    cfg = dataclasses.replace(config or ExplainConfig(), triggers=positions.shape[1])
     embedder = Embedder(cache_dir=atlas.path / "explain_cache")
     vocab = Vocabulary(atlas.tokenizer)
     scanned = np.load(atlas.path / "scanned_units.npy")
@@ -256,10 +274,7 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
     units = np.union1d(scanned, store.unit_of(positions[positions >= 0]))
     feats = position_features(store, units, vocab, embedder, centre=base.centre, clusters=base.clusters)
     e = explain_layer_face(-1, "pos", np.arange(len(labelled)), positions, feats, null, vocab, cfg)
-    predicted = [face_kind(e.significant, i) for i in range(len(labelled))]
-    out = kappas([entry["label"] for entry in labelled], predicted, seed=cfg.seed)
-    out["patterns"] = [[k for k in KINDS if e.significant[k][i]] for i in range(len(labelled))]
-    return out
+    return e, feats, positions, cfg
 
 
 def kappas(truth: list[str], predicted: list[str], seed: int = 0) -> dict:
