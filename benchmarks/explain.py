@@ -110,8 +110,10 @@ def labels(atlas: Path, paths: list[Path], cluster_levels: tuple[int, ...] | Non
 def parse_count_table(rule: str) -> dict[int, int] | None:
     """The count table a label file's rule gives ("B 0 -> A at least 4; ..."), or None (sets 3-4: "A at least
     three times B and at least B + 3")."""
-    pairs = re.findall(r"B (\d+) -> A at least (\d+)", rule)
-    return {int(b): int(a) for b, a in pairs} or None
+    table = {}
+    for lo, hi, a in re.findall(r"B (\d+)(?:-(\d+))? -> A at least (\d+)", rule):  # "B 3", or a range "B 5-10"
+        table.update({b: int(a) for b in range(int(lo), int(hi or lo) + 1)})
+    return table or None
 
 
 def count_table(n_controls: int, alpha: float = 0.05 / 13, n: int = 25) -> dict[int, int]:
@@ -183,12 +185,12 @@ def rule_kinds(e, feats, n_codes: int, trig: np.ndarray, ctrl: np.ndarray, table
     return [face_kind(sig, i) for i in range(K)]
 
 
-def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_controls: int = 25) -> None:
+def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_controls: int | None = None) -> None:
     """How much of the gap between the explainer and the raters is the rule's single draw of 25 controls, which
     the three raters of a set share: the rule applied to the explainer's own features against the packet's
     controls, and against ``draws`` fresh draws of controls (random scanned positions at the triggers' offsets, as
-    the packets drew them). With ``n_controls`` other than 25 the fresh draws hold that many controls, judged by
-    the table for that many (``count_table``): how far a larger control list would steady the rule."""
+    the packets drew them). With ``n_controls`` other than the files' the fresh draws hold that many controls,
+    judged by the table for that many (``count_table``): how far a larger control list would steady the rule."""
     from ffkv.analysis.explain import ExplainConfig, explain_labelled, kappas, labelled_positions
     from ffkv.analysis.features import Vocabulary
     from ffkv.analysis.patterns import face_kind
@@ -199,6 +201,11 @@ def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_c
         raise SystemExit("--control-noise needs label files with control prefixes (sets 3 on)")
     keys = [k for doc in docs for k in doc["keys"]]
     tables = [parse_count_table(doc["rule"]) for doc in docs for _ in doc["keys"]]
+    in_files = {len(k["controls"]) for k in keys}
+    if len(in_files) > 1 and n_controls is None:
+        raise SystemExit("these label files hold different numbers of controls: give --n-controls")
+    same_as_files = n_controls is None or in_files == {n_controls}
+    n_controls = n_controls or in_files.pop()
     e, feats, positions, cfg = explain_labelled(atlas, keys, ExplainConfig(seed=seed))
     a = Atlas.load(atlas)
     n_codes = Vocabulary(a.tokenizer).n_codes
@@ -234,7 +241,7 @@ def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_c
             for j, o in enumerate(offsets.tolist()):
                 pool = by_offset[int(o)]
                 ctrl[i, j] = pool[rng.integers(len(pool))]
-        fresh.append(rule(ctrl) if n_controls == 25 else
+        fresh.append(rule(ctrl) if same_as_files else
                      rule_kinds(e, feats, n_codes, trig, ctrl, count_table(n_controls)))
 
     def k(x, y):
@@ -296,8 +303,8 @@ def main() -> int:
                     "explainer's)")
     ap.add_argument("--control-noise", type=int, metavar="DRAWS", help="with --labels (sets 3 on): the raters' rule "
                     "applied to the explainer's features against the packet's controls and against DRAWS fresh draws")
-    ap.add_argument("--n-controls", type=int, default=25, help="with --control-noise: controls per fresh draw "
-                    "(judged by the count table for that many)")
+    ap.add_argument("--n-controls", type=int, help="with --control-noise: controls per fresh draw, judged by the "
+                    "count table for that many (default: as many as the label files hold)")
     ap.add_argument("--seed", type=int, default=0, help="explainer seed for --labels (word clusters, null samples)")
     args = ap.parse_args()
     if args.raters:

@@ -11,7 +11,9 @@ With ``controls`` (the third set on), each item also shows 25 control prefixes: 
 units with the same prefix lengths as the triggers, and the rule (``RULE_WITH_CONTROLS``) puts a number on
 "more often than random text": the rater counts a feature in both lists. The first two sets' raters had no
 such number and called most keys "both". With ``table`` (set 5), "rarer" is the explainer's own level: the count
-a feature needs among the triggers for its count among the controls (``count_table``).
+a feature needs among the triggers for its count among the controls (``count_table``). With ``table:400`` (set 9),
+400 controls per key, the table for that many, and a JSON twin of the packet (PACKET.json) for the raters to count
+in; the label file then keeps each control as its unit and length.
 """
 
 from __future__ import annotations
@@ -59,28 +61,51 @@ RULE_WITH_CONTROLS = (
 )
 
 
-def count_table(alpha: float = 0.05 / 13, n: int = 25, max_controls: int = 12) -> dict[int, int]:
-    """Per count B among the 25 controls: the smallest count A among the 25 triggers with P(Binomial(25, r) >= A)
-    < alpha at the rate r = (B + 0.5) / 25.5 the controls suggest: the explainer's per-kind level (0.05 / 13 since
-    set 8; sets 5-7 used 0.05 / 12, one kind fewer) as a number a rater can look up."""
+def count_table(alpha: float = 0.05 / 13, n: int = 25, max_controls: int = 12,
+                n_controls: int = 25) -> dict[int, int]:
+    """Per count B among the controls: the smallest count A among the 25 triggers with P(Binomial(25, r) >= A)
+    < alpha at the rate r = (B + 0.5) / (n_controls + 0.5) the controls suggest: the explainer's per-kind level
+    (0.05 / 13 since set 8; sets 5-7 used 0.05 / 12, one kind fewer) as a number a rater can look up. With 25
+    controls the table stops at B = ``max_controls``; with more, at the last B that some A can pass."""
     from scipy.stats import binom
 
     table = {}
-    for b in range(max_controls + 1):
-        r = (b + 0.5) / (n + 0.5)
-        table[b] = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, r) < alpha), n + 1)
+    for b in range(n_controls + 1 if n_controls != 25 else max_controls + 1):
+        r = (b + 0.5) / (n_controls + 0.5)
+        a = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, r) < alpha), n + 1)
+        if n_controls != 25 and a > n:
+            break
+        table[b] = a
     return table
 
 
-def rule_with_table() -> str:
-    """Set 5 on: set 3's rule, with condition (2) replaced by the count table."""
-    table = count_table()
-    pairs = "; ".join(f"B {b} -> A at least {a}" for b, a in table.items())
-    return RULE_WITH_CONTROLS.replace(
+def rule_with_table(n_controls: int = 25) -> str:
+    """Set 5 on: set 3's rule, with condition (2) replaced by the count table. Set 9 on: ``n_controls`` controls
+    per key (400), so that the controls' count is close to the feature's rate in the corpus: with 25, two draws of
+    controls give the same reader labels that agree at kappa about 0.46 (benchmarks/explain.py --control-noise),
+    below the target the labels are for; with 400, about 0.82."""
+    table = count_table(n_controls=n_controls)
+    if n_controls == 25:
+        pairs = "; ".join(f"B {b} -> A at least {a}" for b, a in table.items())
+    else:
+        ranges: dict[int, list[int]] = {}
+        for b, a in table.items():
+            ranges.setdefault(a, []).append(b)
+        pairs = "; ".join(f"B {bs[0]}-{bs[-1]} -> A at least {a}" for a, bs in ranges.items())
+    rule = RULE_WITH_CONTROLS.replace(
         "(2) is clearly rarer in list B: A's count is at least three times B's and at least B's plus 3 (3 vs 0, "
         "4 vs 1, 6 vs 2, 9 vs 3 count; 4 vs 2 or 5 vs 3 do not). ",
         "(2) reaches, in list A, the count this table gives for its count in list B (B counted the same way; a "
         f"feature more common than that in B never counts): {pairs}. ")
+    if n_controls != 25:
+        rule = rule.replace("two lists of 25 text prefixes", "two lists of text prefixes")
+        rule = rule.replace(
+            "List B: 25 control prefixes, random positions of the same text with the same prefix lengths.",
+            f"List B: {n_controls} control prefixes, random positions of the same text with the prefix lengths of "
+            "list A (each length used in turn), so that a feature's count in B is close to its rate in the text; "
+            "count B with care (the packet's JSON twin lists every prefix with its marked token).")
+        assert str(n_controls) in rule
+    return rule
 
 
 KEYS_PER_LAYER_FACE = 2
@@ -88,12 +113,14 @@ EXTRA = 4  # four more keys on random odd layers and faces: 64 in all
 PACKET_CHARS = 160  # the end of each prefix is what a key reads most; raters see the last 160 characters
 
 
-def control_prefixes(atlas: Atlas, triggers, rng: random.Random) -> list:
-    """One random scanned position per trigger, at the same offset in a unit long enough to hold it."""
+def control_prefixes(atlas: Atlas, triggers, rng: random.Random, n: int | None = None) -> list:
+    """One random scanned position per trigger (``n``: that many, the triggers taken in turn), at the same offset
+    in a unit long enough to hold it."""
     store = atlas.store
     units = np.load(atlas.path / "scanned_units.npy")
     out = []
-    for t in triggers:
+    for i in range(len(triggers) if n is None else n):
+        t = triggers[i % len(triggers)]
         offset = t.position - int(store.offset[t.unit])
         fits = units[store.length[units] > offset]
         unit = int(fits[rng.randrange(len(fits))])
@@ -106,6 +133,12 @@ def _packet_line(t: dict) -> str:
     return f"- (unit {t['unit']}, {t['topic']} / {t['title']}) {text}"
 
 
+def _twin(t: dict) -> dict:
+    """A prefix as the packet's JSON twin gives it: where it comes from, its text and its marked token."""
+    return {"unit": t["unit"], "topic": t["topic"], "title": t["title"], "text": t["text"][-PACKET_CHARS - 4:],
+            "marked": t["text"][t["text"].rindex("[[") + 2: -2]}
+
+
 def _entry_text(atlas: Atlas, t) -> dict:
     return {"input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):], "unit": t.unit, "topic": t.topic,
             "title": t.title, "text": t.context[-300:] + "[[" + t.trigger_token + "]]"}
@@ -113,8 +146,10 @@ def _entry_text(atlas: Atlas, t) -> dict:
 
 def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_labels_test.json",
          controls: str = "") -> None:
-    with_controls = controls in ("controls", "table")
-    rule = rule_with_table() if controls == "table" else RULE_WITH_CONTROLS if with_controls else RULE
+    n_controls = int(controls.split(":")[1]) if controls.startswith("table:") else 25
+    with_controls = controls in ("controls", "table") or controls.startswith("table:")
+    rule = rule_with_table(n_controls) if controls.startswith("table") else RULE_WITH_CONTROLS if with_controls \
+        else RULE
     atlas = Atlas.load(atlas_dir)
     rng = random.Random(int(seed))
     earlier = {(k["layer"], k["key"], k["face"]) for f in Path(__file__).parent.glob("hand_labels*.json")
@@ -133,19 +168,27 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
         chosen.add((layer, key, face))
         entry = {"layer": layer, "key": key, "face": face, "triggers": [_entry_text(atlas, t) for t in triggers]}
         if with_controls:
-            entry["controls"] = [_entry_text(atlas, t) for t in control_prefixes(atlas, triggers, rng)]
+            drawn = control_prefixes(atlas, triggers, rng, n_controls)
+            entry["controls"] = [_entry_text(atlas, t) for t in drawn]
         entries.append(entry)
     rng.shuffle(entries)
     for item, entry in enumerate(entries, 1):
         entry["item"] = item
     doc = {"description": "Blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled; "
                           "labelled by independent raters who saw only the trigger texts (no layer, key or face) "
-                          "and the rule" + (", beside 25 control prefixes of the same lengths per key." if with_controls
-                                            else "."), "rule": rule,
+                          "and the rule" + (f", beside {n_controls} control prefixes of the same lengths per key."
+                                            if with_controls else "."), "rule": rule,
            "atlas": {"model": atlas.manifest["model"]["name"], "corpus": atlas.manifest["scan"]["corpus"],
                      "unit": atlas.manifest["scan"]["unit"], "max_tokens": atlas.manifest["scan"]["max_tokens"],
                      "seed": atlas.manifest["scan"]["seed"], "max_length": atlas.manifest["scan"]["max_length"]},
            "keys": entries}
+    if n_controls != 25:
+        # the raters read the texts from the packet's JSON twin; the label file keeps where each control is
+        Path(packet).with_suffix(".json").write_text(json.dumps(
+            [{"item": e["item"], "A": [_twin(t) for t in e["triggers"]], "B": [_twin(t) for t in e["controls"]]}
+             for e in entries], indent=0, ensure_ascii=False))
+        for entry in entries:
+            entry["controls"] = [{"unit": t["unit"], "length": len(t["input_ids"])} for t in entry["controls"]]
     Path(__file__).with_name(name).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
     lines = []
     for entry in entries:
@@ -155,7 +198,8 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
         lines += [_packet_line(t) for t in entry["triggers"]]
         if with_controls:
             lines.append("\nList B (controls):\n")
-            lines += [_packet_line(t) for t in entry["controls"]]
+            lines += [_packet_line(t) for t in entry["controls"]] if n_controls == 25 else [
+                f"({n_controls} prefixes: see the JSON twin of this packet, item {entry['item']}, list \"B\")"]
         lines.append("")
     Path(packet).write_text("\n".join(lines))
 

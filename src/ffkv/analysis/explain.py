@@ -243,18 +243,22 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
 
 
 def labelled_positions(atlas: Atlas, prefixes: list[list[dict]]) -> np.ndarray:
-    """[entries, max prefixes] flat store positions of the last token of each prefix {"unit", "input_ids"}
-    (-1: no prefix); FfkvError where a prefix is not in the atlas's token store."""
+    """[entries, max prefixes] flat store positions of the last token of each prefix {"unit", "input_ids"} (or
+    {"unit", "length"}: a control prefix of a label file that keeps only where it is; -1: no prefix); FfkvError
+    where a prefix is not in the atlas's token store."""
     store = atlas.store
     positions = np.full((len(prefixes), max(map(len, prefixes), default=0)), -1, np.int64)
     for i, entry in enumerate(prefixes):
         for j, t in enumerate(entry):
             u = int(t["unit"])
             start = int(store.offset[u] + store.n_special[u])
-            if store.tokens[start: start + len(t["input_ids"])].tolist() != list(t["input_ids"]):
-                raise FfkvError(f"hand-labelled trigger of unit {u} is not in this atlas's token store (another "
+            length = len(t["input_ids"]) if "input_ids" in t else int(t["length"])
+            found = u < store.n_units and 0 < length <= store.length[u] - store.n_special[u] and (
+                "input_ids" not in t or store.tokens[start: start + length].tolist() == list(t["input_ids"]))
+            if not found:
+                raise FfkvError(f"hand-labelled prefix of unit {u} is not in this atlas's token store (another "
                                 "corpus, unit or tokenizer)")
-            positions[i, j] = start + len(t["input_ids"]) - 1
+            positions[i, j] = start + length - 1
     return positions
 
 
