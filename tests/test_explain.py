@@ -453,6 +453,10 @@ def test_count_table_of_the_labelling_rule_recomputed():
     assert bench.parse_count_table(rule) == table
     assert bench.passes(4, 0, table) and not bench.passes(3, 0, table) and not bench.passes(5, 1, table)
     assert not bench.passes(25, 13, table)  # more common among the controls than the table goes: never a pattern
+    # set 9 on: 400 controls, the table written as ranges of B
+    assert bench.parse_count_table(make.rule_with_table(400)) == make.count_table(n_controls=400) == \
+        bench.count_table(400)
+    assert make.count_table(n_controls=400)[0] == 3 and make.count_table(n_controls=400)[30] == 7
     rule3 = json.loads((Path(__file__).parent / "data" / "hand_labels_test3.json").read_text())["rule"]
     assert bench.parse_count_table(rule3) is None
     assert bench.passes(6, 2, None) and not bench.passes(4, 2, None) and bench.passes(3, 0, None)
@@ -463,7 +467,7 @@ def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas)
     triggers as their own controls every surface feature is as common among the controls, so no shallow pattern
     passes; with no controls, a key whose last token (recomputed from the token store) is shared by >= 4 units
     has a shallow pattern."""
-    from ffkv.analysis.explain import explain_labelled
+    from ffkv.analysis.explain import explain_labelled, labelled_positions
 
     bench = _load("benchmarks/explain.py", "bench_explain")
     table = _load("tests/data/make_test_labels.py", "make_test_labels").count_table()
@@ -479,6 +483,11 @@ def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas)
     cfg = ExplainConfig(triggers=8, null_sets=100)
     e, feats, positions, _ = explain_labelled(atlas.path, labelled, cfg)
     trig = feats.rows(positions)
+    # a control kept as its unit and length (set 9 on) is found at the same place as one kept with its tokens
+    short = [[{"unit": t["unit"], "length": len(t["input_ids"])} for t in entry["triggers"]] for entry in labelled]
+    assert (labelled_positions(atlas, short) == positions).all()
+    with pytest.raises(ffkv.FfkvError, match="not in this atlas"):
+        labelled_positions(atlas, [[{"unit": 0, "length": 10 ** 6}]])
     n_codes = Vocabulary(atlas.tokenizer).n_codes
     same = bench.rule_kinds(e, feats, n_codes, trig, trig, table)
     assert all(kind in ("none", "semantic") for kind in same)
