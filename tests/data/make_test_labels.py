@@ -5,7 +5,7 @@ the raters) and a rater packet (the trigger texts only: no layer, key or face) t
 before the explainer has seen its keys; a later set (``--seed``, ``--name``) leaves out the keys of the earlier
 sets in this folder:
 
-    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME [controls|table]]
+    python tests/data/make_test_labels.py ATLAS PACKET.md [SEED NAME [controls|table|table:400 [DECOYS]]]
 
 With ``controls`` (the third set on), each item also shows 25 control prefixes: random positions of the scanned
 units with the same prefix lengths as the triggers, and the rule (``RULE_WITH_CONTROLS``) puts a number on
@@ -13,7 +13,9 @@ units with the same prefix lengths as the triggers, and the rule (``RULE_WITH_CO
 such number and called most keys "both". With ``table`` (set 5), "rarer" is the explainer's own level: the count
 a feature needs among the triggers for its count among the controls (``count_table``). With ``table:400`` (set 9),
 400 controls per key, the table for that many, and a JSON twin of the packet (PACKET.json) for the raters to count
-in; the label file then keeps each control as its unit and length.
+in; the label file then keeps each control as its unit and length. A sixth argument adds that many decoys (set
+12): items whose list A is 25 random prefixes of distinct units, not a key's triggers, so that the raters' rate of
+finding a pattern in chance can be read beside the explainer's.
 """
 
 from __future__ import annotations
@@ -144,8 +146,16 @@ def _entry_text(atlas: Atlas, t) -> dict:
             "title": t.title, "text": t.context[-300:] + "[[" + t.trigger_token + "]]"}
 
 
+def random_prefixes(atlas: Atlas, rng: random.Random, n: int = N_TRIGGERS) -> list:
+    """``n`` random content positions of the scanned units, one per unit: a decoy "key" that no memory picked."""
+    store = atlas.store
+    units = rng.sample(sorted(np.load(atlas.path / "scanned_units.npy").tolist()), n)
+    return [atlas.trigger_at(int(store.offset[u]) + rng.randrange(int(store.n_special[u]), int(store.length[u])))
+            for u in units]
+
+
 def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_labels_test.json",
-         controls: str = "") -> None:
+         controls: str = "", decoys: str = "0") -> None:
     n_controls = int(controls.split(":")[1]) if controls.startswith("table:") else 25
     with_controls = controls in ("controls", "table") or controls.startswith("table:")
     rule = rule_with_table(n_controls) if controls.startswith("table") else RULE_WITH_CONTROLS if with_controls \
@@ -171,10 +181,19 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
             drawn = control_prefixes(atlas, triggers, rng, n_controls)
             entry["controls"] = [_entry_text(atlas, t) for t in drawn]
         entries.append(entry)
+    for _ in range(int(decoys)):  # random trigger sets among the keys: how often a rater finds a pattern in chance
+        triggers = random_prefixes(atlas, rng)
+        entry = {"layer": None, "key": None, "face": None, "decoy": True,
+                 "triggers": [_entry_text(atlas, t) for t in triggers]}
+        if with_controls:
+            entry["controls"] = [_entry_text(atlas, t) for t in control_prefixes(atlas, triggers, rng, n_controls)]
+        entries.append(entry)
     rng.shuffle(entries)
     for item, entry in enumerate(entries, 1):
         entry["item"] = item
-    doc = {"description": "Blind test set of the explain validation: 64 keys of odd layers, both faces, shuffled; "
+    doc = {"description": "Blind test set of the explain validation: 64 keys of odd layers, both faces, "
+                          + (f"and {decoys} decoys (25 random prefixes of distinct units, marked \"decoy\" here, "
+                             "not in the packet), " if int(decoys) else "") + "shuffled; "
                           "labelled by independent raters who saw only the trigger texts (no layer, key or face) "
                           "and the rule" + (f", beside {n_controls} control prefixes of the same lengths per key."
                                             if with_controls else "."), "rule": rule,
