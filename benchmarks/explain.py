@@ -9,6 +9,7 @@
     python benchmarks/explain.py ATLAS --labels FILES --control-noise DRAWS [--n-controls N]
                                                        # the raters' rule applied to the explainer's own features,
                                                        # against the packet's 25 controls and fresh draws of N
+    python benchmarks/explain.py ATLAS --random-sets N # the explainer on N random trigger sets (false positives)
 
 Speed comes from the timings the parquet records (``ffkv explain`` / ``ffkv run`` measure every stage) and the CPU
 count, so it reads as faces per CPU-minute. The score table sits beside Neuron-to-Graph's published firing F1 of a
@@ -95,16 +96,32 @@ def labels(atlas: Path, paths: list[Path], cluster_levels: tuple[int, ...] | Non
     from ffkv.atlas import Atlas
 
     docs = [(path.name, json.loads(path.read_text())["keys"]) for path in paths]
-    keys = [k for _, ks in docs for k in ks]
-    predicted = label_agreement(atlas, keys, ExplainConfig(seed=seed), cluster_levels or CLUSTER_LEVELS)["predicted"]
+    every = [k for _, ks in docs for k in ks]
+    run = label_agreement(atlas, every, ExplainConfig(seed=seed), cluster_levels or CLUSTER_LEVELS)["predicted"]
+    predicted_of = {id(k): p for k, p in zip(every, run)}
     n_layers = Atlas.load(atlas).n_layers
-    start, per_file = 0, []
+    per_file = []
     for name, ks in docs:
-        per_file.append(report(name, ks, predicted[start: start + len(ks)], n_layers, kappas, seed))
-        start += len(ks)
+        real = [k for k in ks if not k.get("decoy")]
+        per_file.append(report(name, real, [predicted_of[id(k)] for k in real], n_layers, kappas, seed))
+    keys = [k for k in every if not k.get("decoy")]
     if len(docs) > 1:
-        report("pooled " + " + ".join(name for name, _ in docs), keys, predicted, n_layers, kappas, seed)
+        report("pooled " + " + ".join(name for name, _ in docs), keys, [predicted_of[id(k)] for k in keys],
+               n_layers, kappas, seed)
         print(f"mean 4-class kappa over the {len(docs)} files: {np.mean(per_file):+.3f}")
+    decoys = [k for k in every if k.get("decoy")]
+    if decoys:
+        kinds = ("shallow", "semantic", "both", "none")
+
+        def shares(labels):
+            return ", ".join(f"{kind} {labels.count(kind)}" for kind in kinds) + (
+                f" (a semantic pattern in {sum(x in ('semantic', 'both') for x in labels)} of {len(labels)})")
+
+        print(f"decoys (25 random prefixes of distinct units, not a key's triggers): n = {len(decoys)}")
+        print("  raters' majority: " + shares([k["label"] for k in decoys]))
+        for i in range(len(decoys[0]["raters"])):
+            print(f"  rater {i + 1}:         " + shares([k["raters"][i]["label"] for k in decoys]))
+        print("  explainer:        " + shares([predicted_of[id(k)] for k in decoys]))
 
 
 def parse_count_table(rule: str) -> dict[int, int] | None:
@@ -197,6 +214,8 @@ def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_c
     from ffkv.atlas import Atlas
 
     docs = [json.loads(path.read_text()) for path in paths]
+    for doc in docs:
+        doc["keys"] = [k for k in doc["keys"] if not k.get("decoy")]
     if not all("controls" in k for doc in docs for k in doc["keys"]):
         raise SystemExit("--control-noise needs label files with control prefixes (sets 3 on)")
     keys = [k for doc in docs for k in doc["keys"]]
@@ -261,6 +280,39 @@ def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_c
           f"({min(pairs):+.3f} .. {max(pairs):+.3f})")
 
 
+def random_sets(atlas: Path, n_sets: int, seed: int = 0) -> None:
+    """The explainer on ``n_sets`` random trigger sets (25 random scanned positions of distinct units, tested
+    against the same corpus null): each kind's actual false-positive rate beside its level alpha / 13, and the
+    share of random sets given each kind of explanation."""
+    import dataclasses
+
+    from ffkv.analysis.features import Vocabulary, position_features
+    from ffkv.analysis.patterns import KINDS, CorpusNull, ExplainConfig, explain_layer_face, face_kind
+    from ffkv.atlas import Atlas
+    from ffkv.embedder import Embedder
+
+    a = Atlas.load(atlas)
+    cfg = dataclasses.replace(ExplainConfig(seed=seed), triggers=25)
+    vocab = Vocabulary(a.tokenizer)
+    feats = position_features(a.store, np.load(a.path / "scanned_units.npy"), vocab,
+                              Embedder(cache_dir=a.path / "explain_cache"), seed=seed)
+    null = CorpusNull(feats, vocab, cfg)
+    rng = np.random.default_rng(seed + 1)  # not the null's own draws
+    positions = np.empty((n_sets, 25), np.int64)
+    for s in range(n_sets):
+        rows = rng.permutation(len(feats))[:200]
+        _, first = np.unique(feats.unit[rows], return_index=True)  # one position per unit
+        positions[s] = feats.pos[rows[np.sort(first)[:25]]]
+    e = explain_layer_face(-1, "pos", np.arange(n_sets), positions, feats, null, vocab, cfg)
+    level = cfg.alpha / len(KINDS)
+    print(f"{n_sets} random trigger sets of 25 prefixes (distinct units): false-positive rate of each kind at "
+          f"alpha / {len(KINDS)} = {level:.4f}")
+    print("  " + ", ".join(f"{kind} {np.mean(e.p_value[kind] < level):.4f}" for kind in KINDS))
+    kinds = [face_kind(e.significant, i) for i in range(n_sets)]
+    print("  kinds given: " + ", ".join(f"{k} {kinds.count(k) / n_sets:.1%}" for k in ("shallow", "semantic", "both",
+                                                                                         "none")))
+
+
 def report(name: str, keys: list[dict], predicted: list[str], n_layers: int, kappas, seed: int) -> float:
     truth = [e["label"] for e in keys]
     r = kappas(truth, predicted, seed=seed)
@@ -284,7 +336,7 @@ def report(name: str, keys: list[dict], predicted: list[str], n_layers: int, kap
 def raters(path: Path) -> None:
     from ffkv.analysis.explain import cohen_kappa
 
-    keys = json.loads(path.read_text())["keys"]
+    keys = [k for k in json.loads(path.read_text())["keys"] if not k.get("decoy")]  # decoys: see --labels
     n = len(keys[0]["raters"])
     for name, f in (("4-class", lambda x: x["label"]), ("has_shallow", lambda x: x["has_shallow"]),
                     ("has_semantic", lambda x: x["has_semantic"])):
@@ -305,6 +357,8 @@ def main() -> int:
                     "applied to the explainer's features against the packet's controls and against DRAWS fresh draws")
     ap.add_argument("--n-controls", type=int, help="with --control-noise: controls per fresh draw, judged by the "
                     "count table for that many (default: as many as the label files hold)")
+    ap.add_argument("--random-sets", type=int, metavar="N", help="the explainer on N random trigger sets: each "
+                    "kind's false-positive rate and the kinds given")
     ap.add_argument("--seed", type=int, default=0, help="explainer seed for --labels (word clusters, null samples)")
     args = ap.parse_args()
     if args.raters:
@@ -315,6 +369,8 @@ def main() -> int:
             control_noise(args.atlas, args.labels, args.control_noise, args.seed, args.n_controls)
         else:
             labels(args.atlas, args.labels, levels, args.seed)
+    elif args.atlas and args.random_sets:
+        random_sets(args.atlas, args.random_sets, args.seed)
     elif args.atlas:
         scores(args.atlas)
     return 0

@@ -502,3 +502,25 @@ def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas)
             shared += 1
             assert free[i] in ("shallow", "both")
     assert shared > 0  # the check above ran
+
+
+def test_decoy_prefixes_are_random_content_positions_of_distinct_scanned_units(tiny_atlas):
+    """A decoy item of a blind set (make_test_labels.py ... DECOYS): prefixes of distinct scanned units, each
+    ending at a content token of its unit (not the special prefix), found again where its tokens are."""
+    import random as _random
+
+    from ffkv.analysis.explain import labelled_positions
+
+    make = _load("tests/data/make_test_labels.py", "make_test_labels")
+    atlas, _ = tiny_atlas
+    scanned = set(np.load(atlas.path / "scanned_units.npy").tolist())
+    n = min(5, len(scanned))
+    decoys = make.random_prefixes(atlas, _random.Random(0), n)
+    units = [t.unit for t in decoys]
+    assert len(set(units)) == n and set(units) <= scanned
+    store = atlas.store
+    for t in decoys:
+        offset = t.position - int(store.offset[t.unit])
+        assert int(store.n_special[t.unit]) <= offset < int(store.length[t.unit])
+    entries = [make._entry_text(atlas, t) for t in decoys]
+    assert labelled_positions(atlas, [entries]).tolist() == [[t.position for t in decoys]]
