@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from scipy.stats import binom
 
 N2G_F1 = [0.74, 0.64, 0.60, 0.48, 0.46, 0.42]
 
@@ -97,19 +96,19 @@ def labels(atlas: Path, paths: list[Path], cluster_levels: tuple[int, ...] | Non
 
     docs = [(path.name, json.loads(path.read_text())["keys"]) for path in paths]
     every = [k for _, ks in docs for k in ks]
-    run = label_agreement(atlas, every, ExplainConfig(seed=seed), cluster_levels or CLUSTER_LEVELS)["predicted"]
-    predicted_of = {id(k): p for k, p in zip(every, run)}
+    predicted = label_agreement(atlas, every, ExplainConfig(seed=seed), cluster_levels or CLUSTER_LEVELS)["predicted"]
     n_layers = Atlas.load(atlas).n_layers
-    per_file = []
+    per_file, start = [], 0
     for name, ks in docs:
-        real = [k for k in ks if not k.get("decoy")]
-        per_file.append(report(name, real, [predicted_of[id(k)] for k in real], n_layers, kappas, seed))
-    keys = [k for k in every if not k.get("decoy")]
+        real = [i for i in range(start, start + len(ks)) if not every[i].get("decoy")]
+        per_file.append(report(name, [every[i] for i in real], [predicted[i] for i in real], n_layers, kappas, seed))
+        start += len(ks)
+    real = [i for i, k in enumerate(every) if not k.get("decoy")]
     if len(docs) > 1:
-        report("pooled " + " + ".join(name for name, _ in docs), keys, [predicted_of[id(k)] for k in keys],
-               n_layers, kappas, seed)
+        report("pooled " + " + ".join(name for name, _ in docs), [every[i] for i in real],
+               [predicted[i] for i in real], n_layers, kappas, seed)
         print(f"mean 4-class kappa over the {len(docs)} files: {np.mean(per_file):+.3f}")
-    decoys = [k for k in every if k.get("decoy")]
+    decoys = [i for i, k in enumerate(every) if k.get("decoy")]
     if decoys:
         kinds = ("shallow", "semantic", "both", "none")
 
@@ -118,10 +117,10 @@ def labels(atlas: Path, paths: list[Path], cluster_levels: tuple[int, ...] | Non
                 f" (a semantic pattern in {sum(x in ('semantic', 'both') for x in labels)} of {len(labels)})")
 
         print(f"decoys (25 random prefixes of distinct units, not a key's triggers): n = {len(decoys)}")
-        print("  raters' majority: " + shares([k["label"] for k in decoys]))
-        for i in range(len(decoys[0]["raters"])):
-            print(f"  rater {i + 1}:         " + shares([k["raters"][i]["label"] for k in decoys]))
-        print("  explainer:        " + shares([predicted_of[id(k)] for k in decoys]))
+        print("  raters' majority: " + shares([every[i]["label"] for i in decoys]))
+        for r in range(len(every[decoys[0]]["raters"])):
+            print(f"  rater {r + 1}:         " + shares([every[i]["raters"][r]["label"] for i in decoys]))
+        print("  explainer:        " + shares([predicted[i] for i in decoys]))
 
 
 def parse_count_table(rule: str) -> dict[int, int] | None:
@@ -133,19 +132,6 @@ def parse_count_table(rule: str) -> dict[int, int] | None:
     return table or None
 
 
-def count_table(n_controls: int, alpha: float = 0.05 / 13, n: int = 25) -> dict[int, int]:
-    """The rule's count table for ``n_controls`` control prefixes: per count B among them, the smallest count A
-    among the 25 triggers with P(Binomial(25, (B + 0.5) / (n_controls + 0.5)) >= A) < alpha (the packets' table
-    at 25 controls; tests/data/make_test_labels.py)."""
-    table = {}
-    for b in range(n_controls + 1):
-        a = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, (b + 0.5) / (n_controls + 0.5)) < alpha), None)
-        if a is None:
-            break
-        table[b] = a
-    return table
-
-
 def passes(a: int, b: int, table: dict[int, int] | None) -> bool:
     """Condition (1) and (2) of the raters' rule: a of the triggers' units, b of the controls'."""
     if a < 3:
@@ -155,11 +141,12 @@ def passes(a: int, b: int, table: dict[int, int] | None) -> bool:
     return b in table and a >= table[b]
 
 
-def rule_kinds(e, feats, n_codes: int, trig: np.ndarray, ctrl: np.ndarray, table) -> list[str]:
+def rule_kinds(e, feats, n_codes: int, trig: np.ndarray, ctrl: np.ndarray, tables: list) -> list[str]:
     """The raters' rule applied to the explainer's features: per key, every candidate value of every kind that >= 3
     trigger units share (>= 3 different words for a category or word class) is counted among the triggers' and the
     controls' units and kept where the table lets it pass; the subject kind counts the explainer's group and the
-    controls whose subject is as close to its centroid. ``trig`` / ``ctrl``: [keys, 25] feature rows (-1: none)."""
+    controls whose subject is as close to its centroid. ``trig`` / ``ctrl``: [keys, 25] feature rows (-1: none);
+    ``tables``: each key's count table (None: sets 3-4's "three times and plus 3")."""
     from ffkv.analysis.features import CLASSES
     from ffkv.analysis.patterns import KINDS, face_kind
 
@@ -179,7 +166,7 @@ def rule_kinds(e, feats, n_codes: int, trig: np.ndarray, ctrl: np.ndarray, table
 
     K = trig.shape[0]
     sig = {kind: np.zeros(K, bool) for kind in KINDS}
-    for i in range(K):
+    for i, table in enumerate(tables):
         t_rows, c_rows = trig[i][trig[i] >= 0], ctrl[i][ctrl[i] >= 0]
         for kind in KINDS:
             if kind == "subject":
@@ -202,14 +189,15 @@ def rule_kinds(e, feats, n_codes: int, trig: np.ndarray, ctrl: np.ndarray, table
     return [face_kind(sig, i) for i in range(K)]
 
 
-def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_controls: int | None = None) -> None:
+def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_controls: int | None = None,
+                  cluster_levels: tuple[int, ...] | None = None) -> None:
     """How much of the gap between the explainer and the raters is the rule's single draw of 25 controls, which
     the three raters of a set share: the rule applied to the explainer's own features against the packet's
     controls, and against ``draws`` fresh draws of controls (random scanned positions at the triggers' offsets, as
     the packets drew them). With ``n_controls`` other than the files' the fresh draws hold that many controls,
     judged by the table for that many (``count_table``): how far a larger control list would steady the rule."""
-    from ffkv.analysis.explain import ExplainConfig, explain_labelled, kappas, labelled_positions
-    from ffkv.analysis.features import Vocabulary
+    from ffkv.analysis.explain import ExplainConfig, count_table, explain_labelled, kappas, labelled_positions
+    from ffkv.analysis.features import CLUSTER_LEVELS, Vocabulary
     from ffkv.analysis.patterns import face_kind
     from ffkv.atlas import Atlas
 
@@ -225,29 +213,16 @@ def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_c
         raise SystemExit("these label files hold different numbers of controls: give --n-controls")
     same_as_files = n_controls is None or in_files == {n_controls}
     n_controls = n_controls or in_files.pop()
-    e, feats, positions, cfg = explain_labelled(atlas, keys, ExplainConfig(seed=seed))
     a = Atlas.load(atlas)
+    positions = labelled_positions(a, [k["triggers"] for k in keys])
+    e, feats, cfg = explain_labelled(a, positions, ExplainConfig(seed=seed), cluster_levels or CLUSTER_LEVELS)
     n_codes = Vocabulary(a.tokenizer).n_codes
     trig = feats.rows(positions)
     packet = feats.rows(labelled_positions(a, [k["controls"] for k in keys]))
     truth = [k["label"] for k in keys]
-
-    def rule(ctrl):
-        out = []
-        for table in {json.dumps(t) for t in tables}:  # one pass per distinct rule (JSON: a dict is not hashable)
-            sel = np.array([json.dumps(t) == table for t in tables])
-            loaded = json.loads(table)
-            loaded = {int(b): a for b, a in loaded.items()} if loaded is not None else None
-            out.append((sel, rule_kinds(e, feats, n_codes, np.where(sel[:, None], trig, -1),
-                                        np.where(sel[:, None], ctrl, -1), loaded)))
-        labels = [""] * len(keys)
-        for sel, kinds in out:
-            for i in np.nonzero(sel)[0].tolist():
-                labels[i] = kinds[i]
-        return labels
-
     explainer = [face_kind(e.significant, i) for i in range(len(keys))]
-    on_packet = rule(packet)
+    on_packet = rule_kinds(e, feats, n_codes, trig, packet, tables)
+    fresh_tables = tables if same_as_files else [count_table(n_controls)] * len(keys)
     scanned = np.load(a.path / "scanned_units.npy")
     scanned_rows = np.nonzero(np.isin(feats.unit, scanned))[0]
     by_offset = {o: scanned_rows[feats.offset[scanned_rows] == o] for o in np.unique(feats.offset[trig[trig >= 0]])}
@@ -260,8 +235,7 @@ def control_noise(atlas: Path, paths: list[Path], draws: int, seed: int = 0, n_c
             for j, o in enumerate(offsets.tolist()):
                 pool = by_offset[int(o)]
                 ctrl[i, j] = pool[rng.integers(len(pool))]
-        fresh.append(rule(ctrl) if same_as_files else
-                     rule_kinds(e, feats, n_codes, trig, ctrl, count_table(n_controls)))
+        fresh.append(rule_kinds(e, feats, n_codes, trig, ctrl, fresh_tables))
 
     def k(x, y):
         return kappas(x, y, seed=seed)["kappa"]
@@ -284,26 +258,19 @@ def random_sets(atlas: Path, n_sets: int, seed: int = 0) -> None:
     """The explainer on ``n_sets`` random trigger sets (25 random scanned positions of distinct units, tested
     against the same corpus null): each kind's actual false-positive rate beside its level alpha / 13, and the
     share of random sets given each kind of explanation."""
-    import dataclasses
-
-    from ffkv.analysis.features import Vocabulary, position_features
-    from ffkv.analysis.patterns import KINDS, CorpusNull, ExplainConfig, explain_layer_face, face_kind
+    from ffkv.analysis.explain import ExplainConfig, explain_labelled
+    from ffkv.analysis.patterns import KINDS, face_kind
     from ffkv.atlas import Atlas
-    from ffkv.embedder import Embedder
 
     a = Atlas.load(atlas)
-    cfg = dataclasses.replace(ExplainConfig(seed=seed), triggers=25)
-    vocab = Vocabulary(a.tokenizer)
-    feats = position_features(a.store, np.load(a.path / "scanned_units.npy"), vocab,
-                              Embedder(cache_dir=a.path / "explain_cache"), seed=seed)
-    null = CorpusNull(feats, vocab, cfg)
+    pos, unit = a.store.content_positions(np.load(a.path / "scanned_units.npy"))
     rng = np.random.default_rng(seed + 1)  # not the null's own draws
     positions = np.empty((n_sets, 25), np.int64)
     for s in range(n_sets):
-        rows = rng.permutation(len(feats))[:200]
-        _, first = np.unique(feats.unit[rows], return_index=True)  # one position per unit
-        positions[s] = feats.pos[rows[np.sort(first)[:25]]]
-    e = explain_layer_face(-1, "pos", np.arange(n_sets), positions, feats, null, vocab, cfg)
+        rows = rng.permutation(len(pos))[:200]
+        _, first = np.unique(unit[rows], return_index=True)  # one position per unit
+        positions[s] = pos[rows[np.sort(first)[:25]]]
+    e, _, cfg = explain_labelled(a, positions, ExplainConfig(seed=seed))
     level = cfg.alpha / len(KINDS)
     print(f"{n_sets} random trigger sets of 25 prefixes (distinct units): false-positive rate of each kind at "
           f"alpha / {len(KINDS)} = {level:.4f}")
@@ -366,7 +333,7 @@ def main() -> int:
     if args.atlas and args.labels:
         levels = tuple(int(x) for x in args.cluster_levels.split(",")) if args.cluster_levels else None
         if args.control_noise:
-            control_noise(args.atlas, args.labels, args.control_noise, args.seed, args.n_controls)
+            control_noise(args.atlas, args.labels, args.control_noise, args.seed, args.n_controls, levels)
         else:
             labels(args.atlas, args.labels, levels, args.seed)
     elif args.atlas and args.random_sets:

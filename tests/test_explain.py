@@ -434,29 +434,34 @@ def _load(path: str, name: str):
 
 def test_count_table_of_the_labelling_rule_recomputed():
     """The rule's count table (the least count among 25 triggers that a binomial test at 0.05 / 13 passes, at the
-    rate the 25 controls suggest) by summing the binomial tail directly; the benchmark reads the same table back
-    from a label file's rule, and applies sets 3-4's "three times and plus 3" where a rule has no table."""
+    rate the controls suggest) by summing the binomial tail directly, for the 25-control packets and for 400
+    controls; the benchmark reads the same table back from a label file's rule (set 9 on: ranges of B), and applies
+    sets 3-4's "three times and plus 3" where a rule has no table."""
     import math
     from pathlib import Path
 
+    from ffkv.analysis.explain import count_table
+
     bench = _load("benchmarks/explain.py", "bench_explain")
     make = _load("tests/data/make_test_labels.py", "make_test_labels")
-    table = make.count_table()
+
     def tail(s, r):
         return sum(math.comb(25, k) * r ** k * (1 - r) ** (25 - k) for k in range(s, 26))
 
-    for b, a in table.items():
-        r = (b + 0.5) / 25.5
-        assert tail(a, r) < 0.05 / 13 and (a == 3 or tail(a - 1, r) >= 0.05 / 13)
-        assert bench.count_table(25)[b] == a
+    for n_controls, table in ((25, count_table(25, max_controls=12)), (400, count_table(400))):
+        assert min(table) == 0 and sorted(table) == list(range(len(table)))
+        for b, a in table.items():
+            r = (b + 0.5) / (n_controls + 0.5)
+            assert tail(a, r) < 0.05 / 13 and (a == 3 or tail(a - 1, r) >= 0.05 / 13)
+        assert bench.parse_count_table(make.rule_with_table(n_controls)) == table
+    assert len(count_table(25, max_controls=12)) == 13
+    last = max(count_table(400))  # the table stops where no count among 25 triggers passes any more
+    assert tail(25, (last + 1.5) / 400.5) >= 0.05 / 13
+    table = count_table(25, max_controls=12)
     rule = json.loads((Path(__file__).parent / "data" / "hand_labels_test8.json").read_text())["rule"]
     assert bench.parse_count_table(rule) == table
     assert bench.passes(4, 0, table) and not bench.passes(3, 0, table) and not bench.passes(5, 1, table)
     assert not bench.passes(25, 13, table)  # more common among the controls than the table goes: never a pattern
-    # set 9 on: 400 controls, the table written as ranges of B
-    assert bench.parse_count_table(make.rule_with_table(400)) == make.count_table(n_controls=400) == \
-        bench.count_table(400)
-    assert make.count_table(n_controls=400)[0] == 3 and make.count_table(n_controls=400)[30] == 7
     rule3 = json.loads((Path(__file__).parent / "data" / "hand_labels_test3.json").read_text())["rule"]
     assert bench.parse_count_table(rule3) is None
     assert bench.passes(6, 2, None) and not bench.passes(4, 2, None) and bench.passes(3, 0, None)
@@ -467,10 +472,10 @@ def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas)
     triggers as their own controls every surface feature is as common among the controls, so no shallow pattern
     passes; with no controls, a key whose last token (recomputed from the token store) is shared by >= 4 units
     has a shallow pattern."""
-    from ffkv.analysis.explain import explain_labelled, labelled_positions
+    from ffkv.analysis.explain import count_table, explain_labelled, labelled_positions
 
     bench = _load("benchmarks/explain.py", "bench_explain")
-    table = _load("tests/data/make_test_labels.py", "make_test_labels").count_table()
+    table = count_table(25, max_controls=12)
     atlas, _ = tiny_atlas
     labelled = []
     for layer in atlas.layers:
@@ -481,7 +486,8 @@ def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas)
                     {"unit": t.unit, "input_ids": t.input_ids[int(atlas.store.n_special[t.unit]):]}
                     for t in triggers]})
     cfg = ExplainConfig(triggers=8, null_sets=100)
-    e, feats, positions, _ = explain_labelled(atlas.path, labelled, cfg)
+    positions = labelled_positions(atlas, [entry["triggers"] for entry in labelled])
+    e, feats, _ = explain_labelled(atlas, positions, cfg)
     trig = feats.rows(positions)
     # a control kept as its unit and length (set 9 on) is found at the same place as one kept with its tokens
     short = [[{"unit": t["unit"], "length": len(t["input_ids"])} for t in entry["triggers"]] for entry in labelled]
@@ -489,9 +495,9 @@ def test_rule_on_the_explainers_features_counts_against_the_controls(tiny_atlas)
     with pytest.raises(ffkv.FfkvError, match="not in this atlas"):
         labelled_positions(atlas, [[{"unit": 0, "length": 10 ** 6}]])
     n_codes = Vocabulary(atlas.tokenizer).n_codes
-    same = bench.rule_kinds(e, feats, n_codes, trig, trig, table)
+    same = bench.rule_kinds(e, feats, n_codes, trig, trig, [table] * len(trig))
     assert all(kind in ("none", "semantic") for kind in same)
-    free = bench.rule_kinds(e, feats, n_codes, trig, np.full_like(trig, -1), table)
+    free = bench.rule_kinds(e, feats, n_codes, trig, np.full_like(trig, -1), [table] * len(trig))
     vocab = Vocabulary(atlas.tokenizer)
     shared = 0
     for i, row in enumerate(positions):
@@ -524,3 +530,16 @@ def test_decoy_prefixes_are_random_content_positions_of_distinct_scanned_units(t
         assert int(store.n_special[t.unit]) <= offset < int(store.length[t.unit])
     entries = [make._entry_text(atlas, t) for t in decoys]
     assert labelled_positions(atlas, [entries]).tolist() == [[t.position for t in decoys]]
+
+
+def test_content_positions_of_units_leave_out_the_special_prefix(tiny_atlas):
+    """``TokenStore.content_positions`` (the positions the explainer reads and the benchmark's random trigger sets
+    draw from): every token of each unit but its special prefix, in store order, with its unit, against a loop
+    over the units."""
+    atlas, _ = tiny_atlas
+    store = atlas.store
+    units = np.load(atlas.path / "scanned_units.npy")
+    pos, unit = store.content_positions(units)
+    expected = [(int(store.offset[u]) + o, int(u)) for u in sorted(units.tolist())
+                for o in range(int(store.n_special[u]), int(store.length[u]))]
+    assert list(zip(pos.tolist(), unit.tolist())) == expected

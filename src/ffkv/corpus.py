@@ -287,6 +287,15 @@ class TokenStore:
     def unit_of(self, positions: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.offset, positions, side="right") - 1
 
+    def content_positions(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every content position (the special prefix left out) of ``units`` (sorted, distinct) in store order,
+        and the unit of each."""
+        units = np.asarray(units, dtype=np.int64)
+        counts = np.maximum(self.length[units] - self.n_special[units], 0)
+        unit = np.repeat(units, counts)
+        offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return np.repeat(self.offset[units] + self.n_special[units], counts) + offset, unit
+
     def prefix(self, position: int) -> tuple[int, list[int], int | None]:
         """Global position -> (unit, model input ids ending at it, id of the next token or None)."""
         unit = int(self.unit_of(np.array([position]))[0])

@@ -11,11 +11,11 @@ With ``controls`` (the third set on), each item also shows 25 control prefixes: 
 units with the same prefix lengths as the triggers, and the rule (``RULE_WITH_CONTROLS``) puts a number on
 "more often than random text": the rater counts a feature in both lists. The first two sets' raters had no
 such number and called most keys "both". With ``table`` (set 5), "rarer" is the explainer's own level: the count
-a feature needs among the triggers for its count among the controls (``count_table``). With ``table:400`` (set 9),
-400 controls per key, the table for that many, and a JSON twin of the packet (PACKET.json) for the raters to count
-in; the label file then keeps each control as its unit and length. A sixth argument adds that many decoys (set
-12): items whose list A is 25 random prefixes of distinct units, not a key's triggers, so that the raters' rate of
-finding a pattern in chance can be read beside the explainer's.
+a feature needs among the triggers for its count among the controls (``ffkv.analysis.explain.count_table``). With
+``table:400`` (set 9), 400 controls per key, the table for that many, and a JSON twin of the packet
+(PACKET.json) for the raters to count in; the label file then keeps each control as its unit and length. A sixth
+argument adds that many decoys (set 12): items whose list A is 25 random prefixes of distinct units, not a key's
+triggers, so that the raters' rate of finding a pattern in chance can be read beside the explainer's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ffkv.analysis.explain import count_table
 from ffkv.atlas import Atlas
 
 N_TRIGGERS = 25
@@ -63,30 +64,12 @@ RULE_WITH_CONTROLS = (
 )
 
 
-def count_table(alpha: float = 0.05 / 13, n: int = 25, max_controls: int = 12,
-                n_controls: int = 25) -> dict[int, int]:
-    """Per count B among the controls: the smallest count A among the 25 triggers with P(Binomial(25, r) >= A)
-    < alpha at the rate r = (B + 0.5) / (n_controls + 0.5) the controls suggest: the explainer's per-kind level
-    (0.05 / 13 since set 8; sets 5-7 used 0.05 / 12, one kind fewer) as a number a rater can look up. With 25
-    controls the table stops at B = ``max_controls``; with more, at the last B that some A can pass."""
-    from scipy.stats import binom
-
-    table = {}
-    for b in range(n_controls + 1 if n_controls != 25 else max_controls + 1):
-        r = (b + 0.5) / (n_controls + 0.5)
-        a = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, r) < alpha), n + 1)
-        if n_controls != 25 and a > n:
-            break
-        table[b] = a
-    return table
-
-
 def rule_with_table(n_controls: int = 25) -> str:
     """Set 5 on: set 3's rule, with condition (2) replaced by the count table. Set 9 on: ``n_controls`` controls
     per key (400), so that the controls' count is close to the feature's rate in the corpus: with 25, two draws of
     controls give the same reader labels that agree at kappa about 0.46 (benchmarks/explain.py --control-noise),
     below the target the labels are for; with 400, about 0.82."""
-    table = count_table(n_controls=n_controls)
+    table = count_table(n_controls, max_controls=12 if n_controls == 25 else None)
     if n_controls == 25:
         pairs = "; ".join(f"B {b} -> A at least {a}" for b, a in table.items())
     else:
@@ -169,6 +152,14 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
     picks += [(rng.choice(odd), rng.choice(["pos", "neg"])) for _ in range(EXTRA)]
     chosen: set[tuple[int, int, str]] = set()
     entries = []
+
+    def item(triggers) -> dict:
+        """An item's trigger texts and, with controls, its control texts."""
+        out = {"triggers": [_entry_text(atlas, t) for t in triggers]}
+        if with_controls:
+            out["controls"] = [_entry_text(atlas, t) for t in control_prefixes(atlas, triggers, rng, n_controls)]
+        return out
+
     for layer, face in picks:
         while True:
             key = rng.randrange(atlas.d_ff)
@@ -176,18 +167,9 @@ def main(atlas_dir: str, packet: str, seed: str = "20261202", name: str = "hand_
             if (layer, key, face) not in chosen | earlier and len(triggers) == N_TRIGGERS:
                 break
         chosen.add((layer, key, face))
-        entry = {"layer": layer, "key": key, "face": face, "triggers": [_entry_text(atlas, t) for t in triggers]}
-        if with_controls:
-            drawn = control_prefixes(atlas, triggers, rng, n_controls)
-            entry["controls"] = [_entry_text(atlas, t) for t in drawn]
-        entries.append(entry)
+        entries.append(dict(layer=layer, key=key, face=face, **item(triggers)))
     for _ in range(int(decoys)):  # random trigger sets among the keys: how often a rater finds a pattern in chance
-        triggers = random_prefixes(atlas, rng)
-        entry = {"layer": None, "key": None, "face": None, "decoy": True,
-                 "triggers": [_entry_text(atlas, t) for t in triggers]}
-        if with_controls:
-            entry["controls"] = [_entry_text(atlas, t) for t in control_prefixes(atlas, triggers, rng, n_controls)]
-        entries.append(entry)
+        entries.append(dict(layer=None, key=None, face=None, decoy=True, **item(random_prefixes(atlas, rng))))
     rng.shuffle(entries)
     for item, entry in enumerate(entries, 1):
         entry["item"] = item

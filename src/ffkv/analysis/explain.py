@@ -235,7 +235,9 @@ def label_agreement(atlas_path: str | Path, labelled: list[dict], config: Explai
     token store. Returns the 4-class and the binary (has-shallow, has-semantic) kappas with bootstrap 95 %
     intervals (``kappas``), and the predictions. ``cluster_levels`` (and ``config.seed``, which also seeds the
     word clusters) are there to measure how the agreement depends on them."""
-    e, _, _, cfg = explain_labelled(atlas_path, labelled, config, cluster_levels)
+    atlas = Atlas.load(atlas_path)
+    positions = labelled_positions(atlas, [entry["triggers"] for entry in labelled])
+    e, _, cfg = explain_labelled(atlas, positions, config, cluster_levels)
     predicted = [face_kind(e.significant, i) for i in range(len(labelled))]
     out = kappas([entry["label"] for entry in labelled], predicted, seed=cfg.seed)
     out["patterns"] = [[k for k in KINDS if e.significant[k][i]] for i in range(len(labelled))]
@@ -262,23 +264,42 @@ def labelled_positions(atlas: Atlas, prefixes: list[list[dict]]) -> np.ndarray:
     return positions
 
 
-def explain_labelled(atlas_path: str | Path, labelled: list[dict], config: ExplainConfig | None = None,
+def explain_labelled(atlas: Atlas, positions: np.ndarray, config: ExplainConfig | None = None,
                      cluster_levels: tuple[int, ...] = CLUSTER_LEVELS):
-    """The explainer run on hand-labelled keys' triggers: (its explanation, the position features it read (scanned
-    units and the triggers' units), the trigger positions [keys, T], the config)."""
-    atlas = Atlas.load(atlas_path)
+    """The explainer run on the trigger sets ``positions`` [keys, T] (flat store positions, -1 = none) as one layer
+    and face: (its explanation, the position features it read, the config). The features are those of the scanned
+    units, with the triggers' own units added where they lie outside the scan."""
     store = atlas.store
-    positions = labelled_positions(atlas, [entry["triggers"] for entry in labelled])
     cfg = dataclasses.replace(config or ExplainConfig(), triggers=positions.shape[1])
     embedder = Embedder(cache_dir=atlas.path / "explain_cache")
     vocab = Vocabulary(atlas.tokenizer)
     scanned = np.load(atlas.path / "scanned_units.npy")
-    base = position_features(store, scanned, vocab, embedder, cluster_levels=cluster_levels, seed=cfg.seed)
-    null = CorpusNull(base, vocab, cfg)
-    units = np.union1d(scanned, store.unit_of(positions[positions >= 0]))
-    feats = position_features(store, units, vocab, embedder, centre=base.centre, clusters=base.clusters)
-    e = explain_layer_face(-1, "pos", np.arange(len(labelled)), positions, feats, null, vocab, cfg)
-    return e, feats, positions, cfg
+    feats = position_features(store, scanned, vocab, embedder, cluster_levels=cluster_levels, seed=cfg.seed)
+    null = CorpusNull(feats, vocab, cfg)
+    outside = np.setdiff1d(store.unit_of(positions[positions >= 0]), scanned)
+    if len(outside):  # read like the scanned units: same centre, same clusters
+        feats = position_features(store, np.union1d(scanned, outside), vocab, embedder, centre=feats.centre,
+                                   clusters=feats.clusters)
+    e = explain_layer_face(-1, "pos", np.arange(len(positions)), positions, feats, null, vocab, cfg)
+    return e, feats, cfg
+
+
+def count_table(n_controls: int = 25, alpha: float = 0.05 / 13, n: int = 25,
+                max_controls: int | None = None) -> dict[int, int]:
+    """The blind label sets' count table: per count B of a feature among ``n_controls`` control prefixes, the
+    smallest count A (>= 3) among the ``n`` triggers with P(Binomial(n, (B + 0.5) / (n_controls + 0.5)) >= A) <
+    alpha, the explainer's per-kind level (0.05 / 13; sets 5-7 used 0.05 / 12, one kind fewer), as a number a rater
+    can look up. It runs up to B = ``max_controls`` (the 25-control packets stop at 12), or to the last B that some
+    A passes."""
+    from scipy.stats import binom
+
+    table = {}
+    for b in range(n_controls + 1 if max_controls is None else max_controls + 1):
+        a = next((a for a in range(3, n + 1) if binom.sf(a - 1, n, (b + 0.5) / (n_controls + 0.5)) < alpha), None)
+        if a is None:
+            break
+        table[b] = a
+    return table
 
 
 def kappas(truth: list[str], predicted: list[str], seed: int = 0) -> dict:

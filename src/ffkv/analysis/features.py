@@ -147,12 +147,9 @@ def position_features(store: TokenStore, units: np.ndarray, vocab: Vocabulary, e
     scanned ones; otherwise the words are clustered here (``word_clusters`` at ``cluster_levels``, seeded by
     ``seed``)."""
     units = np.unique(np.asarray(units, dtype=np.int64))
-    starts = store.offset[units] + store.n_special[units]
-    counts = np.maximum(store.length[units] - store.n_special[units], 0)
-    n = int(counts.sum())
-    unit = np.repeat(units, counts)
-    offset = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
-    pos = np.repeat(starts, counts) + offset
+    pos, unit = store.content_positions(units)
+    n = len(pos)
+    offset = pos - store.offset[unit] - store.n_special[unit]
     tok = np.asarray(store.tokens[pos] if n else np.zeros(0, np.uint32)).astype(np.int64)
     code = vocab.code[tok]
     first = offset == 0
